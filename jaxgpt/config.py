@@ -1,0 +1,175 @@
+"""Configuration as data: GPTConfig (the model) and TrainConfig (a run).
+
+Both are frozen dataclasses validated once in __post_init__, so every later stage can
+trust them. `add_dataclass_flags`/`parse_flags` build the CLI from the fields, which is
+how the scripts accept nanoGPT's `--key=value` form without exec-ing any config file.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any, Literal, get_args, get_type_hints
+
+from jaxgpt.errors import UserError
+
+REMAT_CHOICES = ("none", "full", "dots")
+DTYPE_CHOICES = ("float32", "bfloat16")
+
+
+def _require(ok: bool, msg: str) -> None:
+    if not ok:
+        raise UserError(msg)
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """The architecture. Field names are nanoGPT's `model_args`, so conversion is 1:1."""
+
+    block_size: int = 256
+    vocab_size: int = 256  # bytes
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.2
+    bias: bool = False  # nanoGPT train.py's default (its shakespeare_char run has no biases)
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                     f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        _require(self.n_embd % self.n_head == 0,
+                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
+                 f"pick n_embd as a multiple of n_head")
+        _require(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
+                 f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        _require(isinstance(self.bias, bool), f"GPTConfig.bias must be a bool, got {self.bias!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
+        """Build from a dict that may hold extra keys (nanoGPT's model_args, a run config)."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Defaults are the seed's GPU config (nanoGPT shakespeare_char)."""
+
+    dataset: str = "shakespeare"
+    data_dir: str = "data"
+    out_dir: str = "out/shakespeare"
+    batch_size: int = 64
+    max_iters: int = 5000
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int = 0  # 0 means "= max_iters"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 disables clipping
+    gradient_accumulation_steps: int = 1
+    eval_interval: int = 250
+    eval_iters: int = 200
+    log_interval: int = 10
+    seed: int = 1337
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    remat: Literal["none", "full", "dots"] = "none"
+    keep_checkpoints: int = 3
+    resume: bool = False
+    plot: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_iters", "gradient_accumulation_steps", "eval_interval",
+                     "eval_iters", "log_interval", "keep_checkpoints"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value > 0, f"--{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_iters", "lr_decay_iters", "seed"):
+            _require(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
+            _require(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)!r}")
+        _require(self.min_lr <= self.learning_rate,
+                 f"--min_lr ({self.min_lr}) must not exceed --learning_rate ({self.learning_rate})")
+        for name in ("beta1", "beta2"):
+            _require(0.0 <= getattr(self, name) < 1.0, f"--{name} must be in [0, 1), got {getattr(self, name)!r}")
+        _require(self.dtype in DTYPE_CHOICES, f"--dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
+        _require(self.remat in REMAT_CHOICES, f"--remat must be one of {REMAT_CHOICES}, got {self.remat!r}")
+
+    @property
+    def decay_iters(self) -> int:
+        return self.lr_decay_iters or self.max_iters
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# nanoGPT's CPU recipe from its README (train_shakespeare_char on a MacBook / CPU).
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpu": {},  # the defaults above
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, max_iters=2000,
+                lr_decay_iters=2000, dropout=0.0, eval_iters=20, log_interval=1),
+}
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one `--field` flag per dataclass field, typed and with its default in --help."""
+    hints = get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__)
+    for f in fields(cls):
+        hint = hints[f.name]
+        kwargs: dict[str, Any] = {"default": None, "help": f"(default: {f.default!r})"}
+        if hint is bool:
+            kwargs.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
+        elif getattr(hint, "__origin__", None) is Literal:
+            kwargs.update(type=str, choices=get_args(hint))
+        else:
+            kwargs.update(type=hint)
+        group.add_argument(f"--{f.name}", **kwargs)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UserError instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{message} (see --help)")
+
+
+def make_parser(description: str, *classes: type, presets: bool = False) -> argparse.ArgumentParser:
+    parser = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    if presets:
+        parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu",
+                            help="base values; explicit flags override them")
+    for cls in classes:
+        add_dataclass_flags(parser, cls)
+    return parser
+
+
+def build(cls: type, args: argparse.Namespace, base: dict[str, Any] | None = None) -> Any:
+    """Instantiate `cls` from parsed flags over `base` (a preset or a saved run's values)."""
+    values = {f.name: f.default for f in fields(cls)}
+    values.update({k: v for k, v in (base or {}).items() if k in values})
+    values.update({f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None})
+    return cls(**values)
+
+
+def explicit_flags(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of `cls` the user actually set on the command line."""
+    return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}

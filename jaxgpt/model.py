@@ -1,0 +1,183 @@
+"""The GPT model in Flax NNX — the whole model, top to bottom.
+
+It mirrors torchref/model.py class for class and attribute for attribute (nanoGPT's names),
+so parity/convert.py is a short table. One deliberate difference: the n_layer Blocks are
+created *stacked* (every parameter gets a leading layer axis) and run with `lax.scan`,
+which compiles one block body instead of n_layer copies — faster compiles everywhere and
+a faster step on CPU — and lets `jax.checkpoint` wrap that body with a named policy.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxgpt.config import REMAT_CHOICES, GPTConfig
+from jaxgpt.errors import UserError
+
+# What the backward pass may keep from the forward pass of each block.
+REMAT_POLICIES = {
+    "none": None,  # no jax.checkpoint at all: keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+    "dots": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute the rest
+}
+assert set(REMAT_POLICIES) == set(REMAT_CHOICES)
+
+KVCache = tuple[jax.Array, jax.Array]  # (k, v), each (n_layer, B, block_size, n_head, head_dim)
+
+
+def _linear(d_in: int, d_out: int, std: float, cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(d_in, d_out, use_bias=cfg.bias, kernel_init=nnx.initializers.normal(std),
+                      bias_init=nnx.initializers.zeros, rngs=rngs)
+
+
+def _layernorm(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # torch's eps and two-pass variance, so fp32 logits match torchref to ~1e-6
+    return nnx.LayerNorm(cfg.n_embd, epsilon=1e-5, use_bias=cfg.bias, use_fast_variance=False, rngs=rngs)
+
+
+class CausalSelfAttention(nnx.Module):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        resid_std = 0.02 / math.sqrt(2 * cfg.n_layer)  # GPT-2: scale the residual projections
+        self.c_attn = _linear(cfg.n_embd, 3 * cfg.n_embd, 0.02, cfg, rngs)  # q, k, v in one matmul
+        self.c_proj = _linear(cfg.n_embd, cfg.n_embd, resid_std, cfg, rngs)
+        self.attn_dropout = nnx.Dropout(cfg.dropout)
+        self.resid_dropout = nnx.Dropout(cfg.dropout)
+        self.n_head = cfg.n_head
+
+    def __call__(self, x: jax.Array, *, key: jax.Array | None = None, cache: KVCache | None = None,
+                 pos: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
+        """x (B, T, C) -> (y (B, T, C), cache). With a cache (one layer's k, v of shape
+        (B, S, H, D)) the T new tokens sit at absolute positions pos..pos+T-1."""
+        B, T, C = x.shape
+        H, D = self.n_head, C // self.n_head
+        q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
+        q, k, v = (t.reshape(B, T, H, D) for t in (q, k, v))  # (B, T, H, D), dot_product_attention's layout
+        key_attn, key_resid = jax.random.split(key) if key is not None else (None, None)
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, pos, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, pos, 0, 0))
+            cache = (k, v)
+            visible = jnp.arange(k.shape[1])[None, :] <= (pos + jnp.arange(T))[:, None]  # (T, S)
+            y = jax.nn.dot_product_attention(q, k, v, mask=visible[None, None])
+        elif self.attn_dropout.deterministic or self.attn_dropout.rate == 0.0:
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        else:
+            # dot_product_attention has no dropout, and nanoGPT drops attention weights: spell it out
+            att = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D)
+            att = jnp.where(jnp.tril(jnp.ones((T, T), bool)), att, -jnp.inf)
+            att = self.attn_dropout(jax.nn.softmax(att, axis=-1), rngs=key_attn)
+            y = jnp.einsum("bhqk,bkhd->bqhd", att, v)
+        y = self.resid_dropout(self.c_proj(y.reshape(B, T, C)), rngs=key_resid)
+        return y, cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        self.c_fc = _linear(cfg.n_embd, 4 * cfg.n_embd, 0.02, cfg, rngs)
+        self.c_proj = _linear(4 * cfg.n_embd, cfg.n_embd, 0.02 / math.sqrt(2 * cfg.n_layer), cfg, rngs)
+        self.dropout = nnx.Dropout(cfg.dropout)
+
+    def __call__(self, x: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
+        h = jax.nn.gelu(self.c_fc(x), approximate=False)  # exact erf GELU, as torch's nn.GELU()
+        return self.dropout(self.c_proj(h), rngs=key)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        self.ln_1 = _layernorm(cfg, rngs)
+        self.attn = CausalSelfAttention(cfg, rngs=rngs)
+        self.ln_2 = _layernorm(cfg, rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, key: jax.Array | None = None, cache: KVCache | None = None,
+                 pos: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
+        key_attn, key_mlp = jax.random.split(key) if key is not None else (None, None)
+        a, cache = self.attn(self.ln_1(x), key=key_attn, cache=cache, pos=pos)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x), key=key_mlp)
+        return x, cache
+
+
+class GPT(nnx.Module):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, remat: str = "none"):
+        if remat not in REMAT_POLICIES:
+            raise UserError(f"remat must be one of {REMAT_CHOICES}, got {remat!r}")
+        self.config = cfg
+        self.remat = remat  # static: changing it changes the compiled program, not the math
+        init = nnx.initializers.normal(0.02)
+        self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=init, rngs=rngs)
+        self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd, embedding_init=init, rngs=rngs)
+        self.drop = nnx.Dropout(cfg.dropout)
+
+        @nnx.split_rngs(splits=cfg.n_layer)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rngs=rngs)
+
+        self.h = make_blocks(rngs)  # one Block whose parameters have a leading n_layer axis
+        self.ln_f = _layernorm(cfg, rngs)
+        # lm_head is tied to wte: logits = x @ wte.T (see wte.attend below), as in nanoGPT
+
+    def __call__(self, idx: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
+        """idx int (B, T), T <= block_size -> logits float (B, T, vocab_size).
+        `key` feeds dropout and is required in train mode when dropout > 0."""
+        return self._forward(idx, key=key)[0]
+
+    def decode(self, idx: jax.Array, cache: KVCache, pos: jax.Array | int) -> tuple[jax.Array, KVCache]:
+        """Cached forward for generation: the T tokens of idx are written into `cache` (from
+        init_cache) at positions pos..pos+T-1 and attend to everything before them. One call
+        with the prompt is the prefill; then one call per new token. pos + T <= block_size."""
+        return self._forward(idx, cache=cache, pos=pos)
+
+    def _forward(self, idx: jax.Array, *, key: jax.Array | None = None, cache: KVCache | None = None,
+                 pos: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
+        cfg = self.config
+        self._check_input(idx, pos)
+        B, T = idx.shape
+        layer_keys = key_drop = None
+        if key is not None:
+            key_drop, key_layers = jax.random.split(key)
+            layer_keys = jax.random.split(key_layers, cfg.n_layer)
+        elif not self.drop.deterministic and cfg.dropout > 0:
+            raise UserError("GPT in train mode with dropout > 0 needs key=...; call model.eval() for inference")
+        x = self.wte(idx) + self.wpe(pos + jnp.arange(T))  # (B, T, C)
+        x = self.drop(x, rngs=key_drop)
+        graphdef, stacked = nnx.split(self.h)
+
+        def block(x: jax.Array, layer: tuple) -> tuple[jax.Array, KVCache | None]:
+            state, layer_key, layer_cache = layer
+            return nnx.merge(graphdef, state)(x, key=layer_key, cache=layer_cache, pos=pos)
+
+        if self.remat != "none":
+            block = jax.checkpoint(block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        x, cache = jax.lax.scan(block, x, (stacked, layer_keys, cache))
+        x = self.ln_f(x)
+        return self.wte.attend(x), cache  # (B, T, vocab_size)
+
+    def init_cache(self, batch_size: int, dtype: jnp.dtype = jnp.float32) -> KVCache:
+        """Zeroed k/v cache for `batch_size` sequences of up to block_size tokens."""
+        cfg = self.config
+        shape = (cfg.n_layer, batch_size, cfg.block_size, cfg.n_head, cfg.head_dim)
+        return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+    def _check_input(self, idx: jax.Array, pos: jax.Array | int) -> None:
+        cfg = self.config
+        if idx.ndim != 2:
+            raise UserError(f"idx must have shape (batch, time), got {idx.shape}")
+        if idx.shape[1] > cfg.block_size:
+            raise UserError(f"sequence of {idx.shape[1]} tokens exceeds block_size={cfg.block_size}; "
+                            f"crop the context to its last {cfg.block_size} tokens")
+        if not isinstance(idx, jax.core.Tracer) and idx.size:  # values are only known outside jit
+            lo, hi = int(np.min(idx)), int(np.max(idx))
+            if lo < 0 or hi >= cfg.vocab_size:
+                raise UserError(f"token ids must be in [0, {cfg.vocab_size}), got range [{lo}, {hi}]")
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count as nanoGPT reports it: tied lm_head counted once, and by default
+        without the position embeddings."""
+        n = sum(p.size for p in jax.tree.leaves(nnx.state(self, nnx.Param)))
+        return n - self.config.block_size * self.config.n_embd if non_embedding else n

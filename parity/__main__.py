@@ -1,0 +1,29 @@
+"""`python -m parity`: run every parity check, print a table, exit 1 on any failure."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from parity.checks import Result, model_checks
+
+
+def _table(results: list[Result]) -> str:
+    lines = ["| check | case | max abs diff | tolerance | result |", "|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.check} | {r.case} | {r.value:.3g} | {r.tolerance:.0e} | {'pass' if r.passed else 'FAIL'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(description=__doc__).parse_args(argv)
+    start = time.perf_counter()
+    results = [r for check in model_checks() for r in check()]
+    print(_table(results))
+    failed = [r for r in results if not r.passed]
+    print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed ({time.perf_counter() - start:.0f} s)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The parity checks: each returns Results that `python -m parity` tabulates and tests assert.
+
+Every check builds both models from the same weights (converted through parity/convert.py)
+and compares in float32 on CPU, where both frameworks are deterministic.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
+
+import torchref
+from jaxgpt.config import GPTConfig
+from jaxgpt.model import GPT
+from parity import tolerances as tol
+from parity.convert import from_torch_state_dict, jax_to_torch_model, to_torch_state_dict
+
+
+@dataclass(frozen=True)
+class Result:
+    check: str
+    case: str
+    value: float  # the measured figure, usually max |diff|
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.value <= self.tolerance)  # NaN fails
+
+
+# Small configs covering bias on/off, 1-4 layers; each is run at T < block_size and T == block_size.
+CONFIGS: dict[str, GPTConfig] = {
+    "L1-bias": GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32, dropout=0.0, bias=True),
+    "L2-nobias": GPTConfig(block_size=32, n_layer=2, n_head=4, n_embd=64, dropout=0.0, bias=False),
+    "L3-bias": GPTConfig(block_size=48, n_layer=3, n_head=3, n_embd=48, dropout=0.0, bias=True),
+    "L4-nobias": GPTConfig(block_size=64, n_layer=4, n_head=4, n_embd=64, dropout=0.0, bias=False),
+}
+
+
+def _cases() -> Iterator[tuple[str, GPTConfig, int]]:
+    for name, cfg in CONFIGS.items():
+        for T in (cfg.block_size // 2 + 3, cfg.block_size):
+            yield f"{name} T={T}", cfg, T
+
+
+def _tokens(cfg: GPTConfig, T: int, seed: int = 0, batch: int = 3) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, T), dtype=np.int64)
+
+
+def _max_diff(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def jax_logits(model: GPT, idx: np.ndarray) -> np.ndarray:
+    return np.asarray(model(jnp.asarray(idx, jnp.int32)))
+
+
+def torch_logits(model: torchref.GPT, idx: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(idx)).numpy()
+
+
+def check_logits_jax_to_torch(cfg: GPTConfig, T: int, case: str) -> list[Result]:
+    model = GPT(cfg, rngs=nnx.Rngs(1))
+    model.eval()
+    idx = _tokens(cfg, T)
+    diff = _max_diff(jax_logits(model, idx), torch_logits(jax_to_torch_model(model), idx))
+    return [Result("logits jax->torch", case, diff, tol.LOGITS_ATOL)]
+
+
+def check_logits_torch_to_jax(cfg: GPTConfig, T: int, case: str) -> list[Result]:
+    torch.manual_seed(2)
+    tmodel = torchref.GPT(cfg).eval()
+    idx = _tokens(cfg, T, seed=1)
+    diff = _max_diff(torch_logits(tmodel, idx), jax_logits(from_torch_state_dict(tmodel.state_dict(), cfg), idx))
+    return [Result("logits torch->jax", case, diff, tol.LOGITS_ATOL)]
+
+
+def check_roundtrips(cfg: GPTConfig, case: str) -> list[Result]:
+    model = GPT(cfg, rngs=nnx.Rngs(3))
+    back = from_torch_state_dict(to_torch_state_dict(model), cfg)
+    a, b = (jax_flat(m) for m in (model, back))
+    jtj = max(_max_diff(a[k], b[k]) for k in a) if a.keys() == b.keys() else math.inf
+    torch.manual_seed(4)
+    sd = torchref.GPT(cfg).state_dict()
+    sd2 = to_torch_state_dict(from_torch_state_dict(sd, cfg))
+    tjt = max(_max_diff(sd[k], sd2[k]) for k in sd) if sd.keys() == sd2.keys() else math.inf
+    return [Result("roundtrip jax->torch->jax", case, jtj, tol.ROUNDTRIP_ATOL),
+            Result("roundtrip torch->jax->torch", case, tjt, tol.ROUNDTRIP_ATOL)]
+
+
+def check_param_counts(cfg: GPTConfig, case: str) -> list[Result]:
+    j = GPT(cfg, rngs=nnx.Rngs(0))
+    t = torchref.GPT(cfg)
+    diff = max(abs(j.num_params(ne) - t.num_params(ne)) for ne in (True, False))
+    return [Result("param count diff", case, float(diff), 0.0)]
+
+
+def expected_init_std(torch_name: str, cfg: GPTConfig) -> float | None:
+    """nanoGPT's init: N(0, 0.02), residual projections N(0, 0.02/sqrt(2*n_layer)); None = constant."""
+    if torch_name.endswith("c_proj.weight"):
+        return 0.02 / math.sqrt(2 * cfg.n_layer)
+    if torch_name.endswith(("wte.weight", "lm_head.weight", "wpe.weight", "c_attn.weight", "c_fc.weight")):
+        return 0.02
+    return None
+
+
+def check_init(cfg: GPTConfig, case: str) -> list[Result]:
+    """Worst relative std error over the random tensors, and worst |diff| of LayerNorm/bias constants."""
+    sd = to_torch_state_dict(GPT(cfg, rngs=nnx.Rngs(5)))
+    worst_std, worst_const = 0.0, 0.0
+    for name, value in sd.items():
+        want = expected_init_std(name, cfg)
+        if want is not None:
+            worst_std = max(worst_std, abs(float(value.std()) - want) / want, abs(float(value.mean())) / want)
+        elif name.endswith(".weight") and "ln_" in name:
+            worst_const = max(worst_const, float((value - 1).abs().max()))
+        else:
+            worst_const = max(worst_const, float(value.abs().max()))
+    return [Result("init std rel. error", case, worst_std, tol.INIT_STD_RTOL),
+            Result("init LayerNorm/bias consts", case, worst_const, 0.0)]
+
+
+def jax_flat(model: GPT) -> dict[str, np.ndarray]:
+    return {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def model_checks() -> Iterator[Callable[[], list[Result]]]:
+    """Every check of the model layer, as thunks (so callers can time or select them)."""
+    for case, cfg, T in _cases():
+        yield lambda cfg=cfg, T=T, case=case: check_logits_jax_to_torch(cfg, T, case)
+        yield lambda cfg=cfg, T=T, case=case: check_logits_torch_to_jax(cfg, T, case)
+    for name, cfg in CONFIGS.items():
+        yield lambda cfg=cfg, name=name: check_roundtrips(cfg, name)
+        yield lambda cfg=cfg, name=name: check_param_counts(cfg, name)
+    big = GPTConfig(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.0)  # init stats need big tensors
+    yield lambda: check_init(big, "seed config")

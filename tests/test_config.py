@@ -1,0 +1,49 @@
+import pytest
+
+from jaxgpt import GPTConfig, TrainConfig, UserError
+from jaxgpt.config import PRESETS, build, make_parser
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(n_embd=65, n_head=2), "n_embd"),
+    (dict(n_layer=0), "n_layer"),
+    (dict(block_size=-1), "block_size"),
+    (dict(vocab_size=0), "vocab_size"),
+    (dict(n_head=0), "n_head"),
+    (dict(dropout=1.0), "dropout"),
+    (dict(dropout=-0.1), "dropout"),
+])
+def test_invalid_gpt_config_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        GPTConfig(**kwargs)
+
+
+def test_user_error_is_a_value_error():
+    assert issubclass(UserError, ValueError)
+
+
+def test_gpt_config_from_dict_ignores_extra_keys():
+    cfg = GPTConfig.from_dict({"n_layer": 3, "n_head": 3, "n_embd": 48, "unrelated": 1})
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd) == (3, 3, 48)
+
+
+def test_cli_accepts_seed_flags_and_preset_overrides():
+    parser = make_parser("t", GPTConfig, TrainConfig, presets=True)
+    args = parser.parse_args(["--preset=cpu", "--max_iters=20", "--bias=false", "--n_embd=64"])
+    base = PRESETS[args.preset]
+    model, train = build(GPTConfig, args, base), build(TrainConfig, args, base)
+    assert train.max_iters == 20 and train.batch_size == 12
+    assert model.n_embd == 64 and model.n_layer == 4 and model.bias is False
+
+
+def test_cli_unknown_flag_raises_user_error():
+    parser = make_parser("t", GPTConfig, TrainConfig, presets=True)
+    with pytest.raises(UserError, match="unrecognized"):
+        parser.parse_args(["--not_a_flag=1"])
+
+
+@pytest.mark.parametrize("flag", ["--dtype=float16", "--remat=some", "--batch_size=abc"])
+def test_cli_bad_values_raise_user_error(flag):
+    parser = make_parser("t", GPTConfig, TrainConfig, presets=True)
+    with pytest.raises(UserError):
+        parser.parse_args([flag])

@@ -1,0 +1,112 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxgpt import GPT, GPTConfig, UserError
+from jaxgpt.model import REMAT_POLICIES
+
+
+def _idx(cfg, T, seed=0, B=2):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, cfg.vocab_size, (B, T)), jnp.int32)
+
+
+def test_logits_shape_and_dtype(tiny_model, tiny_cfg):
+    logits = tiny_model(_idx(tiny_cfg, 7))
+    assert logits.shape == (2, 7, tiny_cfg.vocab_size) and logits.dtype == jnp.float32
+
+
+def test_no_output_depends_on_a_future_token_by_gradients(tiny_model, tiny_cfg):
+    """d logits[:, t] / d wpe[s] must be exactly zero for every s > t."""
+    graphdef, state = nnx.split(tiny_model)
+    idx = _idx(tiny_cfg, tiny_cfg.block_size)
+    T = tiny_cfg.block_size
+    for t in (0, 5, T - 2):
+        def out_at_t(state):
+            return jnp.sum(nnx.merge(graphdef, state)(idx)[:, t] ** 2)
+        g = jax.grad(out_at_t)(state)["wpe"]["embedding"][...]
+        row_norms = np.abs(np.asarray(g)).sum(axis=1)
+        assert (row_norms[t + 1:] == 0).all(), f"position {t} sees future positions {np.nonzero(row_norms[t + 1:])[0] + t + 1}"
+        assert row_norms[t] > 0
+
+
+def test_changing_future_tokens_leaves_past_logits_unchanged(tiny_model, tiny_cfg):
+    a = _idx(tiny_cfg, 20, seed=1)
+    b = a.at[:, 12:].set((a[:, 12:] + 7) % 256)
+    la, lb = tiny_model(a), tiny_model(b)
+    np.testing.assert_array_equal(np.asarray(la[:, :12]), np.asarray(lb[:, :12]))
+    assert not np.allclose(la[:, 12:], lb[:, 12:])
+
+
+def _loss_and_grads(model, idx):
+    graphdef, state = nnx.split(model)
+
+    def loss(state):
+        logits = nnx.merge(graphdef, state)(idx[:, :-1])
+        return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+    return jax.jit(jax.value_and_grad(loss)), state
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_changes_the_program_not_the_gradients(tiny_cfg, policy):
+    idx = _idx(tiny_cfg, tiny_cfg.block_size + 1)
+    base = GPT(tiny_cfg, rngs=nnx.Rngs(0))
+    remat = GPT(tiny_cfg, rngs=nnx.Rngs(0), remat=policy)
+    f0, s0 = _loss_and_grads(base, idx)
+    f1, s1 = _loss_and_grads(remat, idx)
+    assert f0.lower(s0).as_text() != f1.lower(s1).as_text(), "remat did not change the compiled program"
+    (l0, g0), (l1, g1) = f0(s0), f1(s1)
+    assert abs(float(l0) - float(l1)) <= 1e-6
+    worst = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
+    assert worst <= 1e-6, f"remat={policy} changed gradients by {worst}"
+
+
+def test_remat_policy_names():
+    assert set(REMAT_POLICIES) == {"none", "full", "dots"}
+    with pytest.raises(UserError, match="remat"):
+        GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=4), rngs=nnx.Rngs(0), remat="everything")
+
+
+def test_input_longer_than_block_size_is_refused(tiny_model, tiny_cfg):
+    with pytest.raises(UserError, match="block_size"):
+        tiny_model(_idx(tiny_cfg, tiny_cfg.block_size + 1))
+
+
+@pytest.mark.parametrize("bad", [-1, 256, 1000])
+def test_token_ids_outside_vocab_are_refused(tiny_model, bad):
+    with pytest.raises(UserError, match="token ids"):
+        tiny_model(jnp.array([[1, 2, bad]], jnp.int32))
+
+
+def test_dropout_needs_a_key_in_train_mode_and_is_seeded():
+    cfg = GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.5)
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    idx = _idx(cfg, 16)
+    with pytest.raises(UserError, match="key"):
+        model(idx)
+    a, b = model(idx, key=jax.random.key(1)), model(idx, key=jax.random.key(1))
+    c = model(idx, key=jax.random.key(2))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.allclose(a, c)
+    model.eval()
+    np.testing.assert_array_equal(np.asarray(model(idx)), np.asarray(model(idx)))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_num_params_matches_the_closed_form(bias):
+    L, C, V, T = 6, 384, 256, 256
+    cfg = GPTConfig(block_size=T, vocab_size=V, n_layer=L, n_head=6, n_embd=C, bias=bias)
+    model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+    per_layer = 12 * C * C + (13 * C if bias else 2 * C)  # 4 matmuls (+ biases) and 2 LayerNorms
+    expected = L * per_layer + (2 * C if bias else C) + V * C  # + ln_f + tied wte
+    assert model.num_params() == expected
+    assert model.num_params(non_embedding=False) == expected + T * C
+
+
+def test_num_params_equals_nanogpt_printout_for_shakespeare_char():
+    """nanoGPT prints 'number of parameters: 10.65M' for its shakespeare_char run (vocab 65, no bias)."""
+    cfg = GPTConfig(block_size=256, vocab_size=65, n_layer=6, n_head=6, n_embd=384, bias=False)
+    model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+    assert round(model.num_params() / 1e6, 2) == 10.65

@@ -1,0 +1,4 @@
+"""torchref: the PyTorch twin of jaxgpt, with nanoGPT's parameter names."""
+from torchref.model import GPT
+
+__all__ = ["GPT"]
