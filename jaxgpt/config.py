@@ -65,7 +65,7 @@ class TrainConfig:
 
     dataset: str = "shakespeare"
     data_dir: str = "data"
-    out_dir: str = "out/shakespeare"
+    out_dir: str = ""  # "" means out/<dataset>
     batch_size: int = 64
     max_iters: int = 5000
     learning_rate: float = 1e-3
@@ -103,6 +103,10 @@ class TrainConfig:
             _require(0.0 <= getattr(self, name) < 1.0, f"--{name} must be in [0, 1), got {getattr(self, name)!r}")
         _require(self.dtype in DTYPE_CHOICES, f"--dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
         _require(self.remat in REMAT_CHOICES, f"--remat must be one of {REMAT_CHOICES}, got {self.remat!r}")
+        _require(bool(self.dataset) and "/" not in self.dataset and self.dataset not in (".", ".."),
+                 f"--dataset must be a plain name like 'shakespeare', got {self.dataset!r}")
+        if not self.out_dir:
+            object.__setattr__(self, "out_dir", f"out/{self.dataset}")
 
     @property
     def decay_iters(self) -> int:

@@ -130,6 +130,48 @@ def jax_flat(model: GPT) -> dict[str, np.ndarray]:
     return {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
+def synthetic_corpus(n_bytes: int, seed: int = 0) -> np.ndarray:
+    """Word-like text from a fixed generator: structured enough for losses to fall quickly."""
+    rng = np.random.default_rng(seed)
+    words = ["the", "king", "queen", "of", "and", "to", "my", "lord", "thou", "art", "thee", "\n", "what", "is"]
+    text = " ".join(rng.choice(words, size=n_bytes // 3))
+    return np.frombuffer(text.encode()[:n_bytes], np.uint8).astype(np.int64)
+
+
+def check_training(steps: int = 60, accum: int = 2) -> list[Result]:
+    """Same initial weights, same batches, dropout 0, fp32: jaxgpt's jitted optax step vs
+    torchref's AdamW step. Relative per-step loss difference and final parameter difference."""
+    from jaxgpt.config import TrainConfig
+    from jaxgpt.train import init_state, lr_schedule, make_optimizer, make_train_step
+    from torchref.train import make_optimizer as torch_optimizer, train_step as torch_step
+
+    cfg = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=64, dropout=0.0, bias=True)
+    tc = TrainConfig(batch_size=4, gradient_accumulation_steps=accum, max_iters=steps, warmup_iters=10,
+                     learning_rate=1e-3, min_lr=1e-4, seed=7, weight_decay=0.1, grad_clip=1.0)
+    graphdef, _, state = init_state(cfg, tc)
+    tmodel = torchref.GPT(cfg)
+    tmodel.load_state_dict(to_torch_state_dict(nnx.merge(graphdef, state.params)))
+    topt = torch_optimizer(tmodel, tc)
+    step_fn, schedule = make_train_step(graphdef, make_optimizer(tc), tc), lr_schedule(tc)
+    data, rng = synthetic_corpus(20_000), np.random.default_rng(0)
+    worst_loss = 0.0
+    for step in range(steps):
+        ix = rng.integers(0, len(data) - cfg.block_size - 1, size=(accum, tc.batch_size))
+        win = np.stack([data[i:i + cfg.block_size + 1] for i in ix.reshape(-1)]).reshape(accum, tc.batch_size, -1)
+        x, y = win[..., :-1], win[..., 1:]
+        state, metrics = step_fn(state, jnp.asarray(x, jnp.int32), jnp.asarray(y, jnp.int32), step)
+        t_loss = torch_step(tmodel, topt, torch.from_numpy(x), torch.from_numpy(y), float(schedule(step)), tc.grad_clip)
+        worst_loss = max(worst_loss, abs(float(metrics["loss"]) - t_loss) / abs(t_loss))
+    jax_sd = to_torch_state_dict(nnx.merge(graphdef, state.params))
+    worst_param = max(_max_diff(jax_sd[k], v.detach()) for k, v in tmodel.state_dict().items())
+    return [Result(f"train loss rel. diff, {steps} steps", f"L2-bias accum={accum}", worst_loss, tol.TRAIN_LOSS_RTOL),
+            Result(f"train params after {steps} steps", f"L2-bias accum={accum}", worst_param, tol.TRAIN_PARAM_ATOL)]
+
+
+def training_checks() -> Iterator[Callable[[], list[Result]]]:
+    yield check_training
+
+
 def model_checks() -> Iterator[Callable[[], list[Result]]]:
     """Every check of the model layer, as thunks (so callers can time or select them)."""
     for case, cfg, T in _cases():

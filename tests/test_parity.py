@@ -1,12 +1,18 @@
 """The parity checks of `python -m parity`, one pytest case each."""
 import pytest
 
-from parity.checks import model_checks
+from parity.checks import model_checks, training_checks
 
 MODEL_CHECKS = list(model_checks())
 
 
 @pytest.mark.parametrize("check", MODEL_CHECKS, ids=[f"model{i}" for i in range(len(MODEL_CHECKS))])
 def test_model_parity(check):
+    for r in check():
+        assert r.passed, f"{r.check} [{r.case}]: {r.value:.3g} > tolerance {r.tolerance:.0e}"
+
+
+@pytest.mark.parametrize("check", list(training_checks()))
+def test_training_trajectory_matches_torch(check):
     for r in check():
         assert r.passed, f"{r.check} [{r.case}]: {r.value:.3g} > tolerance {r.tolerance:.0e}"

@@ -1,0 +1,25 @@
+"""What every script shares: user mistakes become one stderr line and exit 2."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from jaxgpt.errors import UserError
+
+
+def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
+    """Call main(argv); a UserError prints `error: ...` (traceback only with --debug) and exits 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        code = main(argv)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

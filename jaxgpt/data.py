@@ -1,0 +1,226 @@
+"""Data: text -> uint8 token memmaps (prepare), and reproducible random windows (batches).
+
+Byte-level tokens are exactly uint8, so a dataset is two flat files, train.bin and val.bin,
+plus meta.json. Batches are nanoGPT's get_batch — random windows of block_size+1 tokens —
+but the offsets of step s come from a generator seeded with (seed, split, s): no hidden
+sampler state, so a resumed run draws exactly the batches an uninterrupted run would, and
+every process of a multi-host run can cut its own rows out of the same global batch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import urllib.request
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from jaxgpt.errors import UserError
+from jaxgpt.tokenizer import VOCAB_SIZE
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+# TinyStories: stories are separated by this byte. 0xFF never occurs in UTF-8 text, so it is an
+# unambiguous one-token boundary the model can learn, and the vocabulary stays 256.
+EOT_BYTE = 0xFF
+EOT_TEXT = "<|endoftext|>"
+SPLITS = ("train", "val")
+
+
+def _atomic_write(path: Path, data: bytes | Iterable[bytes]) -> None:
+    """Write to a temp file in the same folder and rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in ([data] if isinstance(data, bytes) else data):
+                f.write(chunk)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_source(input_path: str | None, url: str) -> bytes:
+    if input_path is None:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r:
+                return r.read()
+        except OSError as e:
+            raise UserError(f"could not download {url} ({e}); pass a local copy with --input PATH") from None
+    path = Path(input_path)
+    if not path.is_file():
+        raise UserError(f"input file {input_path} does not exist; pass an existing text file with --input")
+    return path.read_bytes()
+
+
+def prepare_text(raw: bytes, out_dir: str | Path, source: str, *, val_fraction: float = 0.1) -> dict:
+    """One UTF-8 text -> out_dir/{train,val}.bin (first 90% / last 10%, like nanoGPT) + meta.json.
+
+    Idempotent: when meta.json already records the same source hash, nothing is rewritten."""
+    out_dir = Path(out_dir)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{source} is not UTF-8 text (byte {e.start}: {e.reason}); convert it to UTF-8 first") from None
+    if not raw:
+        raise UserError(f"{source} is empty; give a text file with some content")
+    sha = hashlib.sha256(raw).hexdigest()
+    meta_path = out_dir / "meta.json"
+    if meta_path.exists() and all((out_dir / f"{s}.bin").exists() for s in SPLITS):
+        meta = json.loads(meta_path.read_text())
+        if meta.get("sha256") == sha:
+            return {**meta, "unchanged": True}
+    n_train = int(len(raw) * (1 - val_fraction))
+    _atomic_write(out_dir / "train.bin", raw[:n_train])
+    _atomic_write(out_dir / "val.bin", raw[n_train:])
+    meta = {"tokenizer": "bytes", "vocab_size": VOCAB_SIZE, "train_tokens": n_train,
+            "val_tokens": len(raw) - n_train, "source": source, "sha256": sha}
+    _atomic_write(meta_path, json.dumps(meta, indent=2).encode())
+    return meta
+
+
+def prepare_shakespeare(data_dir: str | Path, input_path: str | None = None) -> dict:
+    """Tiny Shakespeare: downloads from its canonical address unless given a local copy."""
+    raw = _read_source(input_path, SHAKESPEARE_URL)
+    return prepare_text(raw, Path(data_dir) / "shakespeare", input_path or SHAKESPEARE_URL)
+
+
+def _stories_from_txt(path: Path, chunk_bytes: int = 1 << 22) -> Iterator[str]:
+    """Stream stories separated by <|endoftext|> without reading the file at once."""
+    rest = ""
+    with open(path, encoding="utf-8", errors="strict") as f:
+        while chunk := f.read(chunk_bytes):
+            parts = (rest + chunk).split(EOT_TEXT)
+            rest = parts.pop()
+            yield from parts
+    yield rest
+
+
+def _stories_from_json(path: Path) -> Iterator[str]:
+    """.jsonl (one object per line) or .json (a list of objects) with a 'story' or 'text' field."""
+    with open(path, encoding="utf-8") as f:
+        if path.suffix == ".jsonl":
+            records: Iterable = (json.loads(line) for line in f if line.strip())
+        else:
+            records = json.load(f)  # TinyStories_all_data shards are ~50 MB lists
+        for rec in records:
+            text = rec.get("story", rec.get("text")) if isinstance(rec, dict) else rec
+            if not isinstance(text, str):
+                raise UserError(f"{path}: records need a 'story' or 'text' string field")
+            yield text
+
+
+def _stories_from_hf(split: str) -> Iterator[str]:
+    try:
+        import datasets  # optional: only for the online path
+    except ImportError:
+        raise UserError("no --input given and the `datasets` package is not installed; "
+                        "pip install datasets, or pass TinyStories .txt/.json files with --input") from None
+    for rec in datasets.load_dataset("roneneldan/TinyStories", split=split, streaming=True):
+        yield rec["text"]
+
+
+def _write_stories(stories: Iterable[str], path: Path, desc: str) -> tuple[int, int]:
+    """Encode stories (each followed by EOT) into path, streaming; returns (stories, tokens)."""
+    counts = [0, 0]
+
+    def chunks() -> Iterator[bytes]:
+        for story in tqdm(stories, desc=desc, unit=" stories", mininterval=1.0):
+            story = story.strip()
+            if story:
+                data = story.encode("utf-8") + bytes([EOT_BYTE])
+                counts[0] += 1
+                counts[1] += len(data)
+                yield data
+
+    _atomic_write(path, chunks())
+    return counts[0], counts[1]
+
+
+def prepare_tinystories(data_dir: str | Path, inputs: list[str] | None = None) -> dict:
+    """TinyStories from local .txt/.json/.jsonl files (files named *valid* become the val split;
+    without one, every 20th story is held out), or from Hugging Face when no files are given."""
+    out_dir = Path(data_dir) / "tinystories"
+    if inputs:
+        paths = [Path(p) for p in inputs]
+        for p in paths:
+            if not p.is_file():
+                raise UserError(f"input file {p} does not exist; pass TinyStories .txt/.json/.jsonl files")
+            if p.suffix not in (".txt", ".json", ".jsonl"):
+                raise UserError(f"{p}: expected a .txt, .json or .jsonl file")
+        read = lambda p: _stories_from_txt(p) if p.suffix == ".txt" else _stories_from_json(p)  # noqa: E731
+        val_paths = [p for p in paths if "valid" in p.name.lower()]
+        train_paths = [p for p in paths if p not in val_paths]
+
+        def split_stories(which: str) -> Iterator[str]:
+            if val_paths:
+                for p in (val_paths if which == "val" else train_paths):
+                    yield from read(p)
+            else:
+                for i, s in enumerate(s for p in train_paths for s in read(p)):
+                    if (i % 20 == 19) == (which == "val"):
+                        yield s
+        sources = {s: split_stories(s) for s in SPLITS}
+    else:
+        sources = {"train": _stories_from_hf("train"), "val": _stories_from_hf("validation")}
+    meta = {"tokenizer": "bytes", "vocab_size": VOCAB_SIZE, "eot_byte": EOT_BYTE,
+            "source": [str(p) for p in inputs] if inputs else "roneneldan/TinyStories"}
+    for split in SPLITS:
+        n_stories, n_tokens = _write_stories(sources[split], out_dir / f"{split}.bin", f"tinystories {split}")
+        if n_tokens == 0:
+            raise UserError(f"no {split} stories found in the TinyStories input; check the files")
+        meta[f"{split}_stories"], meta[f"{split}_tokens"] = n_stories, n_tokens
+    _atomic_write(out_dir / "meta.json", json.dumps(meta, indent=2).encode())
+    return meta
+
+
+def dataset_dir(data_dir: str | Path, dataset: str) -> Path:
+    """The prepared dataset's folder; a clear error with the prepare command when it is missing."""
+    path = Path(data_dir) / dataset
+    missing = [f for f in ("train.bin", "val.bin", "meta.json") if not (path / f).is_file()]
+    if missing:
+        kind = dataset if dataset in ("shakespeare", "tinystories") else f"text --input FILE --name {dataset}"
+        raise UserError(f"dataset {dataset!r} is not prepared ({path}/{missing[0]} missing); "
+                        f"run: python scripts/prepare.py {kind} --data_dir {data_dir}")
+    return path
+
+
+class BatchSampler:
+    """nanoGPT's get_batch over a uint8 memmap, reproducible from (seed, split, step).
+
+    `get(step)` returns x, y of shape (accum, batch, block_size) int32: the rows of the global
+    batch that belong to process `process_index` of `process_count`."""
+
+    def __init__(self, path: str | Path, block_size: int, batch_size: int, *, seed: int, accum: int = 1,
+                 process_index: int = 0, process_count: int = 1):
+        self.path = Path(path)
+        self.block_size, self.batch_size, self.accum, self.seed = block_size, batch_size, accum, seed
+        self.n_tokens = self.path.stat().st_size
+        if self.n_tokens < block_size + 1:
+            raise UserError(f"{self.path} holds {self.n_tokens} tokens, fewer than one block of "
+                            f"{block_size + 1}; use more data or a smaller --block_size")
+        if batch_size % process_count:
+            raise UserError(f"batch_size {batch_size} is not divisible by the {process_count} processes")
+        self.rows = slice(process_index * batch_size // process_count, (process_index + 1) * batch_size // process_count)
+        self._split_id = SPLITS.index(self.path.stem) if self.path.stem in SPLITS else 2
+
+    def offsets(self, step: int, stream: int = 0) -> np.ndarray:
+        """(accum, batch) window starts of the *global* batch of `step` (stream 1 = evaluation)."""
+        rng = np.random.default_rng([self.seed, self._split_id, stream, step])
+        return rng.integers(0, self.n_tokens - self.block_size, size=(self.accum, self.batch_size))
+
+    def get(self, step: int, stream: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        ix = self.offsets(step, stream)[:, self.rows]
+        # re-open per batch: a long-lived memmap keeps growing resident memory (nanoGPT's fix)
+        data = np.memmap(self.path, dtype=np.uint8, mode="r")
+        win = np.stack([data[i:i + self.block_size + 1] for i in ix.reshape(-1)]).astype(np.int32)
+        win = win.reshape(*ix.shape, self.block_size + 1)
+        return win[..., :-1], win[..., 1:]
+
+    def state(self, step: int) -> dict:
+        """What a checkpoint needs to continue the batch stream exactly."""
+        return {"seed": self.seed, "step": step, "batch_size": self.batch_size, "accum": self.accum}

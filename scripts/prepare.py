@@ -1,0 +1,46 @@
+"""Prepare a dataset as byte-level uint8 token files: data/<name>/{train,val}.bin + meta.json.
+
+  python scripts/prepare.py shakespeare [--input PATH]      # no PATH: download Tiny Shakespeare
+  python scripts/prepare.py tinystories [--input FILES...]  # no FILES: Hugging Face `datasets`
+  python scripts/prepare.py text --input FILE --name NAME    # any UTF-8 text file
+"""
+import argparse
+from pathlib import Path
+
+from jaxgpt import cli
+from jaxgpt.config import _Parser
+from jaxgpt.data import prepare_shakespeare, prepare_text, prepare_tinystories
+from jaxgpt.errors import UserError
+
+
+def main(argv: list[str]) -> int:
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dataset", choices=["shakespeare", "tinystories", "text"])
+    parser.add_argument("--input", nargs="+", help="local source file(s)")
+    parser.add_argument("--name", help="dataset name for `text` (the folder under --data_dir)")
+    parser.add_argument("--data_dir", default="data", help="where datasets live (default: data)")
+    args = parser.parse_args(argv)
+    if args.dataset == "shakespeare":
+        if args.input and len(args.input) > 1:
+            raise UserError("shakespeare takes one --input file")
+        meta = prepare_shakespeare(args.data_dir, args.input[0] if args.input else None)
+        name = "shakespeare"
+    elif args.dataset == "tinystories":
+        meta, name = prepare_tinystories(args.data_dir, args.input), "tinystories"
+    else:
+        if not args.input or len(args.input) != 1 or not args.name:
+            raise UserError("text needs exactly one --input FILE and a --name NAME")
+        if "/" in args.name or args.name in (".", ".."):
+            raise UserError(f"--name must be a plain folder name, got {args.name!r}")
+        path = Path(args.input[0])
+        if not path.is_file():
+            raise UserError(f"input file {path} does not exist; pass an existing UTF-8 text file")
+        meta, name = prepare_text(path.read_bytes(), Path(args.data_dir) / args.name, str(path)), args.name
+    state = "already prepared, unchanged" if meta.get("unchanged") else "written"
+    print(f"{name}: train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens "
+          f"(vocab {meta['vocab_size']}) -> {Path(args.data_dir) / name} [{state}]")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

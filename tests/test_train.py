@@ -1,0 +1,117 @@
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgpt import GPTConfig, TrainConfig, UserError
+from jaxgpt.data import prepare_text
+from jaxgpt.train import (decay_mask, init_state, lr_schedule, make_optimizer, make_train_step,
+                          resolve_configs, train)
+from parity.checks import synthetic_corpus
+
+MODEL = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32, dropout=0.0, bias=True)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    prepare_text(synthetic_corpus(30_000).astype(np.uint8).tobytes(), root / "synth", "synthetic")
+    return root
+
+
+def _tc(data_dir, out_dir, **kw):
+    base = dict(dataset="synth", data_dir=str(data_dir), out_dir=str(out_dir), batch_size=4, max_iters=12,
+                eval_interval=4, eval_iters=2, log_interval=1, warmup_iters=2, lr_decay_iters=12, progress=False,
+                plot=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def _rows(out_dir):
+    return [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_accumulated_gradients_equal_one_big_batch():
+    tc1 = TrainConfig(batch_size=4, gradient_accumulation_steps=1, seed=0)
+    tc2 = dataclasses.replace(tc1, batch_size=2, gradient_accumulation_steps=2)
+    x = np.random.default_rng(0).integers(0, 256, (1, 4, 16)).astype(np.int32)
+    y = np.roll(x, -1, axis=-1)
+    out = []
+    for tc, shape in ((tc1, (1, 4, 16)), (tc2, (2, 2, 16))):
+        graphdef, _, state = init_state(MODEL, tc)
+        state, _ = make_train_step(graphdef, make_optimizer(tc), tc)(state, x.reshape(shape), y.reshape(shape), 0)
+        state, _ = make_train_step(graphdef, make_optimizer(tc), tc)(state, x.reshape(shape), y.reshape(shape), 1)
+        out.append(state.params)
+    worst = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(out[0]), jax.tree.leaves(out[1])))
+    assert worst <= 1e-6, f"accumulated update differs from the big-batch update by {worst}"
+
+
+def test_weight_decay_applies_to_matrices_and_embeddings_only():
+    graphdef, _, state = init_state(MODEL, TrainConfig())
+    leaves = jax.tree_util.tree_flatten_with_path(decay_mask(state.params))[0]
+    decayed = sorted(jax.tree_util.keystr(p, simple=True, separator=".").removesuffix(".value") for p, v in leaves if v)
+    assert decayed == ["h.attn.c_attn.kernel", "h.attn.c_proj.kernel", "h.mlp.c_fc.kernel", "h.mlp.c_proj.kernel",
+                       "wpe.embedding", "wte.embedding"]
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    s = lr_schedule(TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, max_iters=2000))
+    assert float(s(0)) == 0.0 and float(s(100)) == pytest.approx(1e-3)
+    assert float(s(1050)) == pytest.approx((1e-3 + 1e-4) / 2, rel=1e-3)
+    assert float(s(2000)) == pytest.approx(1e-4) and float(s(5000)) == pytest.approx(1e-4)
+
+
+def test_train_writes_metrics_plot_and_checkpoints(data_dir, tmp_path):
+    out = tmp_path / "run"
+    summary = train(MODEL, _tc(data_dir, out, plot=True))
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert all({"step", "train_loss", "lr", "tokens_per_sec"} <= r.keys() for r in rows)
+    assert [r["step"] for r in rows if "val_loss" in r] == [4, 8, 12]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert (out / "loss.png").stat().st_size > 1000 and json.loads((out / "config.json").read_text())["model"]["n_layer"] == 1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["12", "4", "8"]
+    assert summary["val_loss"] == rows[-1]["val_loss"]
+
+
+def test_resume_continues_bit_identically(data_dir, tmp_path):
+    train(MODEL, _tc(data_dir, tmp_path / "straight"))
+    train(MODEL, _tc(data_dir, tmp_path / "split", max_iters=8))
+    summary = train(MODEL, _tc(data_dir, tmp_path / "split", resume=True))
+    assert summary["start_step"] == 8
+    assert _rows(tmp_path / "split") == [dict(r, tokens_per_sec=s["tokens_per_sec"]) for r, s in
+                                          zip(_rows(tmp_path / "straight"), _rows(tmp_path / "split"))]
+
+
+def test_starting_over_an_existing_run_is_refused(data_dir, tmp_path):
+    train(MODEL, _tc(data_dir, tmp_path / "r", max_iters=4))
+    with pytest.raises(UserError, match="--resume"):
+        train(MODEL, _tc(data_dir, tmp_path / "r", max_iters=4))
+
+
+def test_resume_with_a_different_model_names_the_difference(data_dir, tmp_path):
+    tc = _tc(data_dir, tmp_path / "r", max_iters=4)
+    train(MODEL, tc)
+    with pytest.raises(UserError, match=r"n_embd=64 \(checkpoint has 32\)"):
+        resolve_configs({"n_embd": 64, "n_layer": 1}, {"out_dir": tc.out_dir, "resume": True}, {})
+    model_cfg, tc2 = resolve_configs({"n_layer": 1}, {"out_dir": tc.out_dir, "resume": True, "max_iters": 8}, {})
+    assert model_cfg == MODEL and tc2.max_iters == 8 and tc2.batch_size == 4
+
+
+def test_divergence_stops_with_a_clear_error_and_keeps_the_checkpoint(data_dir, tmp_path):
+    out = tmp_path / "nan"
+    train(MODEL, _tc(data_dir, out, max_iters=4))
+    with pytest.raises(UserError, match="loss became nan"):
+        train(MODEL, _tc(data_dir, out, max_iters=12, learning_rate=1e30, min_lr=0.0, resume=True))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["4"]
+
+
+def test_bfloat16_compute_keeps_float32_master_weights(data_dir, tmp_path):
+    tc = _tc(data_dir, tmp_path / "bf16", dtype="bfloat16", max_iters=4)
+    graphdef, _, state = init_state(MODEL, tc)
+    x = np.zeros((1, 4, 16), np.int32)
+    state, metrics = make_train_step(graphdef, make_optimizer(tc), tc)(state, x, x, 0)
+    assert {p.dtype for p in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}
+    assert np.isfinite(float(metrics["loss"]))
