@@ -1,37 +1,45 @@
-"""Checkpoints through orbax's CheckpointManager, which owns atomic commits, retention and
-async writes. A checkpoint is two items: `state` (params + optimizer state, arrays) and
-`meta` (JSON: step, sampler state, configs, losses). Kept: the last `keep` and the best by
-val loss.
+"""Checkpoints through orbax's CheckpointManager, which owns atomic commits (a step folder
+appears only once complete), retention and async writes.
+
+A checkpoint step holds up to three items: `params` (float32 weights), `opt_state` (absent
+in checkpoints converted from other formats) and `meta` (JSON: step, losses, configs, data
+sampler state). Kept: the last `keep` steps and the best by val loss.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+from flax import nnx
 from orbax.checkpoint import checkpoint_managers as cm
 
+from jaxgpt.config import GPTConfig
 from jaxgpt.errors import UserError
+from jaxgpt.model import GPT
 
 
 class Checkpointer:
     def __init__(self, out_dir: str | Path, keep: int = 3, *, read_only: bool = False, use_async: bool = True):
         self.directory = Path(out_dir).absolute() / "checkpoints"
         if read_only and not self.directory.is_dir():
-            raise UserError(f"no checkpoints in {Path(out_dir)}; train first or pass the right --out_dir")
+            raise UserError(f"no checkpoints in {Path(out_dir)}; train first or pass the right --out_dir/--checkpoint")
         policy = cm.AnyPreservationPolicy([
             cm.LatestN(n=keep),
             cm.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=False, n=1, keep_checkpoints_without_metrics=False),
         ])
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=use_async,
                                                read_only=read_only, create=not read_only)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("params", "opt_state", "meta"))
 
-    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+    def save(self, step: int, params: Any, opt_state: Any | None, meta: dict[str, Any]) -> None:
         """Start writing checkpoint `step` (asynchronously); meta['val_loss'] ranks it."""
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)),
-                          metrics={"val_loss": float(meta["val_loss"])})
+        items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
+        if opt_state is not None:
+            items["opt_state"] = ocp.args.StandardSave(opt_state)
+        self.manager.save(step, args=ocp.args.Composite(**items), metrics={"val_loss": float(meta["val_loss"])})
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -47,14 +55,59 @@ class Checkpointer:
         steps = self.steps()
         return min(steps, key=lambda s: self.meta(s)["val_loss"]) if steps else None
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-        """Restore into `abstract_state` (ShapeDtypeStructs carrying the target shardings)."""
-        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                                 meta=ocp.args.JsonRestore()))
-        return out["state"], out["meta"]
+    def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any | None = None) -> dict[str, Any]:
+        """Restore into abstract targets (ShapeDtypeStructs carrying the target shardings), so a
+        checkpoint written on one device layout loads onto another."""
+        items = {"params": ocp.args.StandardRestore(abstract_params), "meta": ocp.args.JsonRestore()}
+        if abstract_opt_state is not None:
+            if not (self.directory / str(step) / "opt_state").exists():
+                raise UserError(f"checkpoint {self.directory / str(step)} has no optimizer state (converted from "
+                                f"another format?); start a new run from it instead of --resume")
+            items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+        return dict(self.manager.restore(step, args=ocp.args.Composite(**items)))
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
+
+
+def resolve(path: str | Path, which: str = "best") -> tuple[Path, int | None]:
+    """(out_dir, step) for a run folder (its best or latest step) or a checkpoints/<step> folder."""
+    path = Path(path)
+    if path.name.isdigit() and path.parent.name == "checkpoints":
+        return path.parent.parent, int(path.name)
+    if not (path / "checkpoints").is_dir():
+        raise UserError(f"{path} is not a jaxgpt run folder (no checkpoints/ inside); pass --out_dir of a "
+                        f"training run, a .pt or a .safetensors file")
+    return path, None
+
+
+def load_model(path: str | Path, which: str = "best") -> tuple[GPT, dict[str, Any]]:
+    """A jaxgpt checkpoint -> (GPT in eval mode, its meta). `which`: 'best' or 'latest'."""
+    out_dir, step = resolve(path)
+    ckpt = Checkpointer(out_dir, read_only=True, use_async=False)
+    try:
+        if step is None:
+            step = ckpt.best_step() if which == "best" else ckpt.latest_step()
+        if step is None or step not in ckpt.steps():
+            raise UserError(f"no complete checkpoint found in {out_dir}/checkpoints; train first")
+        cfg = GPTConfig.from_dict(ckpt.meta(step)["model"])
+        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))
+        restored = ckpt.restore(step, abstract)
+    except UserError:
+        raise
+    except Exception as e:  # orbax/tensorstore errors on truncated or foreign files
+        raise UserError(f"checkpoint in {out_dir} could not be read ({type(e).__name__}: {str(e)[:200]}); "
+                        f"it may be incomplete or corrupt — pick another step") from None
+    finally:
+        ckpt.close()
+    model = nnx.merge(graphdef, restored["params"])
+    model.eval()
+    return model, {**restored["meta"], "step": step}
+
+
+def abstract_like(tree: Any) -> Any:
+    """ShapeDtypeStructs (with shardings) of a pytree of arrays: a restore target."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)

@@ -9,6 +9,8 @@ from jaxgpt.errors import UserError
 
 def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
     """Call main(argv); a UserError prints `error: ...` (traceback only with --debug) and exits 2."""
+    import absl.logging  # orbax logs routine notices as absl warnings; keep the terminal for our output
+    absl.logging.set_verbosity(absl.logging.ERROR)
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]

@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from jaxgpt.checkpoint import Checkpointer
+from jaxgpt.checkpoint import Checkpointer, abstract_like
 from jaxgpt.config import GPTConfig, TrainConfig
 from jaxgpt.data import BatchSampler, dataset_dir
 from jaxgpt.errors import UserError
@@ -197,7 +197,8 @@ def train(model_cfg: GPTConfig, tc: TrainConfig, *, on_log: Callable[[dict], Non
         if ckpt.latest_step() is None:
             raise UserError(f"--resume given but {out_dir} has no checkpoint; drop --resume to start a new run")
         start = ckpt.latest_step()
-        state, _ = ckpt.restore(start, jax.eval_shape(lambda: state))
+        restored = ckpt.restore(start, abstract_like(state.params), abstract_like(state.opt_state))
+        state = TrainState(restored["params"], restored["opt_state"])
         _truncate_metrics(metrics_path, start)
     elif ckpt.latest_step() is not None:
         raise UserError(f"{out_dir} already holds checkpoints; pass --resume to continue that run "
@@ -238,7 +239,7 @@ def train(model_cfg: GPTConfig, tc: TrainConfig, *, on_log: Callable[[dict], Non
                 record.update(val_loss=losses["val"], eval_train_loss=losses["train"])
                 if not math.isfinite(losses["val"]):
                     raise UserError(f"val loss became {losses['val']} at step {done}; not saved, last good checkpoint kept")
-                ckpt.save(done, state, {"step": done, "val_loss": losses["val"], "train_loss": losses["train"],
+                ckpt.save(done, state.params, state.opt_state, {"step": done, "val_loss": losses["val"], "train_loss": losses["train"],
                                         "sampler": samplers["train"].state(done), "model": model_cfg.to_dict(),
                                         "train": tc.to_dict()})
             _append_jsonl(metrics_path, record)

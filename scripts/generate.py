@@ -1,0 +1,89 @@
+"""Sample text from a trained model (jaxgpt run folder, nanoGPT ckpt.pt or .safetensors).
+
+  python scripts/generate.py --prompt="KING RICHARD III:" --temperature=0.9 --top_k=40 --max_new_tokens=500
+  python scripts/generate.py --checkpoint=ckpt.pt --num_samples=10 --temperature=0
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxgpt import cli
+from jaxgpt.config import _Parser
+from jaxgpt.errors import UserError
+from jaxgpt.sample import check_sampling, generate
+from jaxgpt.tokenizer import ByteTokenizer
+
+
+def load(checkpoint: str, which: str, meta: str | None):
+    """(model, tokenizer, info); torch/safetensors are imported only for those formats."""
+    from jaxgpt.checkpoint import load_model
+    path = Path(checkpoint)
+    if path.suffix.lower() in (".pt", ".pth", ".ckpt", ".safetensors"):
+        from parity.formats import load_any, tokenizer_for
+        model, info = load_any(path)
+        return model, tokenizer_for(model, path, info, meta), info
+    model, info = load_model(path, which)
+    return model, ByteTokenizer(), info
+
+
+def main(argv: list[str]) -> int:
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", default="", help="start text; empty starts from a newline, like nanoGPT")
+    p.add_argument("--prompt_file", help="read the prompt from this UTF-8 file instead")
+    p.add_argument("--out_dir", default="out/shakespeare", help="training run to sample from (default: %(default)s)")
+    p.add_argument("--checkpoint", help="a run folder, checkpoints/<step> folder, ckpt.pt or .safetensors (overrides --out_dir)")
+    p.add_argument("--which", choices=["best", "latest"], default="best", help="which checkpoint of a run folder")
+    p.add_argument("--meta", help="nanoGPT meta.pkl for character-level checkpoints")
+    p.add_argument("--max_new_tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)")
+    p.add_argument("--top_k", type=int, default=None, help="keep the k most likely tokens (default: 200, capped at the vocabulary)")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: %(default)s)")
+    p.add_argument("--num_samples", type=int, default=1, help="decoded together as one batch")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="print tokens as they come (default: on for a single sample)")
+    args = p.parse_args(argv)
+    check_sampling(args.temperature, args.top_k if args.top_k is not None else 1, args.top_p, 1 << 30, args.num_samples)
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    prompt = args.prompt
+    if args.prompt_file:
+        try:
+            prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read --prompt_file {args.prompt_file} ({e}); pass an existing UTF-8 file") from None
+    prompt = prompt or "\n"
+
+    model, tok, info = load(args.checkpoint or args.out_dir, args.which, args.meta)
+    top_k = args.top_k if args.top_k is not None else min(200, model.config.vocab_size)
+    ids = np.tile(tok.encode(prompt), (args.num_samples, 1))
+    stream = args.num_samples == 1 if args.stream is None else args.stream
+    print(f"# {args.checkpoint or args.out_dir} step {info.get('step')}, val loss {info.get('val_loss')}", file=sys.stderr)
+    if len(ids[0]) > model.config.block_size:
+        print(f"# prompt is {len(ids[0])} tokens; the model sees its last {model.config.block_size}", file=sys.stderr)
+    on_token = None
+    if stream:
+        decoders = [tok.stream_decoder() for _ in range(args.num_samples)]
+        sys.stdout.write(prompt)
+
+        def on_token(t: np.ndarray) -> None:
+            for d, tt in zip(decoders, t):
+                sys.stdout.write(d.push(int(tt)))
+            sys.stdout.flush()
+
+    out = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=top_k, top_p=args.top_p,
+                   key=jax.random.key(args.seed), on_token=on_token)
+    if stream:
+        sys.stdout.write("".join(d.flush() for d in decoders) + "\n")
+    else:
+        for row in out:
+            print(tok.decode(row))
+            print("---------------")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
