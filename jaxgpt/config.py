@@ -157,10 +157,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def make_parser(description: str, *classes: type, presets: bool = False) -> argparse.ArgumentParser:
-    parser = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     if presets:
         parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu",
-                            help="base values; explicit flags override them")
+                            help="base values; explicit flags override them (default: 'gpu' = the seed config; "
+                                 "'cpu' = " + ", ".join(f"{k}={v}" for k, v in PRESETS["cpu"].items()) + ")")
     for cls in classes:
         add_dataclass_flags(parser, cls)
     return parser

@@ -38,7 +38,7 @@ class TrainState(NamedTuple):
 
 def lr_schedule(tc: TrainConfig) -> optax.Schedule:
     """Linear warmup from 0 to learning_rate, cosine decay to min_lr at decay_iters, then flat."""
-    warmup = min(tc.warmup_iters, tc.decay_iters)
+    warmup = min(tc.warmup_iters, tc.decay_iters - 1)  # leave the cosine at least one step in tiny runs
     return optax.warmup_cosine_decay_schedule(0.0, tc.learning_rate, warmup, tc.decay_iters, tc.min_lr)
 
 

@@ -1,0 +1,125 @@
+"""The real CLIs end to end, and a table of bad inputs: each must exit non-zero with one
+`error:` line naming the problem, no traceback, and leave existing data and checkpoints untouched."""
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from parity.checks import synthetic_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--eval_iters=2",
+        "--eval_interval=4", "--log_interval=2", "--progress=false", "--plot=false"]
+
+
+def cli(script: str, *args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{script}.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {args} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """A folder with a prepared dataset `synth`, a 4-step run in out/run and a .pt of it."""
+    w = tmp_path_factory.mktemp("cli")
+    (w / "corpus.txt").write_bytes(synthetic_corpus(20_000).astype(np.uint8).tobytes())
+    cli("prepare", "text", "--input", "corpus.txt", "--name", "synth", cwd=w)
+    cli("train", "--dataset=synth", "--out_dir=out/run", "--max_iters=4", *TINY, cwd=w)
+    cli("convert", "out/run", "run.pt", cwd=w)
+    (w / "tiny.txt").write_text("too short")
+    cli("prepare", "text", "--input", "tiny.txt", "--name", "tiny", cwd=w)
+    (w / "bad.txt").write_bytes(b"\xff\xfe\x00bad")
+    (w / "empty.txt").write_text("")
+    data = (w / "run.pt").read_bytes()
+    (w / "cut.pt").write_bytes(data[: len(data) // 3])
+    torch.save([1, 2, 3], w / "list.pt")
+    (w / "blocker").write_text("a file where a folder should be")
+    return w
+
+
+def test_generate_streams_from_a_run_and_from_its_pt(work):
+    a = cli("generate", "--out_dir=out/run", "--prompt=the king", "--max_new_tokens=20", "--temperature=0", cwd=work)
+    b = cli("generate", "--checkpoint=run.pt", "--prompt=the king", "--max_new_tokens=20", "--temperature=0", cwd=work)
+    assert a.stdout.startswith("the king") and a.stdout == b.stdout
+    c = cli("generate", "--out_dir=out/run", "--num_samples=3", "--max_new_tokens=10", cwd=work)
+    assert c.stdout.count("---------------") == 3
+
+
+def test_generate_accepts_an_empty_prompt_and_an_overlong_one(work):
+    cli("generate", "--out_dir=out/run", "--prompt=", "--max_new_tokens=5", cwd=work)
+    out = cli("generate", "--out_dir=out/run", "--prompt=" + "x" * 40, "--max_new_tokens=5", cwd=work)
+    assert "sees its last 16" in out.stderr
+
+
+def test_help_lists_every_training_option_with_defaults(work):
+    text = cli("train", "--help", cwd=work).stdout
+    for flag, default in [("learning_rate", "0.001"), ("min_lr", "0.0001"), ("warmup_iters", "100"),
+                          ("weight_decay", "0.1"), ("beta2", "0.99"), ("grad_clip", "1.0"), ("dropout", "0.2"),
+                          ("gradient_accumulation_steps", "1"), ("eval_interval", "250"), ("remat", "'none'"),
+                          ("dtype", "'float32'"), ("seed", "1337"), ("resume", "False")]:
+        entry = text.split(f"\n  --{flag} ")[1].split("\n  --")[0]
+        assert f"(default: {default})" in entry, f"--{flag}: {entry!r}"
+
+
+BAD = [
+    ("train", ["--dataset=synth", "--n_embd=65", "--n_head=2"], "divisible by n_head"),
+    ("train", ["--dataset=synth", "--n_layer=0"], "n_layer must be a positive integer"),
+    ("train", ["--dataset=synth", "--block_size=-5"], "block_size must be a positive integer"),
+    ("train", ["--dataset=synth", "--no_such_flag=1"], "unrecognized arguments"),
+    ("train", ["--dataset=synth", "--batch_size=abc"], "invalid int value"),
+    ("train", ["--dataset=synth", "--dtype=float16"], "invalid choice"),
+    ("train", ["--dataset=synth", "--dropout=1.5"], "dropout must be in [0, 1)"),
+    ("train", ["--dataset=nothing", "--out_dir=out/x"], "python scripts/prepare.py"),
+    ("train", ["--dataset=tiny", "--out_dir=out/x"], "fewer than one block"),
+    ("train", ["--dataset=synth", "--out_dir=out/run", "--resume", "--n_embd=64"], "n_embd=64 (checkpoint has 32)"),
+    ("train", ["--dataset=synth", "--out_dir=out/run", "--resume", "--block_size=32"], "block_size=32 (checkpoint has 16)"),
+    ("train", ["--dataset=synth", "--out_dir=out/run", *TINY], "already holds checkpoints"),
+    ("train", ["--dataset=synth", "--out_dir=out/empty", "--resume", *TINY], "has no checkpoint"),
+    ("train", ["--dataset=synth", "--out_dir=blocker/sub", *TINY], "cannot write to out_dir"),
+    ("prepare", ["text", "--input", "bad.txt", "--name", "bad"], "not UTF-8"),
+    ("prepare", ["text", "--input", "empty.txt", "--name", "empty"], "is empty"),
+    ("prepare", ["text", "--input", "missing.txt", "--name", "m"], "does not exist"),
+    ("prepare", ["text", "--input", "tiny.txt"], "--name"),
+    ("prepare", ["wikipedia"], "invalid choice"),
+    ("generate", ["--out_dir=out/run", "--temperature=-1"], "--temperature must be >= 0"),
+    ("generate", ["--out_dir=out/run", "--top_k=0"], "--top_k must be in"),
+    ("generate", ["--out_dir=out/run", "--top_k=1000"], "--top_k must be in [1, 256]"),
+    ("generate", ["--out_dir=out/run", "--top_p=0"], "--top_p must be in (0, 1]"),
+    ("generate", ["--out_dir=out/run", "--num_samples=0"], "--num_samples must be >= 1"),
+    ("generate", ["--out_dir=out/run", "--max_new_tokens=0"], "--max_new_tokens must be >= 1"),
+    ("generate", ["--out_dir=out/run", "--prompt_file=nope.txt"], "cannot read --prompt_file"),
+    ("generate", ["--checkpoint=nope.pt"], "does not exist"),
+    ("generate", ["--out_dir=out/none"], "not a jaxgpt run folder"),
+    ("generate", ["--checkpoint=cut.pt"], "cannot read cut.pt"),
+    ("generate", ["--checkpoint=list.pt"], "not a nanoGPT checkpoint"),
+    ("convert", ["nope.pt", "x.safetensors"], "does not exist"),
+    ("convert", ["out/run", "run.pt"], "already exists"),
+    ("convert", ["out/run", "out/run"], "already exists"),
+]
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("script, args, message", BAD, ids=[f"{s}-{i}" for i, (s, _, _) in enumerate(BAD)])
+def test_bad_input_gets_one_clear_error_line(work, script, args, message):
+    before = _snapshot(work)
+    proc = cli(script, *args, cwd=work, check=False)
+    lines = [l for l in proc.stderr.splitlines() if l.strip() and not l.startswith("#")]
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    assert message in lines[0], f"expected {message!r} in {lines[0]!r}"
+    after = _snapshot(work)
+    changed = [k for k in before if before[k] != after.get(k)]
+    assert not changed, f"{script} {args} modified {changed}"
