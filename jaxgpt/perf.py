@@ -1,0 +1,66 @@
+"""Performance accounting, defined once: the FLOP formula and the peak FLOP/s table.
+
+FLOPs per token follow nanoGPT's estimate_mfu (PaLM appendix B): 6 N for the matmuls of
+the forward and backward pass (N = non-embedding parameters, the tied head included)
+plus 12 L T C for attention scores and mixing (C = n_head * head_dim).
+"""
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jaxgpt.config import GPTConfig
+
+# Dense bf16 peak FLOP/s of one device (vendor datasheets; TPU: per chip).
+PEAK_FLOPS = {
+    "H100": 989e12,   # SXM
+    "H200": 989e12,
+    "A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5e": 197e12,  # "TPU v5 lite"
+    "TPU v5p": 459e12,
+    "TPU v6e": 918e12,  # Trillium, "TPU v6 lite"
+}
+_KIND_ALIASES = {"TPU v5 lite": "TPU v5e", "TPU v6 lite": "TPU v6e", "TPU v5": "TPU v5p"}
+
+
+def non_embedding_params(cfg: GPTConfig) -> int:
+    """nanoGPT's get_num_params(): everything except wpe; the tied wte/lm_head counted once."""
+    C, L = cfg.n_embd, cfg.n_layer
+    per_layer = 12 * C * C + (13 * C if cfg.bias else 2 * C)
+    return L * per_layer + (2 * C if cfg.bias else C) + cfg.vocab_size * C
+
+
+def flops_per_token(cfg: GPTConfig) -> float:
+    """Training FLOPs (forward + backward) per token at full context length."""
+    return 6 * non_embedding_params(cfg) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+
+def device_peak_flops(device: jax.Device | None = None, measure_cpu: bool = True) -> tuple[float | None, str]:
+    """(peak FLOP/s, how it was obtained) for a known accelerator, or a measured CPU matmul peak."""
+    device = device or jax.devices()[0]
+    kind = device.device_kind
+    for name in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if name.lower() in kind.lower():
+            return PEAK_FLOPS[name], f"{name} datasheet"
+    for alias, name in _KIND_ALIASES.items():
+        if alias.lower() in kind.lower():
+            return PEAK_FLOPS[name], f"{name} datasheet"
+    if device.platform == "cpu" and measure_cpu:
+        return measure_matmul_flops(), "measured fp32 matmul"
+    return None, f"unknown device kind {kind!r}"
+
+
+def measure_matmul_flops(n: int = 1024, reps: int = 10) -> float:
+    """Best-of sustained FLOP/s of an n x n fp32 matmul on the default device."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
