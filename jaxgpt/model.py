@@ -26,12 +26,22 @@ REMAT_POLICIES = {
 }
 assert set(REMAT_POLICIES) == set(REMAT_CHOICES)
 
+# GELU written with erf like torch: jax.nn.gelu(approximate=False) goes through erfc, whose
+# XLA:CPU expansion made the train step 4% slower; the two agree to float32 rounding.
+_SQRT_HALF = 1 / math.sqrt(2)
+
 KVCache = tuple[jax.Array, jax.Array]  # (k, v), each (n_layer, B, block_size, n_head, head_dim)
 
 
 def _linear(d_in: int, d_out: int, std: float, cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(d_in, d_out, use_bias=cfg.bias, kernel_init=nnx.initializers.normal(std),
                       bias_init=nnx.initializers.zeros, rngs=rngs)
+
+
+def _flat(f, x: jax.Array) -> jax.Array:
+    """Apply a matmul to (..., C) as a 2-D (tokens, C) matmul. Measured on XLA:CPU: the
+    backward of a 3-D dot contracts over two axes (B, T) and ran the step ~1.35x slower."""
+    return f(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
 
 
 def _layernorm(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -54,7 +64,7 @@ class CausalSelfAttention(nnx.Module):
         (B, S, H, D)) the T new tokens sit at absolute positions pos..pos+T-1."""
         B, T, C = x.shape
         H, D = self.n_head, C // self.n_head
-        q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
+        q, k, v = jnp.split(_flat(self.c_attn, x), 3, axis=-1)
         q, k, v = (t.reshape(B, T, H, D) for t in (q, k, v))  # (B, T, H, D), dot_product_attention's layout
         key_attn, key_resid = jax.random.split(key) if key is not None else (None, None)
         if cache is not None:
@@ -71,8 +81,7 @@ class CausalSelfAttention(nnx.Module):
             att = jnp.where(jnp.tril(jnp.ones((T, T), bool)), att, -jnp.inf)
             att = self.attn_dropout(jax.nn.softmax(att, axis=-1), rngs=key_attn)
             y = jnp.einsum("bhqk,bkhd->bqhd", att, v)
-        y = self.resid_dropout(self.c_proj(y.reshape(B, T, C)), rngs=key_resid)
-        return y, cache
+        return self.resid_dropout(_flat(self.c_proj, y.reshape(B, T, C)), rngs=key_resid), cache
 
 
 class MLP(nnx.Module):
@@ -82,8 +91,9 @@ class MLP(nnx.Module):
         self.dropout = nnx.Dropout(cfg.dropout)
 
     def __call__(self, x: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
-        h = jax.nn.gelu(self.c_fc(x), approximate=False)  # exact erf GELU, as torch's nn.GELU()
-        return self.dropout(self.c_proj(h), rngs=key)
+        h = _flat(self.c_fc, x)
+        h = 0.5 * h * (1.0 + jax.lax.erf(h * _SQRT_HALF))  # exact GELU, as torch's nn.GELU(); see _SQRT_HALF
+        return self.dropout(_flat(self.c_proj, h), rngs=key)
 
 
 class Block(nnx.Module):
@@ -154,9 +164,11 @@ class GPT(nnx.Module):
 
         if self.remat != "none":
             block = jax.checkpoint(block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        x, cache = jax.lax.scan(block, x, (stacked, layer_keys, cache))
+        # unrolled: one traced body, but XLA:CPU then schedules the layers as straight-line code
+        # (measured 10% faster than a while loop at the CPU preset, same compile time)
+        x, cache = jax.lax.scan(block, x, (stacked, layer_keys, cache), unroll=True)
         x = self.ln_f(x)
-        return self.wte.attend(x), cache  # (B, T, vocab_size)
+        return _flat(self.wte.attend, x), cache  # (B, T, vocab_size)
 
     def init_cache(self, batch_size: int, dtype: jnp.dtype = jnp.float32) -> KVCache:
         """Zeroed k/v cache for `batch_size` sequences of up to block_size tokens."""

@@ -83,9 +83,13 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, tc
             loss, g = grad_fn(graphdef, state.params, *batch, dtype)
             return jax.tree.map(jnp.add, grads, g), loss
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, losses = jax.lax.scan(micro, zeros, (x, y, keys))
-        grads = jax.tree.map(lambda g: g / x.shape[0], grads)
+        if x.shape[0] == 1:  # no accumulation: skip the loop and the zero-initialised sum
+            loss, grads = grad_fn(graphdef, state.params, x[0], y[0], keys[0], dtype)
+            losses = loss[None]
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            grads, losses = jax.lax.scan(micro, zeros, (x, y, keys))
+            grads = jax.tree.map(lambda g: g / x.shape[0], grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(params, opt_state), {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads)}
