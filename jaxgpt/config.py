@@ -83,6 +83,8 @@ class TrainConfig:
     seed: int = 1337
     dtype: Literal["float32", "bfloat16"] = "float32"
     remat: Literal["none", "full", "dots"] = "none"
+    mesh_data: int = 0  # data-parallel mesh axis; 0 = every device not used by fsdp
+    mesh_fsdp: int = 1  # parameter-sharding mesh axis
     keep_checkpoints: int = 3
     resume: bool = False
     plot: bool = True
@@ -90,10 +92,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_iters", "gradient_accumulation_steps", "eval_interval",
-                     "eval_iters", "log_interval", "keep_checkpoints"):
+                     "eval_iters", "log_interval", "keep_checkpoints", "mesh_fsdp"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value > 0, f"--{name} must be a positive integer, got {value!r}")
-        for name in ("warmup_iters", "lr_decay_iters", "seed"):
+        for name in ("warmup_iters", "lr_decay_iters", "seed", "mesh_data"):
             _require(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
             _require(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)!r}")

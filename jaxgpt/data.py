@@ -192,20 +192,18 @@ def dataset_dir(data_dir: str | Path, dataset: str) -> Path:
 class BatchSampler:
     """nanoGPT's get_batch over a uint8 memmap, reproducible from (seed, split, step).
 
-    `get(step)` returns x, y of shape (accum, batch, block_size) int32: the rows of the global
-    batch that belong to process `process_index` of `process_count`."""
+    `get(step)` returns x, y of shape (accum, len(rows), block_size) int32: the `rows` of the
+    global (accum, batch_size) batch that this process feeds to its devices (default: all)."""
 
     def __init__(self, path: str | Path, block_size: int, batch_size: int, *, seed: int, accum: int = 1,
-                 process_index: int = 0, process_count: int = 1):
+                 rows: slice | None = None):
         self.path = Path(path)
         self.block_size, self.batch_size, self.accum, self.seed = block_size, batch_size, accum, seed
         self.n_tokens = self.path.stat().st_size
         if self.n_tokens < block_size + 1:
             raise UserError(f"{self.path} holds {self.n_tokens} tokens, fewer than one block of "
                             f"{block_size + 1}; use more data or a smaller --block_size")
-        if batch_size % process_count:
-            raise UserError(f"batch_size {batch_size} is not divisible by the {process_count} processes")
-        self.rows = slice(process_index * batch_size // process_count, (process_index + 1) * batch_size // process_count)
+        self.rows = rows or slice(0, batch_size)
         self._split_id = SPLITS.index(self.path.stem) if self.path.stem in SPLITS else 2
 
     def offsets(self, step: int, stream: int = 0) -> np.ndarray:

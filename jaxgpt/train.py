@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from jaxgpt.checkpoint import Checkpointer, abstract_like
@@ -27,6 +28,7 @@ from jaxgpt.config import GPTConfig, TrainConfig
 from jaxgpt.data import BatchSampler, dataset_dir
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT
+from jaxgpt.sharding import batch_sharding, global_batch, local_rows, make_mesh, param_shardings
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -69,7 +71,8 @@ def loss_fn(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, y: jax.Arra
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, tc: TrainConfig) -> Callable:
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, tc: TrainConfig,
+                    state_sharding: Any = None) -> Callable:
     """(state, x, y, step) -> (state, metrics); x, y (accum, batch, T). Gradients are averaged
     over the micro-batches *before* clipping and AdamW, so accumulation equals one big batch."""
     dtype = DTYPES[tc.dtype]
@@ -94,7 +97,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, tc
         params = optax.apply_updates(state.params, updates)
         return TrainState(params, opt_state), {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads)}
 
-    return jax.jit(train_step, donate_argnums=0)
+    # pin the output layout to the input's, so the donated buffers are reused step after step
+    return jax.jit(train_step, donate_argnums=0, out_shardings=(state_sharding, None) if state_sharding else None)
 
 
 def make_eval_step(graphdef: nnx.GraphDef, tc: TrainConfig) -> Callable:
@@ -102,21 +106,29 @@ def make_eval_step(graphdef: nnx.GraphDef, tc: TrainConfig) -> Callable:
     return jax.jit(lambda params, x, y: loss_fn(graphdef, params, x, y, None, dtype))
 
 
-def init_state(model_cfg: GPTConfig, tc: TrainConfig) -> tuple[nnx.GraphDef, nnx.GraphDef, TrainState]:
-    """Fresh model and optimizer; returns the train- and eval-mode graphdefs and the state."""
-    model = GPT(model_cfg, rngs=nnx.Rngs(tc.seed), remat=tc.remat)
+def init_state(model_cfg: GPTConfig, tc: TrainConfig, mesh: Mesh | None = None
+               ) -> tuple[nnx.GraphDef, nnx.GraphDef, TrainState]:
+    """Fresh model and optimizer; returns the train- and eval-mode graphdefs and the state.
+    With a mesh, parameters are created directly in their sharded layout (never whole on
+    one device) and the optimizer state inherits it."""
+    make = lambda: GPT(model_cfg, rngs=nnx.Rngs(tc.seed), remat=tc.remat)  # noqa: E731
+    model = nnx.eval_shape(make)
     model.eval()
     eval_graphdef = nnx.graphdef(model)
     model.train()
-    graphdef, params = nnx.split(model)
-    return graphdef, eval_graphdef, TrainState(params, make_optimizer(tc).init(params))
+    graphdef, abstract = nnx.split(model)
+    shardings = param_shardings(abstract, mesh) if mesh is not None else None
+    params = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()
+    opt_state = jax.jit(make_optimizer(tc).init)(params)  # zeros_like: sharded like the params
+    return graphdef, eval_graphdef, TrainState(params, opt_state)
 
 
-def estimate_loss(eval_step: Callable, params: nnx.State, samplers: dict[str, BatchSampler], iters: int) -> dict[str, float]:
+def estimate_loss(eval_step: Callable, params: nnx.State, samplers: dict[str, BatchSampler], iters: int,
+                  to_global: Callable) -> dict[str, float]:
     """Mean loss over `iters` fixed batches per split (the same batches at every evaluation)."""
     out = {}
     for split, sampler in samplers.items():
-        losses = [eval_step(params, *(a[0] for a in sampler.get(i, stream=1))) for i in range(iters)]
+        losses = [eval_step(params, *(to_global(a)[0] for a in sampler.get(i, stream=1))) for i in range(iters)]
         out[split] = float(np.mean(jax.device_get(losses)))
     return out
 
@@ -188,12 +200,20 @@ def train(model_cfg: GPTConfig, tc: TrainConfig, *, on_log: Callable[[dict], Non
     data = dataset_dir(tc.data_dir, tc.dataset)
     if json.loads((data / "meta.json").read_text())["vocab_size"] > model_cfg.vocab_size:
         raise UserError(f"dataset {tc.dataset} needs vocab_size >= 256, got {model_cfg.vocab_size}")
+    mesh = make_mesh(tc.mesh_data, tc.mesh_fsdp)
+    if tc.batch_size % mesh.size:
+        raise UserError(f"--batch_size={tc.batch_size} must be divisible by the {mesh.size} devices of the mesh")
+    bsh = batch_sharding(mesh)
+    shape = lambda accum: (accum, tc.batch_size, model_cfg.block_size)  # noqa: E731
+    to_global = lambda a: global_batch(a, bsh, (a.shape[0], tc.batch_size, a.shape[2]))  # noqa: E731
+    rows = local_rows(bsh, shape(1))
     samplers = {s: BatchSampler(data / f"{s}.bin", model_cfg.block_size, tc.batch_size, seed=tc.seed,
-                                accum=tc.gradient_accumulation_steps) for s in ("train", "val")}
-    eval_samplers = {s: BatchSampler(data / f"{s}.bin", model_cfg.block_size, tc.batch_size, seed=tc.seed)
+                                accum=tc.gradient_accumulation_steps, rows=rows) for s in ("train", "val")}
+    eval_samplers = {s: BatchSampler(data / f"{s}.bin", model_cfg.block_size, tc.batch_size, seed=tc.seed, rows=rows)
                      for s in ("train", "val")}
+    main = jax.process_index() == 0  # only process 0 logs, plots and draws the bar
     check_writable(out_dir)
-    graphdef, eval_graphdef, state = init_state(model_cfg, tc)
+    graphdef, eval_graphdef, state = init_state(model_cfg, tc, mesh)
     ckpt = Checkpointer(out_dir, tc.keep_checkpoints)
     metrics_path = out_dir / "metrics.jsonl"
     start = 0
@@ -203,23 +223,27 @@ def train(model_cfg: GPTConfig, tc: TrainConfig, *, on_log: Callable[[dict], Non
         start = ckpt.latest_step()
         restored = ckpt.restore(start, abstract_like(state.params), abstract_like(state.opt_state))
         state = TrainState(restored["params"], restored["opt_state"])
-        _truncate_metrics(metrics_path, start)
+        if main:
+            _truncate_metrics(metrics_path, start)
     elif ckpt.latest_step() is not None:
         raise UserError(f"{out_dir} already holds checkpoints; pass --resume to continue that run "
                         f"or choose a new --out_dir")
-    else:
+    elif main:
         metrics_path.unlink(missing_ok=True)
-    (out_dir / "config.json").write_text(json.dumps({"model": model_cfg.to_dict(), "train": tc.to_dict()}, indent=2))
+    if main:
+        (out_dir / "config.json").write_text(json.dumps({"model": model_cfg.to_dict(), "train": tc.to_dict()}, indent=2))
 
-    train_step, eval_step = make_train_step(graphdef, make_optimizer(tc), tc), make_eval_step(eval_graphdef, tc)
+    state_sharding = jax.tree.map(lambda a: a.sharding, state)
+    train_step = make_train_step(graphdef, make_optimizer(tc), tc, state_sharding)
+    eval_step = make_eval_step(eval_graphdef, tc)
     schedule = lr_schedule(tc)
     tokens_per_step = tc.batch_size * tc.gradient_accumulation_steps * model_cfg.block_size
     summary: dict[str, Any] = {"start_step": start, "out_dir": str(out_dir)}
-    bar = tqdm(total=tc.max_iters, initial=start, disable=not tc.progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=tc.max_iters, initial=start, disable=not (tc.progress and main), unit="step", dynamic_ncols=True)
     t_last, steps_since = time.perf_counter(), 0
     t_begin = time.perf_counter()
     for step in range(start, tc.max_iters):
-        x, y = samplers["train"].get(step)
+        x, y = (to_global(a) for a in samplers["train"].get(step))
         state, metrics = train_step(state, x, y, step)
         steps_since += 1
         done = step + 1
@@ -239,19 +263,20 @@ def train(model_cfg: GPTConfig, tc: TrainConfig, *, on_log: Callable[[dict], Non
                                 f"({'step ' + str(last) if last is not None else 'none'}) is kept in {out_dir}; "
                                 f"lower --learning_rate or raise --warmup_iters and --resume")
             if is_eval:
-                losses = estimate_loss(eval_step, state.params, eval_samplers, tc.eval_iters)
+                losses = estimate_loss(eval_step, state.params, eval_samplers, tc.eval_iters, to_global)
                 record.update(val_loss=losses["val"], eval_train_loss=losses["train"])
                 if not math.isfinite(losses["val"]):
                     raise UserError(f"val loss became {losses['val']} at step {done}; not saved, last good checkpoint kept")
                 ckpt.save(done, state.params, state.opt_state, {"step": done, "val_loss": losses["val"], "train_loss": losses["train"],
                                         "sampler": samplers["train"].state(done), "model": model_cfg.to_dict(),
                                         "train": tc.to_dict()})
-            _append_jsonl(metrics_path, record)
+            if main:
+                _append_jsonl(metrics_path, record)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_sec']:.0f}",
                             **({"val": f"{record['val_loss']:.4f}"} if is_eval else {}))
             if on_log:
                 on_log(record)
-            if is_eval and tc.plot:
+            if is_eval and tc.plot and main:
                 plot_metrics(metrics_path, out_dir / "loss.png")
         bar.update(1)
     bar.close()

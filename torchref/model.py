@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from jaxgpt.config import GPTConfig
 
-KVCache = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (n_layer, B, block_size, n_head, head_dim)
+KVCache = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (n_layer, B, n_head, block_size, head_dim)
+LayerCache = tuple[torch.Tensor, torch.Tensor, int]  # (k, v, index of the layer being run)
 
 
 class CausalSelfAttention(nn.Module):
@@ -27,23 +28,23 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.n_head = cfg.n_head
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> tuple[torch.Tensor, KVCache | None]:
-        """x (B, T, C) -> (y (B, T, C), cache); with a cache (one layer's k, v, (B, S, H, D))
-        the T new tokens sit at absolute positions pos..pos+T-1 (written in place)."""
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None, pos: int = 0) -> tuple[torch.Tensor, LayerCache | None]:
+        """x (B, T, C) -> (y (B, T, C), cache); with a cache (the stacked k, v and this layer's
+        index) the T new tokens sit at absolute positions pos..pos+T-1 (written in place)."""
         B, T, C = x.shape
         H, D = self.n_head, C // self.n_head
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, H, D) for t in (q, k, v))  # (B, T, H, D), as in jaxgpt
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D) for SDPA and the cache
         if cache is not None:
-            cache[0][:, pos:pos + T] = k
-            cache[1][:, pos:pos + T] = v
-            k, v = cache[0][:, :pos + T], cache[1][:, :pos + T]
+            k_all, v_all, layer = cache
+            k_all[layer, :, :, pos:pos + T] = k
+            v_all[layer, :, :, pos:pos + T] = v
+            k, v = k_all[layer, :, :, :pos + T], v_all[layer, :, :, :pos + T]
             visible = torch.arange(pos + T)[None, :] <= (pos + torch.arange(T))[:, None]  # (T, S)
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               attn_mask=visible)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
         else:
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               dropout_p=self.attn_dropout if self.training else 0.0,
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0,
                                                is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y)), cache
@@ -68,7 +69,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=1e-5, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> tuple[torch.Tensor, KVCache | None]:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None, pos: int = 0) -> tuple[torch.Tensor, LayerCache | None]:
         a, cache = self.attn(self.ln_1(x), cache=cache, pos=pos)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
@@ -115,12 +116,12 @@ class GPT(nn.Module):
         tr = self.transformer
         x = tr.drop(tr.wte(idx) + tr.wpe(torch.arange(pos, pos + T, device=idx.device)))  # (B, T, C)
         for i, block in enumerate(tr.h):
-            x, _ = block(x, cache=None if cache is None else (cache[0][i], cache[1][i]), pos=pos)
+            x, _ = block(x, cache=None if cache is None else (*cache, i), pos=pos)
         return self.lm_head(tr.ln_f(x)), cache
 
     def init_cache(self, batch_size: int, dtype: torch.dtype = torch.float32) -> KVCache:
         cfg = self.config
-        shape = (cfg.n_layer, batch_size, cfg.block_size, cfg.n_head, cfg.n_embd // cfg.n_head)
+        shape = (cfg.n_layer, batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
         return torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
 
     def num_params(self, non_embedding: bool = True) -> int:
