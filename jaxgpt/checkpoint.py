@@ -95,7 +95,9 @@ def load_model(path: str | Path, which: str = "best") -> tuple[GPT, dict[str, An
             raise UserError(f"no complete checkpoint found in {out_dir}/checkpoints; train first")
         cfg = GPTConfig.from_dict(ckpt.meta(step)["model"])
         graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))
-        restored = ckpt.restore(step, abstract)
+        # onto this process's first device, whatever mesh wrote the checkpoint
+        here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        restored = ckpt.restore(step, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here), abstract))
     except UserError:
         raise
     except Exception as e:  # orbax/tensorstore errors on truncated or foreign files

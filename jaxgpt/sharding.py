@@ -61,6 +61,21 @@ def param_shardings(params: Any, mesh: Mesh) -> Any:
         lambda kp, a: NamedSharding(mesh, param_spec(_path(kp), a.shape, fsdp)), params)
 
 
+def state_shardings(tree: Any, params: Any, mesh: Mesh) -> Any:
+    """Shardings for a tree that holds copies of the params (optimizer moments): a leaf whose
+    path ends with a parameter's path (e.g. `1.0.mu.h.mlp.c_fc.kernel`) is laid out like that
+    parameter; anything else (step counts) is replicated."""
+    fsdp = mesh.shape["fsdp"]
+    names = {_path(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+    def rule(kp: tuple, a: Any) -> NamedSharding:
+        path = _path(kp)
+        name = next((n for n in names if path == n or path.endswith("." + n)), None)
+        return NamedSharding(mesh, param_spec(name, a.shape, fsdp) if name else P())
+
+    return jax.tree_util.tree_map_with_path(rule, tree)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """For (accum, batch, T) arrays: the batch axis over every device."""
     return NamedSharding(mesh, P(None, BATCH_AXES))

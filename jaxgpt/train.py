@@ -28,7 +28,7 @@ from jaxgpt.config import GPTConfig, TrainConfig
 from jaxgpt.data import BatchSampler, dataset_dir
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT
-from jaxgpt.sharding import batch_sharding, global_batch, local_rows, make_mesh, param_shardings
+from jaxgpt.sharding import batch_sharding, global_batch, local_rows, make_mesh, param_shardings, state_shardings
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -119,7 +119,9 @@ def init_state(model_cfg: GPTConfig, tc: TrainConfig, mesh: Mesh | None = None
     graphdef, abstract = nnx.split(model)
     shardings = param_shardings(abstract, mesh) if mesh is not None else None
     params = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()
-    opt_state = jax.jit(make_optimizer(tc).init)(params)  # zeros_like: sharded like the params
+    init = make_optimizer(tc).init
+    opt_shardings = state_shardings(jax.eval_shape(init, abstract), abstract, mesh) if mesh is not None else None
+    opt_state = jax.jit(init, out_shardings=opt_shardings)(params)
     return graphdef, eval_graphdef, TrainState(params, opt_state)
 
 

@@ -7,23 +7,38 @@
 """
 import json
 
+import jax
+
 from jaxgpt import GPTConfig, TrainConfig, cli
 from jaxgpt.config import PRESETS, explicit_flags, make_parser
+from jaxgpt.sharding import init_distributed
 from jaxgpt.train import resolve_configs, train
 
 
 def main(argv: list[str]) -> int:
     parser = make_parser(__doc__, GPTConfig, TrainConfig, presets=True)
+    dist = parser.add_argument_group("multi-process (run the same command on every host)")
+    dist.add_argument("--distributed", action="store_true",
+                      help="call jax.distributed.initialize(); auto-detects Cloud TPU and SLURM clusters")
+    dist.add_argument("--coordinator_address", help="host:port of process 0 (implies --distributed)")
+    dist.add_argument("--num_processes", type=int, help="total processes (with --coordinator_address)")
+    dist.add_argument("--process_id", type=int, help="this process's index (with --coordinator_address)")
     args = parser.parse_args(argv)
+    if args.distributed or args.coordinator_address:
+        init_distributed(args.coordinator_address, args.num_processes, args.process_id)
     model_cfg, tc = resolve_configs(explicit_flags(args, GPTConfig), explicit_flags(args, TrainConfig),
                                     PRESETS[args.preset])
-    print(f"model: {json.dumps(model_cfg.to_dict())}")
-    print(f"train: {json.dumps(tc.to_dict())}")
+    main_process = jax.process_index() == 0
+    if main_process:
+        print(f"model: {json.dumps(model_cfg.to_dict())}")
+        print(f"train: {json.dumps(tc.to_dict())}")
+        print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} in {jax.process_count()} process(es)")
     summary = train(model_cfg, tc)
-    print(f"done: {summary['final_step']} steps in {summary['wall_s']:.1f} s "
-          f"({summary['wall_s'] / max(summary['steps'], 1) * 1000:.1f} ms/step incl. eval), "
-          f"val loss {summary.get('val_loss', float('nan')):.4f}, best {summary.get('best_val_loss', float('nan')):.4f}; "
-          f"checkpoints in {tc.out_dir}/checkpoints")
+    if main_process:
+        print(f"done: {summary['final_step']} steps in {summary['wall_s']:.1f} s "
+              f"({summary['wall_s'] / max(summary['steps'], 1) * 1000:.1f} ms/step incl. eval), "
+              f"val loss {summary.get('val_loss', float('nan')):.4f}, best {summary.get('best_val_loss', float('nan')):.4f}; "
+              f"checkpoints in {tc.out_dir}/checkpoints")
     return 0
 
 
