@@ -7,6 +7,7 @@ sampler state). Kept: the last `keep` steps and the best by val loss.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,13 @@ class Checkpointer:
                                 f"another format?); start a new run from it instead of --resume")
             items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
         return dict(self.manager.restore(step, args=ocp.args.Composite(**items)))
+
+    def quarantine(self, step: int) -> Path:
+        """Move an unreadable step folder aside (kept for inspection, never deleted)."""
+        bad = self.directory / f"unreadable-{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        (self.directory / str(step)).rename(bad)
+        self.manager.reload()
+        return bad
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from jaxgpt.errors import UserError
+from jaxgpt.errors import Interrupted, UserError
 
 
 def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
@@ -21,6 +21,9 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -7,11 +7,14 @@ and the step number, so a resumed run continues exactly where it stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,7 +29,8 @@ from tqdm import tqdm
 from jaxgpt.checkpoint import Checkpointer, abstract_like
 from jaxgpt.config import GPTConfig, TrainConfig
 from jaxgpt.data import BatchSampler, dataset_dir
-from jaxgpt.errors import UserError
+from jaxgpt import rundir
+from jaxgpt.errors import Interrupted, UserError
 from jaxgpt.model import GPT
 from jaxgpt.sharding import batch_sharding, global_batch, local_rows, make_mesh, param_shardings, state_shardings
 
@@ -135,64 +139,35 @@ def estimate_loss(eval_step: Callable, params: nnx.State, samplers: dict[str, Ba
     return out
 
 
-def check_writable(out_dir: Path) -> None:
-    """Fail before any training if out_dir cannot be written."""
+def restore_latest(ckpt: Checkpointer, state: TrainState) -> tuple[TrainState, int]:
+    """The newest checkpoint that restores; an unreadable one (cut short by a crash, damaged
+    on disk) is reported, moved aside and the next older one tried — never loaded silently."""
+    for step in reversed(ckpt.steps()):
+        try:
+            restored = ckpt.restore(step, abstract_like(state.params), abstract_like(state.opt_state))
+            return TrainState(restored["params"], restored["opt_state"]), step
+        except UserError:
+            raise
+        except Exception as e:  # orbax/tensorstore: truncated or missing files
+            where = ckpt.quarantine(step)
+            warnings.warn(f"checkpoint step {step} is unreadable ({type(e).__name__}: {str(e)[:120]}); "
+                          f"moved to {where}, trying an older one", stacklevel=2)
+    raise UserError(f"no readable checkpoint left in {ckpt.directory}; start a new run without --resume")
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[list[int]]:
+    """Turn SIGINT/SIGTERM into a flag the loop checks after each step (main thread only)."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    previous = {s: signal.signal(s, lambda signum, _: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"0" * 1024)
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write to out_dir {out_dir} ({e.strerror}); choose a writable --out_dir") from None
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """On resume, drop records past the checkpoint: those steps are about to be redone."""
-    if path.exists():
-        keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= last_step]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(l + "\n" for l in keep))
-        os.replace(tmp, path)
-
-
-def resolve_configs(model_flags: dict[str, Any], train_flags: dict[str, Any],
-                    preset: dict[str, Any]) -> tuple[GPTConfig, TrainConfig]:
-    """Configs from explicit flags over a preset; with --resume, over the saved run instead,
-    refusing model flags that contradict the checkpoint."""
-    tc = TrainConfig(**{**{k: v for k, v in preset.items() if k in TrainConfig.__dataclass_fields__}, **train_flags})
-    saved_path = Path(tc.out_dir) / "config.json"
-    if not tc.resume or not saved_path.exists():
-        return GPTConfig(**{**{k: v for k, v in preset.items() if k in GPTConfig.__dataclass_fields__}, **model_flags}), tc
-    saved = json.loads(saved_path.read_text())
-    diffs = [f"--{k}={v} (checkpoint has {saved['model'][k]})" for k, v in model_flags.items() if saved["model"][k] != v]
-    if diffs:
-        raise UserError(f"cannot resume {tc.out_dir} with a different model: {', '.join(diffs)}; "
-                        f"drop those flags or use a new --out_dir")
-    return GPTConfig(**saved["model"]), TrainConfig(**{**saved["train"], **train_flags})
-
-
-def plot_metrics(metrics_path: Path, png_path: Path) -> None:
-    """Loss curves (train per logged step, val per evaluation) as a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot([r["step"] for r in rows], [r["train_loss"] for r in rows], lw=0.8, alpha=0.7, label="train (per step)")
-    val = [r for r in rows if "val_loss" in r]
-    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val")
-    ax.set(xlabel="step", ylabel="cross-entropy (nats/byte)", title=png_path.parent.name)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path)
-    plt.close(fig)
+        yield caught
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def train(model_cfg: GPTConfig, tc: TrainConfig, *, on_log: Callable[[dict], None] | None = None) -> dict:
@@ -206,87 +181,96 @@ def train(model_cfg: GPTConfig, tc: TrainConfig, *, on_log: Callable[[dict], Non
     if tc.batch_size % mesh.size:
         raise UserError(f"--batch_size={tc.batch_size} must be divisible by the {mesh.size} devices of the mesh")
     bsh = batch_sharding(mesh)
-    shape = lambda accum: (accum, tc.batch_size, model_cfg.block_size)  # noqa: E731
     to_global = lambda a: global_batch(a, bsh, (a.shape[0], tc.batch_size, a.shape[2]))  # noqa: E731
-    rows = local_rows(bsh, shape(1))
+    rows = local_rows(bsh, (1, tc.batch_size, model_cfg.block_size))
     samplers = {s: BatchSampler(data / f"{s}.bin", model_cfg.block_size, tc.batch_size, seed=tc.seed,
                                 accum=tc.gradient_accumulation_steps, rows=rows) for s in ("train", "val")}
     eval_samplers = {s: BatchSampler(data / f"{s}.bin", model_cfg.block_size, tc.batch_size, seed=tc.seed, rows=rows)
                      for s in ("train", "val")}
     main = jax.process_index() == 0  # only process 0 logs, plots and draws the bar
-    check_writable(out_dir)
     graphdef, eval_graphdef, state = init_state(model_cfg, tc, mesh)
+    rundir.preflight(out_dir, sum(a.nbytes for a in jax.tree.leaves(state)))
     ckpt = Checkpointer(out_dir, tc.keep_checkpoints)
     metrics_path = out_dir / "metrics.jsonl"
     start = 0
     if tc.resume:
         if ckpt.latest_step() is None:
             raise UserError(f"--resume given but {out_dir} has no checkpoint; drop --resume to start a new run")
-        start = ckpt.latest_step()
-        restored = ckpt.restore(start, abstract_like(state.params), abstract_like(state.opt_state))
-        state = TrainState(restored["params"], restored["opt_state"])
+        state, start = restore_latest(ckpt, state)
         if main:
-            _truncate_metrics(metrics_path, start)
+            rundir.truncate_metrics(metrics_path, start)
     elif ckpt.latest_step() is not None:
         raise UserError(f"{out_dir} already holds checkpoints; pass --resume to continue that run "
                         f"or choose a new --out_dir")
     elif main:
         metrics_path.unlink(missing_ok=True)
     if main:
-        (out_dir / "config.json").write_text(json.dumps({"model": model_cfg.to_dict(), "train": tc.to_dict()}, indent=2))
+        rundir.write_json(out_dir / "config.json", {"model": model_cfg.to_dict(), "train": tc.to_dict()})
 
-    state_sharding = jax.tree.map(lambda a: a.sharding, state)
-    train_step = make_train_step(graphdef, make_optimizer(tc), tc, state_sharding)
+    def save(step: int, val_loss: float, train_loss: float) -> None:
+        ckpt.save(step, state.params, state.opt_state,
+                  {"step": step, "val_loss": val_loss, "train_loss": train_loss, "sampler": samplers["train"].state(step),
+                   "model": model_cfg.to_dict(), "train": tc.to_dict()})
+
+    train_step = make_train_step(graphdef, make_optimizer(tc), tc, jax.tree.map(lambda a: a.sharding, state))
     eval_step = make_eval_step(eval_graphdef, tc)
     schedule = lr_schedule(tc)
     tokens_per_step = tc.batch_size * tc.gradient_accumulation_steps * model_cfg.block_size
     summary: dict[str, Any] = {"start_step": start, "out_dir": str(out_dir)}
     bar = tqdm(total=tc.max_iters, initial=start, disable=not (tc.progress and main), unit="step", dynamic_ncols=True)
-    t_last, steps_since = time.perf_counter(), 0
-    t_begin = time.perf_counter()
-    for step in range(start, tc.max_iters):
-        x, y = (to_global(a) for a in samplers["train"].get(step))
-        state, metrics = train_step(state, x, y, step)
-        steps_since += 1
-        done = step + 1
-        is_eval = done % tc.eval_interval == 0 or done == tc.max_iters
-        if done % tc.log_interval == 0 or is_eval or step == start:
-            loss = float(metrics["loss"])  # the one host sync per logged step
-            now = time.perf_counter()
-            record = {"step": done, "train_loss": loss, "lr": float(schedule(step)),
-                      "tokens_per_sec": tokens_per_step * steps_since / (now - t_last)}
-            if step == start:
-                summary["first_step_s"] = now - t_last  # includes compilation
-            t_last, steps_since = now, 0
-            if not math.isfinite(loss):
+    t_begin = t_last = time.perf_counter()
+    steps_since = 0
+    with stop_signals() as caught:
+        for step in range(start, tc.max_iters):
+            x, y = (to_global(a) for a in samplers["train"].get(step))
+            state, metrics = train_step(state, x, y, step)
+            steps_since += 1
+            done = step + 1
+            is_eval = done % tc.eval_interval == 0 or done == tc.max_iters
+            if done % tc.log_interval == 0 or is_eval or step == start or caught:
+                loss = float(metrics["loss"])  # the one host sync per logged step
+                now = time.perf_counter()
+                record = {"step": done, "train_loss": loss, "lr": float(schedule(step)),
+                          "tokens_per_sec": tokens_per_step * steps_since / (now - t_last)}
+                if step == start:
+                    summary["first_step_s"] = now - t_last  # includes compilation
+                t_last, steps_since = now, 0
+                if not math.isfinite(loss):
+                    ckpt.wait()
+                    last = ckpt.latest_step()
+                    raise UserError(f"loss became {loss} at step {done}; stopped. The last good checkpoint "
+                                    f"({'step ' + str(last) if last is not None else 'none'}) is kept in {out_dir}; "
+                                    f"lower --learning_rate or raise --warmup_iters and --resume")
+                if is_eval:
+                    losses = estimate_loss(eval_step, state.params, eval_samplers, tc.eval_iters, to_global)
+                    record.update(val_loss=losses["val"], eval_train_loss=losses["train"])
+                    if not math.isfinite(losses["val"]):
+                        raise UserError(f"val loss became {losses['val']} at step {done}; not saved, last good "
+                                        f"checkpoint kept")
+                    save(done, losses["val"], losses["train"])
+                if main:
+                    rundir.append_metrics(metrics_path, record)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_sec']:.0f}",
+                                **({"val": f"{record['val_loss']:.4f}"} if is_eval else {}))
+                if on_log:
+                    on_log(record)
+                if is_eval and tc.plot and main:
+                    rundir.plot_metrics(metrics_path, out_dir / "loss.png")
+            bar.update(1)
+            if caught:  # finish the step, save it (unranked: not evaluated), then stop
+                if not is_eval:
+                    save(done, math.inf, loss)
                 ckpt.wait()
-                last = ckpt.latest_step()
-                raise UserError(f"loss became {loss} at step {done}; stopped. The last good checkpoint "
-                                f"({'step ' + str(last) if last is not None else 'none'}) is kept in {out_dir}; "
-                                f"lower --learning_rate or raise --warmup_iters and --resume")
-            if is_eval:
-                losses = estimate_loss(eval_step, state.params, eval_samplers, tc.eval_iters, to_global)
-                record.update(val_loss=losses["val"], eval_train_loss=losses["train"])
-                if not math.isfinite(losses["val"]):
-                    raise UserError(f"val loss became {losses['val']} at step {done}; not saved, last good checkpoint kept")
-                ckpt.save(done, state.params, state.opt_state, {"step": done, "val_loss": losses["val"], "train_loss": losses["train"],
-                                        "sampler": samplers["train"].state(done), "model": model_cfg.to_dict(),
-                                        "train": tc.to_dict()})
-            if main:
-                _append_jsonl(metrics_path, record)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_sec']:.0f}",
-                            **({"val": f"{record['val_loss']:.4f}"} if is_eval else {}))
-            if on_log:
-                on_log(record)
-            if is_eval and tc.plot and main:
-                plot_metrics(metrics_path, out_dir / "loss.png")
-        bar.update(1)
+                ckpt.close()
+                bar.close()
+                name = signal.Signals(caught[0]).name
+                raise Interrupted(caught[0], f"{name} at step {done}; checkpoint saved in {ckpt.directory / str(done)}; "
+                                  f"continue with --resume --out_dir={out_dir}")
     bar.close()
     ckpt.wait()
     ckpt.close()
     summary.update(steps=tc.max_iters - start, wall_s=time.perf_counter() - t_begin, final_step=tc.max_iters)
-    rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()] if metrics_path.exists() else []
-    evals = [r for r in rows if "val_loss" in r]
+    evals = [r for r in rundir.read_metrics(metrics_path) if "val_loss" in r]
     if evals:
         summary.update(val_loss=evals[-1]["val_loss"], best_val_loss=min(r["val_loss"] for r in evals))
     return summary

@@ -12,7 +12,8 @@ import jax
 from jaxgpt import GPTConfig, TrainConfig, cli
 from jaxgpt.config import PRESETS, explicit_flags, make_parser
 from jaxgpt.sharding import init_distributed
-from jaxgpt.train import resolve_configs, train
+from jaxgpt.rundir import resolve_configs
+from jaxgpt.train import train
 
 
 def main(argv: list[str]) -> int:

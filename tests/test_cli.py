@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,10 @@ def work(tmp_path_factory) -> Path:
     data = (w / "run.pt").read_bytes()
     (w / "cut.pt").write_bytes(data[: len(data) // 3])
     torch.save([1, 2, 3], w / "list.pt")
+    shutil.copytree(w / "out" / "run", w / "out" / "broken")
+    for f in (w / "out" / "broken" / "checkpoints").rglob("*"):
+        if f.is_file() and "params" in str(f) and f.stat().st_size > 64:
+            f.write_bytes(f.read_bytes()[:10])
     (w / "blocker").write_text("a file where a folder should be")
     return w
 
@@ -100,6 +105,9 @@ BAD = [
     ("generate", ["--out_dir=out/none"], "not a jaxgpt run folder"),
     ("generate", ["--checkpoint=cut.pt"], "cannot read cut.pt"),
     ("generate", ["--checkpoint=list.pt"], "not a nanoGPT checkpoint"),
+    ("generate", ["--out_dir=out/broken"], "could not be read"),
+    ("generate", ["--checkpoint=out/run/checkpoints/999"], "no complete checkpoint"),
+    ("convert", ["out/broken", "b.pt"], "could not be read"),
     ("convert", ["nope.pt", "x.safetensors"], "does not exist"),
     ("convert", ["out/run", "run.pt"], "already exists"),
     ("convert", ["out/run", "out/run"], "already exists"),

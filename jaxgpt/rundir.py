@@ -1,0 +1,100 @@
+"""The run folder (out_dir): its preflight checks, config.json, metrics.jsonl and loss plot.
+
+Every file here is written so that a crash leaves either the old or the new version, never
+half of one, and metrics.jsonl is cut back to the checkpoint a resumed run starts from.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from jaxgpt.config import GPTConfig, TrainConfig
+from jaxgpt.errors import UserError
+
+
+def preflight(out_dir: Path, checkpoint_bytes: int) -> None:
+    """Fail before any training if out_dir cannot be written or cannot hold two checkpoints."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"0" * 1024)
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to out_dir {out_dir} ({e.strerror}); choose a writable --out_dir") from None
+    need = 2 * checkpoint_bytes + (16 << 20)  # one being written while the last is kept, plus logs
+    free = shutil.disk_usage(out_dir).free
+    if free < need:
+        raise UserError(f"only {free / 2**20:.0f} MiB free under {out_dir}, a run needs about {need / 2**20:.0f} MiB "
+                        f"for its checkpoints; free some space or choose another --out_dir")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def append_metrics(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+    return rows
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """On resume, drop records past the checkpoint: those steps are about to be redone."""
+    keep = [r for r in read_metrics(path) if r["step"] <= last_step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    os.replace(tmp, path)
+
+
+def plot_metrics(metrics_path: Path, png_path: Path) -> None:
+    """Loss curves (train per logged step, val per evaluation) as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot([r["step"] for r in rows], [r["train_loss"] for r in rows], lw=0.8, alpha=0.7, label="train (per step)")
+    val = [r for r in rows if "val_loss" in r]
+    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats/byte)", title=png_path.parent.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+def resolve_configs(model_flags: dict[str, Any], train_flags: dict[str, Any],
+                    preset: dict[str, Any]) -> tuple[GPTConfig, TrainConfig]:
+    """Configs from explicit flags over a preset; with --resume, over the saved run instead,
+    refusing model flags that contradict the checkpoint."""
+    pick = lambda cls: {k: v for k, v in preset.items() if k in cls.__dataclass_fields__}  # noqa: E731
+    tc = TrainConfig(**{**pick(TrainConfig), **train_flags})
+    saved_path = Path(tc.out_dir) / "config.json"
+    if not tc.resume or not saved_path.exists():
+        return GPTConfig(**{**pick(GPTConfig), **model_flags}), tc
+    saved = json.loads(saved_path.read_text())
+    diffs = [f"--{k}={v} (checkpoint has {saved['model'][k]})" for k, v in model_flags.items() if saved["model"][k] != v]
+    if diffs:
+        raise UserError(f"cannot resume {tc.out_dir} with a different model: {', '.join(diffs)}; "
+                        f"drop those flags or use a new --out_dir")
+    return GPTConfig(**saved["model"]), TrainConfig(**{**saved["train"], **train_flags})
