@@ -172,12 +172,12 @@ class GPT(nnx.Module):
             x, cache = nnx.merge(graphdef, state)(x, key=layer_key, cache=cache and (*cache, i), pos=pos)
             return (x, cache and cache[:2]), None
 
-        # Without remat the scan is unrolled: one traced body, but XLA:CPU schedules the layers
-        # as straight-line code (10% faster step at the CPU preset, same compile time). With
-        # remat it stays a loop: unrolled, XLA hoists the recomputation and saves no memory.
+        # Without remat the layer loop is unrolled (straight-line code: 1.2x faster step on XLA:CPU
+        # than a loop that stacks every layer's residuals); with remat it stays a loop, since an
+        # unrolled body lets XLA hoist the recomputation and save no memory.
         unroll = self.remat == "none"
         if not unroll:
-            block = jax.checkpoint(block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+            block = jax.checkpoint(block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)  # safe in a scan
         (x, cache), _ = jax.lax.scan(block, (x, cache), (stacked, layer_keys, jnp.arange(cfg.n_layer)), unroll=unroll)
         x = self.ln_f(x)
         return _flat(self.wte.attend, x), cache  # (B, T, vocab_size)

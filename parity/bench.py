@@ -54,8 +54,8 @@ def _batch(cfg: GPTConfig, tc: TrainConfig, seed: int = 0) -> tuple[np.ndarray, 
     return win[..., :-1], win[..., 1:]
 
 
-def jax_train(cfg: GPTConfig, tc: TrainConfig, warmup: int, iters: int) -> dict:
-    """Median train-step time, compile time and XLA's memory analysis of the compiled step."""
+def jax_train(cfg: GPTConfig, tc: TrainConfig) -> tuple[Callable[[], None], dict]:
+    """A zero-argument jaxgpt train step (compiled ahead), with compile time and XLA's memory analysis."""
     graphdef, _, state = init_state(cfg, tc)
     x, y = _batch(cfg, tc)
     step_fn = make_train_step(graphdef, make_optimizer(tc), tc)
@@ -69,12 +69,11 @@ def jax_train(cfg: GPTConfig, tc: TrainConfig, warmup: int, iters: int) -> dict:
         box[0], metrics = compiled(box[0], x, y, 0)
         metrics["loss"].block_until_ready()
 
-    return {"step_s": _median_time(one, warmup, iters), "compile_s": compile_s,
-            "temp_bytes": getattr(mem, "temp_size_in_bytes", float("nan")),
-            "arg_bytes": getattr(mem, "argument_size_in_bytes", float("nan"))}
+    return one, {"compile_s": compile_s, "temp_bytes": getattr(mem, "temp_size_in_bytes", float("nan"))}
 
 
-def torch_train(cfg: GPTConfig, tc: TrainConfig, warmup: int, iters: int, compile_model: bool = False) -> dict:
+def torch_train(cfg: GPTConfig, tc: TrainConfig, compile_model: bool = False) -> Callable[[], None]:
+    """A zero-argument torchref train step from the same initial weights and batch."""
     graphdef, _, state = init_state(cfg, tc)
     model = torchref.GPT(cfg)
     model.load_state_dict(to_torch_state_dict(nnx.merge(graphdef, state.params)))
@@ -82,17 +81,30 @@ def torch_train(cfg: GPTConfig, tc: TrainConfig, warmup: int, iters: int, compil
     run_model = torch.compile(model) if compile_model else model
     x, y = (torch.from_numpy(a.astype(np.int64)) for a in _batch(cfg, tc))
     lr = float(lr_schedule(tc)(10))
-    t = time.perf_counter()
-    torch_train_step(run_model, opt, x, y, lr, tc.grad_clip)
-    first_s = time.perf_counter() - t
-    step_s = _median_time(lambda: torch_train_step(run_model, opt, x, y, lr, tc.grad_clip), warmup, iters)
-    return {"step_s": step_s, "first_step_s": first_s}
+    return lambda: torch_train_step(run_model, opt, x, y, lr, tc.grad_clip)
+
+
+def interleaved(fns: dict[str, Callable[[], None]], warmup: int, iters: int, rounds: int = 3) -> dict[str, float]:
+    """Median seconds per call of each fn, timed in alternating rounds so that drift in a
+    shared machine's speed hits every contender alike."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(_median_time(fn, 0, max(1, iters // rounds)))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def train_figures(cfg: GPTConfig, tc: TrainConfig, warmup: int, iters: int, torch_compile: bool) -> list[Figure]:
     tokens = tc.batch_size * tc.gradient_accumulation_steps * cfg.block_size
-    j = jax_train(cfg, tc, warmup, iters)
-    t = torch_train(cfg, tc, warmup, iters)
+    jax_fn, j = jax_train(cfg, tc)
+    fns = {"jax": jax_fn, "torch": torch_train(cfg, tc)}
+    if torch_compile:
+        fns["compiled"] = torch_train(cfg, tc, compile_model=True)
+    med = interleaved(fns, warmup, iters)
+    j["step_s"], t = med["jax"], {"step_s": med["torch"]}
     peak, how = device_peak_flops()
     mfu = flops_per_token(cfg) * tokens / j["step_s"] / peak if peak else float("nan")
     out = [Figure("train", "jaxgpt step", j["step_s"] * 1e3, "ms"),
@@ -103,15 +115,16 @@ def train_figures(cfg: GPTConfig, tc: TrainConfig, warmup: int, iters: int, torc
            Figure("train", "jaxgpt MFU", 100 * mfu, "%", f"peak {peak / 1e12:.2f} TFLOP/s ({how})" if peak else how),
            Figure("train", "jaxgpt compile", j["compile_s"], "s")]
     if torch_compile:
-        tc_ = torch_train(cfg, tc, warmup, iters, compile_model=True)
-        out += [Figure("train", "torchref torch.compile step", tc_["step_s"] * 1e3, "ms"),
-                Figure("train", "jaxgpt / torch.compile time", j["step_s"] / tc_["step_s"], "x")]
+        out += [Figure("train", "torchref torch.compile step", med["compiled"] * 1e3, "ms"),
+                Figure("train", "jaxgpt / torch.compile time", j["step_s"] / med["compiled"], "x")]
     return out
 
 
 def memory_figures(cfg: GPTConfig, tc: TrainConfig, warmup: int, iters: int) -> list[Figure]:
     """XLA's temp (activation + workspace) bytes and step time per remat policy."""
-    res = {r: jax_train(cfg, dataclasses.replace(tc, remat=r), warmup, iters) for r in ("none", "dots", "full")}
+    built = {r: jax_train(cfg, dataclasses.replace(tc, remat=r)) for r in ("none", "dots", "full")}
+    med = interleaved({r: fn for r, (fn, _) in built.items()}, warmup, iters)
+    res = {r: {**info, "step_s": med[r]} for r, (_, info) in built.items()}
     out = []
     for r, v in res.items():
         out += [Figure("memory", f"remat={r} temp memory", v["temp_bytes"] / 2**20, "MiB"),
