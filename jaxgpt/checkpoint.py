@@ -81,7 +81,7 @@ class Checkpointer:
         self.manager.close()
 
 
-def resolve(path: str | Path, which: str = "best") -> tuple[Path, int | None]:
+def resolve(path: str | Path) -> tuple[Path, int | None]:
     """(out_dir, step) for a run folder (its best or latest step) or a checkpoints/<step> folder."""
     path = Path(path)
     if path.name.isdigit() and path.parent.name == "checkpoints":

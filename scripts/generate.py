@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from jaxgpt import cli
+from jaxgpt.checkpoint import load_model
 from jaxgpt.config import _Parser
 from jaxgpt.errors import UserError
 from jaxgpt.sample import check_sampling, generate
@@ -18,15 +19,15 @@ from jaxgpt.tokenizer import ByteTokenizer
 
 
 def load(checkpoint: str, which: str, meta: str | None):
-    """(model, tokenizer, info); torch/safetensors are imported only for those formats."""
-    from jaxgpt.checkpoint import load_model
+    """(model, tokenizer, info). A folder is a jaxgpt run (no torch needed); a file goes
+    through parity.formats (.pt / .safetensors)."""
     path = Path(checkpoint)
-    if path.suffix.lower() in (".pt", ".pth", ".ckpt", ".safetensors"):
-        from parity.formats import load_any, tokenizer_for
-        model, info = load_any(path)
-        return model, tokenizer_for(model, path, info, meta), info
-    model, info = load_model(path, which)
-    return model, ByteTokenizer(), info
+    if path.is_dir():
+        model, info = load_model(path, which)
+        return model, ByteTokenizer(), info
+    from parity.formats import load_any, tokenizer_for
+    model, info = load_any(path)
+    return model, tokenizer_for(model, path, info, meta), info
 
 
 def main(argv: list[str]) -> int:
@@ -61,23 +62,23 @@ def main(argv: list[str]) -> int:
     top_k = args.top_k if args.top_k is not None else min(200, model.config.vocab_size)
     ids = np.tile(tok.encode(prompt), (args.num_samples, 1))
     stream = args.num_samples == 1 if args.stream is None else args.stream
+    if stream and args.num_samples > 1:
+        raise UserError("--stream prints one sample as it is generated; use --num_samples=1 or --no-stream")
     print(f"# {args.checkpoint or args.out_dir} step {info.get('step')}, val loss {info.get('val_loss')}", file=sys.stderr)
     if len(ids[0]) > model.config.block_size:
         print(f"# prompt is {len(ids[0])} tokens; the model sees its last {model.config.block_size}", file=sys.stderr)
-    on_token = None
+    decoder = tok.stream_decoder()
+
+    def print_token(t: np.ndarray) -> None:  # called from inside the jitted loop, token by token
+        sys.stdout.write(decoder.push(int(t[0])))
+        sys.stdout.flush()
+
     if stream:
-        decoders = [tok.stream_decoder() for _ in range(args.num_samples)]
         sys.stdout.write(prompt)
-
-        def on_token(t: np.ndarray) -> None:
-            for d, tt in zip(decoders, t):
-                sys.stdout.write(d.push(int(tt)))
-            sys.stdout.flush()
-
     out = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=top_k, top_p=args.top_p,
-                   key=jax.random.key(args.seed), on_token=on_token)
+                   key=jax.random.key(args.seed), on_token=print_token if stream else None)
     if stream:
-        sys.stdout.write("".join(d.flush() for d in decoders) + "\n")
+        sys.stdout.write(decoder.flush() + "\n")
     else:
         for row in out:
             print(tok.decode(row))

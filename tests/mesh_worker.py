@@ -47,7 +47,6 @@ if args.load_params:
 summary = train(model, tc, on_log=lambda r: losses.append(r["train_loss"]))
 result["losses"] = losses
 if args.dump_params:
-    from jaxgpt.checkpoint import Checkpointer
     restored, _ = load_model(args.out_dir, "latest")
     np.savez(args.dump_params, **{".".join(map(str, p)): np.asarray(v[...])
                                  for p, v in nnx.to_flat_state(nnx.state(restored, nnx.Param))})

@@ -1,6 +1,5 @@
 import pickle
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -10,7 +9,7 @@ import torchref
 from jaxgpt import GPT, GPTConfig, UserError
 from jaxgpt.tokenizer import load_meta_pkl
 from parity.checks import jax_flat, jax_logits, torch_logits
-from parity.convert import from_torch_state_dict, to_torch_state_dict
+from parity.convert import from_torch_state_dict
 from parity.formats import load_any, save_jaxgpt, save_pt, save_safetensors
 
 CFG = GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, bias=True)

@@ -3,7 +3,6 @@ and loaders that never write outside the path the user named."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -118,7 +117,7 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_exit(work, sig, code):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err[-2000:]
     last = max(r["step"] for r in rows(out / "metrics.jsonl"))
-    assert f"checkpoint saved in" in err and f"at step {last}" in err
+    assert "checkpoint saved in" in err and f"at step {last}" in err
     assert (out / "checkpoints" / str(last)).is_dir()
     proc = start(work, name, "--resume", f"--max_iters={last + 3}")
     _, err = proc.communicate(timeout=300)
