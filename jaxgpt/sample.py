@@ -131,7 +131,7 @@ def generate(model: GPT, prompt: np.ndarray | jax.Array, max_new_tokens: int, *,
     if uniforms.shape != (max_new_tokens, prompt.shape[0]):
         raise UserError(f"uniforms must have shape {(max_new_tokens, prompt.shape[0])}, got {uniforms.shape}")
     model.eval()
-    model._check_input(prompt[:, -model.config.block_size:], 0)
+    model.check_input(prompt[:, -model.config.block_size:])
     graphdef, state = nnx.split(model)
     tokens, logits = _generate(graphdef, state, prompt, uniforms, temperature=float(temperature),
                                top_k=top_k, top_p=float(top_p), on_token=on_token, return_logits=return_logits)

@@ -65,7 +65,7 @@ def _jit_forward(graphdef: nnx.GraphDef, state: nnx.State, idx: jax.Array) -> ja
 
 def jax_logits(model: GPT, idx: np.ndarray) -> np.ndarray:
     """Jitted forward (checks call it many times with one shape)."""
-    model._check_input(idx, 0)
+    model.check_input(idx)
     return np.asarray(_jit_forward(*nnx.split(model), jnp.asarray(idx, jnp.int32)))
 
 

@@ -108,7 +108,7 @@ BAD = [
     ("generate", ["--checkpoint=cut.pt"], "cannot read cut.pt"),
     ("generate", ["--checkpoint=list.pt"], "not a nanoGPT checkpoint"),
     ("generate", ["--out_dir=out/broken"], "could not be read"),
-    ("generate", ["--checkpoint=out/run/checkpoints/999"], "no complete checkpoint"),
+    ("generate", ["--checkpoint=out/run/checkpoints/999"], "does not exist"),
     ("convert", ["out/broken", "b.pt"], "could not be read"),
     ("convert", ["nope.pt", "x.safetensors"], "does not exist"),
     ("convert", ["out/run", "run.pt"], "already exists"),
