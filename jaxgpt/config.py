@@ -153,7 +153,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         group.add_argument(f"--{f.name}", **kwargs)
 
 
-class _Parser(argparse.ArgumentParser):
+class CliParser(argparse.ArgumentParser):
     """argparse that raises UserError instead of printing usage and exiting."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -161,7 +161,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def make_parser(description: str, *classes: type, presets: bool = False) -> argparse.ArgumentParser:
-    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CliParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     if presets:
         parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu",
                             help="base values; explicit flags override them (default: 'gpu' = the seed config; "

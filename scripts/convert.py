@@ -15,13 +15,13 @@ import argparse
 from pathlib import Path
 
 from jaxgpt import cli
-from jaxgpt.config import _Parser
+from jaxgpt.config import CliParser
 from jaxgpt.errors import UserError
 from parity.formats import kind_of, load_any, save_jaxgpt, save_pt, save_safetensors
 
 
 def main(argv: list[str]) -> int:
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--force", action="store_true", help="overwrite an existing .pt/.safetensors destination")

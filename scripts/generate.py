@@ -12,7 +12,7 @@ import numpy as np
 
 from jaxgpt import cli
 from jaxgpt.checkpoint import load_model
-from jaxgpt.config import _Parser
+from jaxgpt.config import CliParser
 from jaxgpt.errors import UserError
 from jaxgpt.sample import check_sampling, generate
 from jaxgpt.tokenizer import ByteTokenizer
@@ -31,7 +31,7 @@ def load(checkpoint: str, which: str, meta: str | None):
 
 
 def main(argv: list[str]) -> int:
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", default="", help="start text; empty starts from a newline, like nanoGPT")
     p.add_argument("--prompt_file", help="read the prompt from this UTF-8 file instead")
     p.add_argument("--out_dir", default="out/shakespeare", help="training run to sample from (default: %(default)s)")

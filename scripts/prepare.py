@@ -8,13 +8,13 @@ import argparse
 from pathlib import Path
 
 from jaxgpt import cli
-from jaxgpt.config import _Parser
+from jaxgpt.config import CliParser
 from jaxgpt.data import prepare_shakespeare, prepare_text, prepare_tinystories
 from jaxgpt.errors import UserError
 
 
 def main(argv: list[str]) -> int:
-    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", choices=["shakespeare", "tinystories", "text"])
     parser.add_argument("--input", nargs="+", help="local source file(s)")
     parser.add_argument("--name", help="dataset name for `text` (the folder under --data_dir)")

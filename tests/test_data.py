@@ -1,11 +1,13 @@
+import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from jaxgpt import UserError
-from jaxgpt.data import (EOT_BYTE, BatchSampler, _stories_from_txt, dataset_dir, prepare_text,
-                         prepare_tinystories)
+from jaxgpt.data import (EOT_BYTE, BatchSampler, _stories_from_txt, dataset_dir, prepare_shakespeare,
+                         prepare_text, prepare_tinystories)
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 40).encode()
 
@@ -82,3 +84,14 @@ def test_processes_take_disjoint_rows_of_the_same_global_batch(train_bin):
 def test_data_smaller_than_one_block_is_refused(train_bin):
     with pytest.raises(UserError, match="fewer than one block"):
         BatchSampler(train_bin, block_size=10_000, batch_size=2, seed=0)
+
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+
+def test_real_tiny_shakespeare_splits_like_nanogpt(tmp_path):
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"Tiny Shakespeare not found at {SHAKESPEARE} (the ../shared checkout is absent)")
+    meta = prepare_shakespeare(tmp_path, str(SHAKESPEARE))
+    assert (meta["train_tokens"], meta["val_tokens"]) == (1_003_854, 111_540)  # SOURCE.md's reference split
+    assert hashlib.md5(SHAKESPEARE.read_bytes()).hexdigest() == "6fb458f1232090904fb40fe944165e91"
