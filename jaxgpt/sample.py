@@ -119,11 +119,13 @@ def generate(model: GPT, prompt: np.ndarray | jax.Array, max_new_tokens: int, *,
     called with each new (B,) token array as it is produced (for streaming). With
     return_logits, also returns the (max_new_tokens, B, V) logits each token was drawn from."""
     prompt = jnp.asarray(prompt, jnp.int32)
-    if prompt.ndim != 2 or prompt.shape[1] == 0:
-        raise UserError(f"prompt must be a non-empty (batch, length) array, got shape {prompt.shape}")
+    if prompt.ndim != 2:
+        raise UserError(f"prompt must be a (batch, length) array, got shape {prompt.shape}")
     check_sampling(temperature, top_k, top_p, model.config.vocab_size, prompt.shape[0])
     if max_new_tokens < 1:
         raise UserError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+    if prompt.shape[1] == 0:
+        raise UserError(f"prompt must hold at least one token, got shape {prompt.shape}")
     if uniforms is None:
         key = jax.random.key(0) if key is None else key
         uniforms = jax.random.uniform(key, (max_new_tokens, prompt.shape[0]))

@@ -20,7 +20,7 @@ import torchref
 from jaxgpt.config import GPTConfig
 from jaxgpt.model import GPT
 from parity import tolerances as tol
-from parity.convert import from_torch_state_dict, jax_to_torch_model, to_torch_state_dict
+from parity.convert import flat_params, from_torch_state_dict, jax_to_torch_model, to_torch_state_dict
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def check_logits_torch_to_jax(cfg: GPTConfig, T: int, case: str) -> list[Result]
 def check_roundtrips(cfg: GPTConfig, case: str) -> list[Result]:
     model = GPT(cfg, rngs=nnx.Rngs(3))
     back = from_torch_state_dict(to_torch_state_dict(model), cfg)
-    a, b = (jax_flat(m) for m in (model, back))
+    a, b = (flat_params(m) for m in (model, back))
     jtj = max(_max_diff(a[k], b[k]) for k in a) if a.keys() == b.keys() else math.inf
     torch.manual_seed(4)
     sd = torchref.GPT(cfg).state_dict()
@@ -133,10 +133,6 @@ def check_init(cfg: GPTConfig, case: str) -> list[Result]:
             worst_const = max(worst_const, float(value.abs().max()))
     return [Result("init std rel. error", case, worst_std, tol.INIT_STD_RTOL),
             Result("init LayerNorm/bias consts", case, worst_const, 0.0)]
-
-
-def jax_flat(model: GPT) -> dict[str, np.ndarray]:
-    return {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 def synthetic_corpus(n_bytes: int, seed: int = 0) -> np.ndarray:

@@ -57,6 +57,11 @@ def _entries(cfg: GPTConfig) -> list[tuple[str, int | None, str, bool]]:
     return out
 
 
+def flat_params(model: GPT) -> dict[str, np.ndarray]:
+    """jaxgpt parameters as {"h.attn.c_attn.kernel": array, ...} (layer params keep their stacked axis)."""
+    return {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
 def model_args_from_config(cfg: GPTConfig) -> dict[str, Any]:
     """GPTConfig -> nanoGPT's `model_args` dict (the field names are the same by design)."""
     return cfg.to_dict()
@@ -72,7 +77,7 @@ def config_from_model_args(model_args: dict[str, Any]) -> GPTConfig:
 
 def to_torch_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """jaxgpt model -> nanoGPT-named state_dict of CPU torch tensors (lm_head shares wte)."""
-    flat = {".".join(map(str, path)): np.asarray(var[...]) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    flat = flat_params(model)
     sd: dict[str, torch.Tensor] = {}
     for jax_path, layer, name, transpose in _entries(model.config):
         value = flat[jax_path] if layer is None else flat[jax_path][layer]

@@ -4,6 +4,7 @@ memory per remat policy, generation speed. Prints a markdown table and one JSON 
   python scripts/bench.py --preset=cpu                       # nanoGPT's CPU config
   python scripts/bench.py --sections=memory --preset=gpu     # remat memory at block 256, batch 64
 """
+import argparse
 import dataclasses
 import datetime
 import json
@@ -27,7 +28,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--num_samples", type=int, default=10)
     p.add_argument("--new_tokens", type=int, default=500)
     p.add_argument("--prompt_len", type=int, default=12)
-    p.add_argument("--recompute", action=__import__("argparse").BooleanOptionalAction, default=True,
+    p.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
                    help="time nanoGPT's recomputing loop too (slow)")
     args = p.parse_args(argv)
     sections = args.sections.split(",")

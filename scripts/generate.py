@@ -47,9 +47,6 @@ def main(argv: list[str]) -> int:
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print tokens as they come (default: on for a single sample)")
     args = p.parse_args(argv)
-    check_sampling(args.temperature, args.top_k if args.top_k is not None else 1, args.top_p, 1 << 30, args.num_samples)
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     prompt = args.prompt
     if args.prompt_file:
         try:
@@ -60,6 +57,7 @@ def main(argv: list[str]) -> int:
 
     model, tok, info = load(args.checkpoint or args.out_dir, args.which, args.meta)
     top_k = args.top_k if args.top_k is not None else min(200, model.config.vocab_size)
+    check_sampling(args.temperature, top_k, args.top_p, model.config.vocab_size, args.num_samples)  # before tiling
     ids = np.tile(tok.encode(prompt), (args.num_samples, 1))
     stream = args.num_samples == 1 if args.stream is None else args.stream
     if stream and args.num_samples > 1:

@@ -23,12 +23,12 @@ os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from jaxgpt import GPTConfig, TrainConfig  # noqa: E402
 from jaxgpt.checkpoint import load_model  # noqa: E402
 from jaxgpt.sharding import init_distributed  # noqa: E402
 from jaxgpt.train import train  # noqa: E402
+from parity.convert import flat_params  # noqa: E402
 
 if args.coordinator:
     init_distributed(args.coordinator, args.num_processes, args.process_id)
@@ -41,14 +41,13 @@ result = {"devices": jax.device_count(), "process": jax.process_index()}
 if args.load_params:
     restored, meta = load_model(args.out_dir, "latest")
     ref = np.load(args.load_params)
-    flat = {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(restored, nnx.Param))}
+    flat = flat_params(restored)
     result["restored_step"] = meta["step"]
     result["restore_max_diff"] = max(float(np.abs(flat[k] - ref[k]).max()) for k in ref.files)
 summary = train(model, tc, on_log=lambda r: losses.append(r["train_loss"]))
 result["losses"] = losses
 if args.dump_params:
     restored, _ = load_model(args.out_dir, "latest")
-    np.savez(args.dump_params, **{".".join(map(str, p)): np.asarray(v[...])
-                                 for p, v in nnx.to_flat_state(nnx.state(restored, nnx.Param))})
+    np.savez(args.dump_params, **flat_params(restored))
 print(json.dumps(result))
 sys.stdout.flush()

@@ -8,8 +8,8 @@ from flax import nnx
 import torchref
 from jaxgpt import GPT, GPTConfig, UserError
 from jaxgpt.tokenizer import load_meta_pkl
-from parity.checks import jax_flat, jax_logits, torch_logits
-from parity.convert import from_torch_state_dict
+from parity.checks import jax_logits, torch_logits
+from parity.convert import flat_params, from_torch_state_dict
 from parity.formats import load_any, save_jaxgpt, save_pt, save_safetensors
 
 CFG = GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, bias=True)
@@ -71,9 +71,9 @@ def test_all_formats_round_trip_bit_exactly(tmp_path):
     save_jaxgpt(m_st, tmp_path / "run", i_st)
     m_jx, i_jx = load_any(tmp_path / "run")
     assert i_jx["step"] == i_st["step"] == i_pt["step"] == 7 and i_jx["val_loss"] == 2.5
-    ref = jax_flat(model)
+    ref = flat_params(model)
     for m in (m_pt, m_st, m_jx):
-        got = jax_flat(m)
+        got = flat_params(m)
         assert all(np.array_equal(ref[k], got[k]) for k in ref)
     loaded = torch.load(tmp_path / "a.pt", weights_only=True)
     t = torchref.GPT(CFG)

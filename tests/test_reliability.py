@@ -2,7 +2,6 @@
 and loaders that never write outside the path the user named."""
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import subprocess
@@ -17,6 +16,7 @@ import torch
 import torchref
 from jaxgpt import GPTConfig, TrainConfig, UserError
 from jaxgpt.data import prepare_text
+from jaxgpt.rundir import read_metrics
 from jaxgpt.train import train
 from parity.checks import synthetic_corpus
 from parity.formats import load_any
@@ -39,24 +39,14 @@ def start(work: Path, out: str, *extra: str) -> subprocess.Popen:
                             cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def rows(path: Path) -> list[dict]:
-    out = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
-
-
 def losses(path: Path) -> list[tuple]:
-    return [(r["step"], r["train_loss"], r.get("val_loss")) for r in rows(path)]
+    return [(r["step"], r["train_loss"], r.get("val_loss")) for r in read_metrics(path)]
 
 
 def wait_for_step(path: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
     end = time.time() + timeout
     while time.time() < end:
-        if any(r["step"] >= step for r in rows(path)):
+        if any(r["step"] >= step for r in read_metrics(path)):
             return
         if proc.poll() is not None:
             raise AssertionError(f"training ended before step {step}: {proc.stderr.read()[-2000:]}")
@@ -83,7 +73,7 @@ def test_sigkill_at_three_points_then_resume_is_bit_identical(work, reference):
             time.sleep(0.005)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        kills.append(max(r["step"] for r in rows(out / "metrics.jsonl")))
+        kills.append(max(r["step"] for r in read_metrics(out / "metrics.jsonl")))
     proc = start(work, "out/killed", "--resume")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
@@ -116,13 +106,13 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_exit(work, sig, code):
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err[-2000:]
-    last = max(r["step"] for r in rows(out / "metrics.jsonl"))
+    last = max(r["step"] for r in read_metrics(out / "metrics.jsonl"))
     assert "checkpoint saved in" in err and f"at step {last}" in err
     assert (out / "checkpoints" / str(last)).is_dir()
     proc = start(work, name, "--resume", f"--max_iters={last + 3}")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
-    assert [r["step"] for r in rows(out / "metrics.jsonl")][-4:] == [last, last + 1, last + 2, last + 3]
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")][-4:] == [last, last + 1, last + 2, last + 3]
 
 
 def test_too_little_disk_space_is_refused_before_training(work, monkeypatch):
