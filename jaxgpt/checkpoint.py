@@ -28,7 +28,8 @@ class Checkpointer:
             raise UserError(f"no checkpoints in {Path(out_dir)}; train first or pass the right --out_dir/--checkpoint")
         policy = cm.AnyPreservationPolicy([
             cm.LatestN(n=keep),
-            cm.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=False, n=1, keep_checkpoints_without_metrics=False),
+            # BestN sorts by the metric and keeps the *last* n: reverse=True puts the lowest loss last
+            cm.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1, keep_checkpoints_without_metrics=False),
         ])
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=use_async,
                                                read_only=read_only, create=not read_only)

@@ -1,16 +1,30 @@
 """What every script shares: user mistakes become one stderr line and exit 2."""
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 
 from jaxgpt.errors import Interrupted, UserError
 
 
+def _show_notices() -> None:
+    """jaxgpt's library code reports degradations (an unsupported compiler option, a cache that
+    cannot be written) through the `jaxgpt` logger; scripts show each as one stderr line."""
+    logger = logging.getLogger("jaxgpt")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("notice: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
+
+
 def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
     """Call main(argv); a UserError prints `error: ...` (traceback only with --debug) and exits 2."""
     import absl.logging  # orbax logs routine notices as absl warnings; keep the terminal for our output
     absl.logging.set_verbosity(absl.logging.ERROR)
+    _show_notices()
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]

@@ -13,8 +13,8 @@ from typing import Any, Literal, get_args, get_type_hints
 
 from jaxgpt.errors import UserError
 
-REMAT_CHOICES = ("none", "full", "dots")
-DTYPE_CHOICES = ("float32", "bfloat16")
+REMAT_CHOICES = ("auto", "none", "full", "dots")  # auto: jaxgpt.platform decides per backend
+DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 
 
 def _require(ok: bool, msg: str) -> None:
@@ -81,8 +81,8 @@ class TrainConfig:
     eval_iters: int = 200
     log_interval: int = 10
     seed: int = 1337
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    remat: Literal["none", "full", "dots"] = "none"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 compute on GPU/TPU, fp32 on CPU
+    remat: Literal["auto", "none", "full", "dots"] = "auto"  # auto: by platform and memory (jaxgpt.platform)
     mesh_data: int = 0  # data-parallel mesh axis; 0 = every device not used by fsdp
     mesh_fsdp: int = 1  # parameter-sharding mesh axis
     keep_checkpoints: int = 3
@@ -118,13 +118,12 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# nanoGPT's CPU recipe from its README (train_shakespeare_char on a MacBook / CPU), plus
-# remat=full: on XLA:CPU recomputing each block beats storing its activations (BENCHMARKS.md:
-# 22 vs 32 ms/step here) and uses 4x less memory; the math is identical.
+# nanoGPT's CPU recipe from its README (train_shakespeare_char on a MacBook / CPU); dtype and
+# remat stay `auto`, which jaxgpt.platform resolves for the backend the run lands on.
 PRESETS: dict[str, dict[str, Any]] = {
     "gpu": {},  # the defaults above
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, max_iters=2000,
-                lr_decay_iters=2000, dropout=0.0, eval_iters=20, log_interval=1, remat="full"),
+                lr_decay_iters=2000, dropout=0.0, eval_iters=20, log_interval=1),
 }
 
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgpt.config import REMAT_CHOICES, GPTConfig
+from jaxgpt.config import GPTConfig
 from jaxgpt.errors import UserError
 
 # What the backward pass may keep from the forward pass of each block.
@@ -24,11 +24,12 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
     "dots": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute the rest
 }
-assert set(REMAT_POLICIES) == set(REMAT_CHOICES)
 
 # GELU written with erf like torch: jax.nn.gelu(approximate=False) goes through erfc, whose
 # XLA:CPU expansion made the train step 4% slower; the two agree to float32 rounding.
 _SQRT_HALF = 1 / math.sqrt(2)
+
+ATTENTION_KERNELS = ("xla", "cudnn")  # for dropout-free attention; jaxgpt.platform picks one per backend
 
 KVCache = tuple[jax.Array, jax.Array]  # (k, v), each (n_layer, B, n_head, block_size, head_dim)
 LayerCache = tuple[jax.Array, jax.Array, jax.Array]  # (k, v, index of the layer being run)
@@ -45,19 +46,29 @@ def _flat(f, x: jax.Array) -> jax.Array:
     return f(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
 
 
+def attention_path(dropout_active: bool, kernel: str) -> str:
+    """How a training or inference forward computes attention: 'explicit' (softmax written out)
+    when attention dropout is active, since jax.nn.dot_product_attention has no dropout and the
+    seed config drops attention weights like nanoGPT; otherwise the fused op with `kernel`
+    ('xla', or 'cudnn' = cuDNN flash attention on GPU). tests/test_export.py asserts which path
+    each config takes in the programs exported for cuda."""
+    return "explicit" if dropout_active else kernel
+
+
 def _layernorm(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
     # torch's eps and two-pass variance, so fp32 logits match torchref to ~1e-6
     return nnx.LayerNorm(cfg.n_embd, epsilon=1e-5, use_bias=cfg.bias, use_fast_variance=False, rngs=rngs)
 
 
 class CausalSelfAttention(nnx.Module):
-    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, attention: str = "xla"):
         resid_std = 0.02 / math.sqrt(2 * cfg.n_layer)  # GPT-2: scale the residual projections
         self.c_attn = _linear(cfg.n_embd, 3 * cfg.n_embd, 0.02, cfg, rngs)  # q, k, v in one matmul
         self.c_proj = _linear(cfg.n_embd, cfg.n_embd, resid_std, cfg, rngs)
         self.attn_dropout = nnx.Dropout(cfg.dropout)
         self.resid_dropout = nnx.Dropout(cfg.dropout)
         self.n_head = cfg.n_head
+        self.attention = attention  # static: the fused kernel, see attention_path
 
     def __call__(self, x: jax.Array, *, key: jax.Array | None = None, cache: LayerCache | None = None,
                  pos: jax.Array | int = 0) -> tuple[jax.Array, LayerCache | None]:
@@ -81,10 +92,10 @@ class CausalSelfAttention(nnx.Module):
             att = jnp.einsum("bthd,bhsd->bhts", q, k_all[layer]) / math.sqrt(D)
             att = jax.nn.softmax(jnp.where(visible, att, -jnp.inf), axis=-1)
             y = jnp.einsum("bhts,bhsd->bthd", att.astype(q.dtype), v_all[layer])
-        elif self.attn_dropout.deterministic or self.attn_dropout.rate == 0.0:
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        elif (path := attention_path(not self.attn_dropout.deterministic and self.attn_dropout.rate > 0,
+                                     self.attention)) != "explicit":
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=path)
         else:
-            # dot_product_attention has no dropout, and nanoGPT drops attention weights: spell it out
             att = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D)
             att = jnp.where(jnp.tril(jnp.ones((T, T), bool)), att, -jnp.inf)
             att = self.attn_dropout(jax.nn.softmax(att, axis=-1), rngs=key_attn)
@@ -105,9 +116,9 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, attention: str = "xla"):
         self.ln_1 = _layernorm(cfg, rngs)
-        self.attn = CausalSelfAttention(cfg, rngs=rngs)
+        self.attn = CausalSelfAttention(cfg, rngs=rngs, attention=attention)
         self.ln_2 = _layernorm(cfg, rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
@@ -121,9 +132,11 @@ class Block(nnx.Module):
 
 
 class GPT(nnx.Module):
-    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, remat: str = "none"):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, remat: str = "none", attention: str = "xla"):
         if remat not in REMAT_POLICIES:
-            raise UserError(f"remat must be one of {REMAT_CHOICES}, got {remat!r}")
+            raise UserError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {remat!r}")
+        if attention not in ATTENTION_KERNELS:
+            raise UserError(f"attention must be one of {ATTENTION_KERNELS}, got {attention!r}")
         self.config = cfg
         self.remat = remat  # static: changing it changes the compiled program, not the math
         init = nnx.initializers.normal(0.02)
@@ -134,11 +147,11 @@ class GPT(nnx.Module):
         @nnx.split_rngs(splits=cfg.n_layer)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(cfg, rngs=rngs)
+            return Block(cfg, rngs=rngs, attention=attention)
 
         self.h = make_blocks(rngs)  # one Block whose parameters have a leading n_layer axis
         self.ln_f = _layernorm(cfg, rngs)
-        # lm_head is tied to wte: logits = x @ wte.T (see wte.attend below), as in nanoGPT
+        # lm_head is tied to wte: logits = x @ wte.T (see the end of _forward), as in nanoGPT
 
     def __call__(self, idx: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
         """idx int (B, T), T <= block_size -> logits float (B, T, vocab_size).
@@ -162,7 +175,10 @@ class GPT(nnx.Module):
             layer_keys = jax.random.split(key_layers, cfg.n_layer)
         elif not self.drop.deterministic and cfg.dropout > 0:
             raise UserError("GPT in train mode with dropout > 0 needs key=...; call model.eval() for inference")
-        x = self.wte(idx) + self.wpe(pos + jnp.arange(T))  # (B, T, C)
+        # The compute dtype is the weights' (train.loss_fn casts float32 master weights to bf16).
+        # nnx.Embed returns its construction dtype (float32) whatever it holds, so cast back.
+        dtype = self.wte.embedding.dtype
+        x = (self.wte(idx) + self.wpe(pos + jnp.arange(T))).astype(dtype)  # (B, T, C)
         x = self.drop(x, rngs=key_drop)
         graphdef, stacked = nnx.split(self.h)
 
@@ -181,7 +197,8 @@ class GPT(nnx.Module):
             block = jax.checkpoint(block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)  # safe in a scan
         (x, cache), _ = jax.lax.scan(block, (x, cache), (stacked, layer_keys, jnp.arange(cfg.n_layer)), unroll=unroll)
         x = self.ln_f(x)
-        return _flat(self.wte.attend, x), cache  # (B, T, vocab_size)
+        head = self.wte.embedding[...]  # (vocab_size, C); Embed.attend would promote to float32 too
+        return _flat(lambda h: h @ head.T, x), cache  # (B, T, vocab_size)
 
     def init_cache(self, batch_size: int, dtype: jnp.dtype = jnp.float32) -> KVCache:
         """Zeroed k/v cache for `batch_size` sequences of up to block_size tokens."""

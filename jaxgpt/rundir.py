@@ -37,9 +37,9 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def append_metrics(path: Path, record: dict) -> None:
+def append_metrics(path: Path, records: list[dict]) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write("".join(json.dumps(r) + "\n" for r in records))
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -8,6 +8,7 @@ and the step number, so a resumed run continues exactly where it stopped.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import signal
@@ -26,16 +27,14 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+from jaxgpt import platform, rundir
 from jaxgpt.checkpoint import Checkpointer, abstract_like
 from jaxgpt.config import GPTConfig, TrainConfig
 from jaxgpt.data import BatchSampler, dataset_dir
-from jaxgpt import rundir
 from jaxgpt.errors import Interrupted, UserError
 from jaxgpt.model import GPT
+from jaxgpt.platform import DTYPES, Platform
 from jaxgpt.sharding import batch_sharding, global_batch, local_rows, make_mesh, param_shardings, state_shardings
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
 
 class TrainState(NamedTuple):
     params: nnx.State  # float32 master weights
@@ -78,8 +77,9 @@ def loss_fn(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, y: jax.Arra
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, tc: TrainConfig,
                     state_sharding: Any = None) -> Callable:
     """(state, x, y, step) -> (state, metrics); x, y (accum, batch, T). Gradients are averaged
-    over the micro-batches *before* clipping and AdamW, so accumulation equals one big batch."""
-    dtype = DTYPES[tc.dtype]
+    over the micro-batches *before* clipping and AdamW, so accumulation equals one big batch.
+    Computes in tc.dtype (auto: the platform's); parameters and optimizer state stay float32."""
+    dtype = DTYPES[platform.resolve_dtype(tc.dtype, platform.backend())]
     dropout_key = jax.random.fold_in(jax.random.key(tc.seed), 1)
 
     def train_step(state: TrainState, x: jax.Array, y: jax.Array, step: jax.Array) -> tuple[TrainState, dict]:
@@ -102,25 +102,35 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, tc
         return TrainState(params, opt_state), {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads)}
 
     # pin the output layout to the input's, so the donated buffers are reused step after step
-    return jax.jit(train_step, donate_argnums=0, out_shardings=(state_sharding, None) if state_sharding else None)
+    return platform.jit(train_step, donate_argnums=0, out_shardings=(state_sharding, None) if state_sharding else None)
 
 
 def make_eval_step(graphdef: nnx.GraphDef, tc: TrainConfig) -> Callable:
-    dtype = DTYPES[tc.dtype]
-    return jax.jit(lambda params, x, y: loss_fn(graphdef, params, x, y, None, dtype))
+    dtype = DTYPES[platform.resolve_dtype(tc.dtype, platform.backend())]
+    return platform.jit(lambda params, x, y: loss_fn(graphdef, params, x, y, None, dtype))
 
 
-def init_state(model_cfg: GPTConfig, tc: TrainConfig, mesh: Mesh | None = None
-               ) -> tuple[nnx.GraphDef, nnx.GraphDef, TrainState]:
-    """Fresh model and optimizer; returns the train- and eval-mode graphdefs and the state.
-    With a mesh, parameters are created directly in their sharded layout (never whole on
-    one device) and the optimizer state inherits it."""
-    make = lambda: GPT(model_cfg, rngs=nnx.Rngs(tc.seed), remat=tc.remat)  # noqa: E731
-    model = nnx.eval_shape(make)
+def graphdefs(model_cfg: GPTConfig, remat: str, attention: str = "xla") -> tuple[nnx.GraphDef, nnx.GraphDef]:
+    """Train- and eval-mode graphdefs. Remat and the attention kernel live in the graph (static),
+    the parameters do not: one state serves every choice."""
+    model = nnx.eval_shape(lambda: GPT(model_cfg, rngs=nnx.Rngs(0), remat=remat, attention=attention))
     model.eval()
     eval_graphdef = nnx.graphdef(model)
     model.train()
-    graphdef, abstract = nnx.split(model)
+    return nnx.graphdef(model), eval_graphdef
+
+
+def init_state(model_cfg: GPTConfig, tc: TrainConfig, mesh: Mesh | None = None, *, remat: str | None = None,
+               attention: str | None = None) -> tuple[nnx.GraphDef, nnx.GraphDef, TrainState]:
+    """Fresh model and optimizer; returns the train- and eval-mode graphdefs and the state.
+    remat/attention default to the platform's first choice. With a mesh, parameters are created
+    directly in their sharded layout (never whole on one device); the optimizer state inherits it."""
+    here = platform.backend()
+    remat = remat or platform.remat_candidates(tc.remat, here)[0]
+    attention = attention or platform.resolve_attention(model_cfg, platform.resolve_dtype(tc.dtype, here), here)
+    make = lambda: GPT(model_cfg, rngs=nnx.Rngs(tc.seed), remat=remat, attention=attention)  # noqa: E731
+    graphdef, eval_graphdef = graphdefs(model_cfg, remat, attention)
+    abstract = nnx.state(nnx.eval_shape(make))
     shardings = param_shardings(abstract, mesh) if mesh is not None else None
     params = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()
     init = make_optimizer(tc).init
@@ -170,9 +180,69 @@ def stop_signals() -> Iterator[list[int]]:
             signal.signal(s, handler)
 
 
-def train(model_cfg: GPTConfig, tc: TrainConfig, *, on_log: Callable[[dict], None] | None = None) -> dict:
+def compile_train_step(model_cfg: GPTConfig, tc: TrainConfig, state: TrainState, x: jax.Array, y: jax.Array,
+                       step: int) -> tuple[Callable, nnx.GraphDef, Platform, dict[str, Any]]:
+    """Compile the train step ahead of time for the platform: under remat=auto on GPU/TPU, the
+    first policy of none -> dots -> full whose step fits the device's memory with a margin
+    (XLA's memory analysis of the compiled program). Stops with UserError, before any step
+    runs, when even the chosen program cannot fit. Returns (compiled step, eval graphdef,
+    Platform, memory figures)."""
+    here = platform.backend()
+    attention = platform.resolve_attention(model_cfg, platform.resolve_dtype(tc.dtype, here), here)
+    shardings = jax.tree.map(lambda a: a.sharding, state)
+    limit, where = platform.memory_limit()
+    for remat in platform.remat_candidates(tc.remat, here):
+        graphdef, eval_graphdef = graphdefs(model_cfg, remat, attention)
+        t = time.perf_counter()
+        compiled = make_train_step(graphdef, make_optimizer(tc), tc, shardings).lower(state, x, y, step).compile()
+        need = platform.step_memory(compiled)
+        if need is None or limit is None or need <= platform.MEMORY_MARGIN * limit:
+            break
+    platform.check_fits(need, limit, where, tc, remat)
+    memory = {"step_bytes_per_device": need, "limit_bytes_per_device": limit, "limit_source": where,
+              "compile_s": round(time.perf_counter() - t, 3)}
+    return compiled, eval_graphdef, platform.describe(model_cfg, tc, remat), memory
+
+
+class MetricsLog:
+    """Logged steps wait on the device and are fetched together — every SYNC_EVERY logged
+    steps, before an evaluation, at the end — because fetching a loss each step would block
+    JAX's asynchronous dispatch. tokens/s is measured over each fetched window."""
+
+    SYNC_EVERY = 25
+
+    def __init__(self, tokens_per_step: int, schedule: optax.Schedule):
+        self.tokens_per_step, self.schedule = tokens_per_step, schedule
+        self.pending: list[tuple[int, jax.Array]] = []  # (steps done, loss still on device)
+        self.steps_since, self.t_last = 0, time.perf_counter()
+
+    def step(self) -> None:
+        self.steps_since += 1
+
+    def add(self, done: int, loss: jax.Array) -> None:
+        self.pending.append((done, loss))
+
+    def due(self) -> bool:
+        return len(self.pending) >= self.SYNC_EVERY
+
+    def fetch(self) -> list[dict]:
+        """The pending records with their losses on the host (one sync for all of them)."""
+        if not self.pending:
+            return []
+        losses = jax.device_get([loss for _, loss in self.pending])
+        now = time.perf_counter()
+        rate = self.tokens_per_step * self.steps_since / max(now - self.t_last, 1e-9)
+        records = [{"step": done, "train_loss": float(loss), "lr": float(self.schedule(done - 1)), "tokens_per_sec": rate}
+                   for (done, _), loss in zip(self.pending, losses)]
+        self.pending, self.steps_since, self.t_last = [], 0, now
+        return records
+
+
+def train(model_cfg: GPTConfig, tc: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
+          on_start: Callable[[Platform, dict], None] | None = None) -> dict:
     """Run (or resume) training as configured; returns a summary dict. Writes to tc.out_dir:
-    checkpoints/, config.json, metrics.jsonl, loss.png."""
+    checkpoints/, config.json (with the resolved platform choices), metrics.jsonl, loss.png.
+    `on_start(platform, memory)` is called once the step is compiled, `on_log(record)` per record."""
     out_dir = Path(tc.out_dir)
     data = dataset_dir(tc.data_dir, tc.dataset)
     if json.loads((data / "meta.json").read_text())["vocab_size"] > model_cfg.vocab_size:
@@ -188,7 +258,9 @@ def train(model_cfg: GPTConfig, tc: TrainConfig, *, on_log: Callable[[dict], Non
     eval_samplers = {s: BatchSampler(data / f"{s}.bin", model_cfg.block_size, tc.batch_size, seed=tc.seed, rows=rows)
                      for s in ("train", "val")}
     main = jax.process_index() == 0  # only process 0 logs, plots and draws the bar
-    graphdef, eval_graphdef, state = init_state(model_cfg, tc, mesh)
+    _, _, state = init_state(model_cfg, tc, mesh)
+    batch = lambda step: tuple(to_global(a) for a in samplers["train"].get(step))  # noqa: E731
+    train_step, eval_graphdef, plat, memory = compile_train_step(model_cfg, tc, state, *batch(0), 0)
     rundir.preflight(out_dir, sum(a.nbytes for a in jax.tree.leaves(state)))
     ckpt = Checkpointer(out_dir, tc.keep_checkpoints)
     metrics_path = out_dir / "metrics.jsonl"
@@ -205,61 +277,60 @@ def train(model_cfg: GPTConfig, tc: TrainConfig, *, on_log: Callable[[dict], Non
     elif main:
         metrics_path.unlink(missing_ok=True)
     if main:
-        rundir.write_json(out_dir / "config.json", {"model": model_cfg.to_dict(), "train": tc.to_dict()})
+        rundir.write_json(out_dir / "config.json", {"model": model_cfg.to_dict(), "train": tc.to_dict(),
+                                                     "platform": plat.to_dict(), "memory": memory})
+    if on_start:
+        on_start(plat, memory)
 
     def save(step: int, val_loss: float, train_loss: float) -> None:
         ckpt.save(step, state.params, state.opt_state,
                   {"step": step, "val_loss": val_loss, "train_loss": train_loss, "sampler": samplers["train"].state(step),
-                   "model": model_cfg.to_dict(), "train": tc.to_dict()})
+                   "model": model_cfg.to_dict(), "train": tc.to_dict(), "platform": plat.to_dict()})
 
-    train_step = make_train_step(graphdef, make_optimizer(tc), tc, jax.tree.map(lambda a: a.sharding, state))
-    eval_step = make_eval_step(eval_graphdef, tc)
-    schedule = lr_schedule(tc)
-    tokens_per_step = tc.batch_size * tc.gradient_accumulation_steps * model_cfg.block_size
-    summary: dict[str, Any] = {"start_step": start, "out_dir": str(out_dir)}
+    eval_step = make_eval_step(eval_graphdef, dataclasses.replace(tc, dtype=plat.dtype))
+    log = MetricsLog(tc.batch_size * tc.gradient_accumulation_steps * model_cfg.block_size, lr_schedule(tc))
+    summary: dict[str, Any] = {"start_step": start, "out_dir": str(out_dir), "compile_s": memory["compile_s"]}
     bar = tqdm(total=tc.max_iters, initial=start, disable=not (tc.progress and main), unit="step", dynamic_ncols=True)
-    t_begin = t_last = time.perf_counter()
-    steps_since = 0
+    t_begin = time.perf_counter()
+    last_loss = math.nan
     with stop_signals() as caught:
         for step in range(start, tc.max_iters):
-            x, y = (to_global(a) for a in samplers["train"].get(step))
-            state, metrics = train_step(state, x, y, step)
-            steps_since += 1
+            state, metrics = train_step(state, *batch(step), step)
+            log.step()
             done = step + 1
             is_eval = done % tc.eval_interval == 0 or done == tc.max_iters
             if done % tc.log_interval == 0 or is_eval or step == start or caught:
-                loss = float(metrics["loss"])  # the one host sync per logged step
-                now = time.perf_counter()
-                record = {"step": done, "train_loss": loss, "lr": float(schedule(step)),
-                          "tokens_per_sec": tokens_per_step * steps_since / (now - t_last)}
-                if step == start:
-                    summary["first_step_s"] = now - t_last  # includes compilation
-                t_last, steps_since = now, 0
-                if not math.isfinite(loss):
+                log.add(done, metrics["loss"])
+            if log.pending and (log.due() or is_eval or step == start or caught):
+                records = log.fetch()
+                bad = next((r for r in records if not math.isfinite(r["train_loss"])), None)
+                if bad is not None:
                     ckpt.wait()
                     last = ckpt.latest_step()
-                    raise UserError(f"loss became {loss} at step {done}; stopped. The last good checkpoint "
-                                    f"({'step ' + str(last) if last is not None else 'none'}) is kept in {out_dir}; "
-                                    f"lower --learning_rate or raise --warmup_iters and --resume")
-                if is_eval:
+                    raise UserError(f"loss became {bad['train_loss']} at step {bad['step']}; stopped. The last good "
+                                    f"checkpoint ({'step ' + str(last) if last is not None else 'none'}) is kept in "
+                                    f"{out_dir}; lower --learning_rate or raise --warmup_iters and --resume")
+                last_loss = records[-1]["train_loss"]
+                if is_eval and records[-1]["step"] == done:
                     losses = estimate_loss(eval_step, state.params, eval_samplers, tc.eval_iters, to_global)
-                    record.update(val_loss=losses["val"], eval_train_loss=losses["train"])
+                    records[-1].update(val_loss=losses["val"], eval_train_loss=losses["train"])
                     if not math.isfinite(losses["val"]):
                         raise UserError(f"val loss became {losses['val']} at step {done}; not saved, last good "
                                         f"checkpoint kept")
                     save(done, losses["val"], losses["train"])
                 if main:
-                    rundir.append_metrics(metrics_path, record)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_sec']:.0f}",
-                                **({"val": f"{record['val_loss']:.4f}"} if is_eval else {}))
-                if on_log:
-                    on_log(record)
+                    rundir.append_metrics(metrics_path, records)
+                r = records[-1]
+                bar.set_postfix(loss=f"{r['train_loss']:.4f}", lr=f"{r['lr']:.2e}", tok_s=f"{r['tokens_per_sec']:.0f}",
+                                **({"val": f"{r['val_loss']:.4f}"} if "val_loss" in r else {}))
+                for r in records if on_log else ():
+                    on_log(r)
                 if is_eval and tc.plot and main:
                     rundir.plot_metrics(metrics_path, out_dir / "loss.png")
             bar.update(1)
             if caught:  # finish the step, save it (unranked: not evaluated), then stop
                 if not is_eval:
-                    save(done, math.inf, loss)
+                    save(done, math.inf, last_loss)
                 ckpt.wait()
                 ckpt.close()
                 bar.close()
@@ -269,7 +340,8 @@ def train(model_cfg: GPTConfig, tc: TrainConfig, *, on_log: Callable[[dict], Non
     bar.close()
     ckpt.wait()
     ckpt.close()
-    summary.update(steps=tc.max_iters - start, wall_s=time.perf_counter() - t_begin, final_step=tc.max_iters)
+    summary.update(steps=tc.max_iters - start, wall_s=time.perf_counter() - t_begin, final_step=tc.max_iters,
+                   platform=plat.to_dict())
     evals = [r for r in rundir.read_metrics(metrics_path) if "val_loss" in r]
     if evals:
         summary.update(val_loss=evals[-1]["val_loss"], best_val_loss=min(r["val_loss"] for r in evals))

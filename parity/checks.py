@@ -143,34 +143,90 @@ def synthetic_corpus(n_bytes: int, seed: int = 0) -> np.ndarray:
     return np.frombuffer(text.encode()[:n_bytes], np.uint8).astype(np.int64)
 
 
-def check_training(steps: int = 60, accum: int = 2) -> list[Result]:
-    """Same initial weights, same batches, dropout 0, fp32: jaxgpt's jitted optax step vs
-    torchref's AdamW step. Relative per-step loss difference and final parameter difference."""
+TRAIN_CFG = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=64, dropout=0.0, bias=True)
+
+
+def _windows(data: np.ndarray, rng: np.random.Generator, accum: int, batch: int, T: int) -> tuple[np.ndarray, np.ndarray]:
+    ix = rng.integers(0, len(data) - T - 1, size=(accum, batch))
+    win = np.stack([data[i:i + T + 1] for i in ix.reshape(-1)]).reshape(accum, batch, -1)
+    return win[..., :-1], win[..., 1:]
+
+
+def train_twins(steps: int, accum: int = 1, dtype: str = "float32", torch_side: bool = True, batch_size: int = 4):
+    """Same initial weights, same batches, dropout 0: jaxgpt's jitted optax step (computing in
+    `dtype`) and torchref's AdamW step (under torch.autocast for bfloat16). Returns the
+    per-step losses of each, both final models' state_dicts and a held-out loss of jaxgpt's."""
     from jaxgpt.config import TrainConfig
-    from jaxgpt.train import init_state, lr_schedule, make_optimizer, make_train_step
+    from jaxgpt.train import init_state, loss_fn, lr_schedule, make_optimizer, make_train_step
     from torchref.train import make_optimizer as torch_optimizer, train_step as torch_step
 
-    cfg = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=64, dropout=0.0, bias=True)
-    tc = TrainConfig(batch_size=4, gradient_accumulation_steps=accum, max_iters=steps, warmup_iters=10,
-                     learning_rate=1e-3, min_lr=1e-4, seed=7, weight_decay=0.1, grad_clip=1.0)
-    graphdef, _, state = init_state(cfg, tc)
+    cfg = TRAIN_CFG
+    tc = TrainConfig(batch_size=batch_size, gradient_accumulation_steps=accum, max_iters=steps, warmup_iters=10,
+                     learning_rate=1e-3, min_lr=1e-4, seed=7, weight_decay=0.1, grad_clip=1.0, dtype=dtype, remat="none")
+    graphdef, eval_graphdef, state = init_state(cfg, tc)
     tmodel = torchref.GPT(cfg)
     tmodel.load_state_dict(to_torch_state_dict(nnx.merge(graphdef, state.params)))
     topt = torch_optimizer(tmodel, tc)
     step_fn, schedule = make_train_step(graphdef, make_optimizer(tc), tc), lr_schedule(tc)
     data, rng = synthetic_corpus(20_000), np.random.default_rng(0)
-    worst_loss = 0.0
+    jax_losses, torch_losses = [], []
     for step in range(steps):
-        ix = rng.integers(0, len(data) - cfg.block_size - 1, size=(accum, tc.batch_size))
-        win = np.stack([data[i:i + cfg.block_size + 1] for i in ix.reshape(-1)]).reshape(accum, tc.batch_size, -1)
-        x, y = win[..., :-1], win[..., 1:]
+        x, y = _windows(data, rng, accum, tc.batch_size, cfg.block_size)
         state, metrics = step_fn(state, jnp.asarray(x, jnp.int32), jnp.asarray(y, jnp.int32), step)
-        t_loss = torch_step(tmodel, topt, torch.from_numpy(x), torch.from_numpy(y), float(schedule(step)), tc.grad_clip)
-        worst_loss = max(worst_loss, abs(float(metrics["loss"]) - t_loss) / abs(t_loss))
-    jax_sd = to_torch_state_dict(nnx.merge(graphdef, state.params))
-    worst_param = max(_max_diff(jax_sd[k], v.detach()) for k, v in tmodel.state_dict().items())
+        jax_losses.append(metrics["loss"])
+        if torch_side:
+            torch_losses.append(torch_step(tmodel, topt, torch.from_numpy(x), torch.from_numpy(y), float(schedule(step)),
+                                           tc.grad_clip, autocast=dtype == "bfloat16"))
+    held_out = _windows(synthetic_corpus(20_000, seed=1), np.random.default_rng(1), 1, 32, cfg.block_size)
+    eval_loss = float(jax.jit(loss_fn, static_argnums=(0, 5))(
+        eval_graphdef, state.params, *(jnp.asarray(a[0], jnp.int32) for a in held_out), None, jnp.float32))
+    return ([float(v) for v in jax.device_get(jax_losses)], torch_losses,
+            to_torch_state_dict(nnx.merge(graphdef, state.params)), tmodel.state_dict(), eval_loss)
+
+
+def check_training(steps: int = 60, accum: int = 2) -> list[Result]:
+    """fp32: relative per-step loss difference and final parameter difference vs torchref."""
+    jl, tl, jax_sd, torch_sd, _ = train_twins(steps, accum)
+    worst_loss = max(abs(a - b) / abs(b) for a, b in zip(jl, tl))
+    worst_param = max(_max_diff(jax_sd[k], v.detach()) for k, v in torch_sd.items())
     return [Result(f"train loss rel. diff, {steps} steps", f"L2-bias accum={accum}", worst_loss, tol.TRAIN_LOSS_RTOL),
             Result(f"train params after {steps} steps", f"L2-bias accum={accum}", worst_param, tol.TRAIN_PARAM_ATOL)]
+
+
+def check_bf16_logits() -> list[Result]:
+    """jaxgpt computing in bf16 vs torchref under torch.autocast(bfloat16), same fp32 weights:
+    max|diff| relative to the largest fp32 logit (bf16 keeps 8 significant bits)."""
+    out = []
+    for name in ("L2-nobias", "L3-bias"):
+        cfg = CONFIGS[name]
+        model = GPT(cfg, rngs=nnx.Rngs(1))
+        model.eval()
+        idx = _tokens(cfg, cfg.block_size)
+        ref = jax_logits(model, idx)
+        graphdef, state = nnx.split(model)
+        bf16 = np.asarray(_jit_forward(graphdef, jax.tree.map(lambda p: p.astype(jnp.bfloat16), state),
+                                       jnp.asarray(idx, jnp.int32)).astype(jnp.float32))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            tb = jax_to_torch_model(model)(torch.from_numpy(idx)).float().numpy()
+        out.append(Result("bf16 logits jax vs torch autocast, rel.", f"{name} T={cfg.block_size}",
+                          _max_diff(bf16, tb) / float(np.abs(ref).max()), tol.BF16_LOGITS_RTOL))
+    return out
+
+
+def check_bf16_training(steps: int = 100) -> list[Result]:
+    """bf16 compute with fp32 master weights: per-step loss vs torchref's autocast twin."""
+    jl, tl, _, _, _ = train_twins(steps, dtype="bfloat16")
+    worst = max(abs(a - b) / abs(b) for a, b in zip(jl, tl))
+    return [Result(f"bf16 train loss rel. diff vs torch autocast, {steps} steps", "L2-bias", worst,
+                   tol.BF16_TRAIN_LOSS_RTOL)]
+
+
+def check_bf16_vs_fp32(steps: int = 300) -> list[Result]:
+    """Training in bf16 reaches the fp32 run's held-out loss (relative difference)."""
+    *_, bf16 = train_twins(steps, dtype="bfloat16", torch_side=False)
+    *_, fp32 = train_twins(steps, dtype="float32", torch_side=False)
+    return [Result(f"bf16 vs fp32 held-out loss after {steps} steps, rel.", f"L2-bias ({fp32:.4f} fp32)",
+                   abs(bf16 - fp32) / fp32, tol.BF16_VS_FP32_RTOL)]
 
 
 GEN_CFG = GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=64, dropout=0.0, bias=False)
@@ -233,6 +289,12 @@ def generation_checks() -> Iterator[Callable[[], list[Result]]]:
 
 def training_checks() -> Iterator[Callable[[], list[Result]]]:
     yield check_training
+
+
+def bf16_checks() -> Iterator[Callable[[], list[Result]]]:
+    yield check_bf16_logits
+    yield check_bf16_training
+    yield check_bf16_vs_fp32
 
 
 def model_checks() -> Iterator[Callable[[], list[Result]]]:

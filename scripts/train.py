@@ -34,7 +34,17 @@ def main(argv: list[str]) -> int:
         print(f"model: {json.dumps(model_cfg.to_dict())}")
         print(f"train: {json.dumps(tc.to_dict())}")
         print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} in {jax.process_count()} process(es)")
-    summary = train(model_cfg, tc)
+
+    def announce(plat, memory) -> None:
+        if main_process:
+            need, limit = memory["step_bytes_per_device"], memory["limit_bytes_per_device"]
+            fits = f", step needs {need / 2**20:.0f} MiB of {limit / 2**20:.0f} MiB ({memory['limit_source']})" \
+                if need and limit else ""
+            print(f"platform: {plat.backend} ({plat.device_kind}), dtype={plat.dtype}, remat={plat.remat}, "
+                  f"attention={plat.attention}, compiler options {plat.compiler_options or 'none'}{fits}, "
+                  f"compiled in {memory['compile_s']:.1f} s", flush=True)
+
+    summary = train(model_cfg, tc, on_start=announce)
     if main_process:
         print(f"done: {summary['final_step']} steps in {summary['wall_s']:.1f} s "
               f"({summary['wall_s'] / max(summary['steps'], 1) * 1000:.1f} ms/step incl. eval), "

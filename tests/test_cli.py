@@ -68,8 +68,8 @@ def test_help_lists_every_training_option_with_defaults(work):
     text = cli("train", "--help", cwd=work).stdout
     for flag, default in [("learning_rate", "0.001"), ("min_lr", "0.0001"), ("warmup_iters", "100"),
                           ("weight_decay", "0.1"), ("beta2", "0.99"), ("grad_clip", "1.0"), ("dropout", "0.2"),
-                          ("gradient_accumulation_steps", "1"), ("eval_interval", "250"), ("remat", "'none'"),
-                          ("dtype", "'float32'"), ("seed", "1337"), ("resume", "False")]:
+                          ("gradient_accumulation_steps", "1"), ("eval_interval", "250"), ("remat", "'auto'"),
+                          ("dtype", "'auto'"), ("seed", "1337"), ("resume", "False")]:
         entry = text.split(f"\n  --{flag} ")[1].split("\n  --")[0]
         assert f"(default: {default})" in entry, f"--{flag}: {entry!r}"
 

@@ -1,0 +1,110 @@
+"""The accelerator programs, lowered ahead of time for platforms this host does not have.
+
+`jax.export` traces and lowers a jitted function for `cuda` or `tpu` on any host, CPU included,
+over abstract inputs that carry their shardings on an AbstractMesh (no devices needed). CI
+exports the train step, the eval step and the decode step this way, so a CPU-only construct,
+an op the target cannot lower, or a host callback in the hot path fails on the CPU VM instead of
+in a user's TPU job. Compiling the result still happens on the target (XLA's SPMD partitioner
+inserts the collectives there).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import export
+from jax.sharding import AbstractMesh, AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxgpt.config import GPTConfig, TrainConfig
+from jaxgpt.model import GPT
+from jaxgpt.sharding import BATCH_AXES, batch_sharding, param_shardings, state_shardings
+from jaxgpt.train import TrainState, graphdefs, loss_fn, make_optimizer, make_train_step
+from jaxgpt.platform import DTYPES
+
+# Custom calls that run Python on the host: never acceptable inside a step for an accelerator.
+HOST_CALLBACKS = ("xla_python_cpu_callback", "xla_python_gpu_callback", "xla_ffi_python_cpu_callback",
+                  "xla_ffi_python_gpu_callback", "xla_ffi_partitioned_python_cpu_callback",
+                  "xla_ffi_partitioned_python_gpu_callback")
+
+# cuDNN flash attention (forward, backward): custom calls without export compatibility guarantees,
+# allowed in the programs that use them, so the exported module shows which attention ran.
+CUDNN_ATTENTION = ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward")
+
+
+def _allowed(attention: str) -> list[export.DisabledSafetyCheck]:
+    return [export.DisabledSafetyCheck.custom_call(n) for n in CUDNN_ATTENTION] if attention == "cudnn" else []
+
+
+def abstract_mesh(data: int, fsdp: int) -> AbstractMesh:
+    return AbstractMesh((data, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def _sds(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def abstract_train_state(model_cfg: GPTConfig, tc: TrainConfig, mesh: AbstractMesh | None) -> TrainState:
+    """ShapeDtypeStructs of (params, optimizer state) laid out by jaxgpt.sharding's rule
+    (unsharded without a mesh)."""
+    params = nnx.state(nnx.eval_shape(lambda: GPT(model_cfg, rngs=nnx.Rngs(0))))
+    opt_state = jax.eval_shape(make_optimizer(tc).init, params)
+    if mesh is None:
+        return TrainState(params, opt_state)
+    return TrainState(_sds(params, param_shardings(params, mesh)),
+                      _sds(opt_state, state_shardings(opt_state, params, mesh)))
+
+
+def export_train_step(model_cfg: GPTConfig, tc: TrainConfig, platforms: tuple[str, ...], mesh: AbstractMesh | None,
+                      remat: str, attention: str = "xla") -> export.Exported:
+    """The train step for tc.dtype ('float32' or 'bfloat16') and `remat`, over `mesh`. cuDNN
+    attention lowers only without a mesh (its partitioning rule needs real devices)."""
+    graphdef, _ = graphdefs(model_cfg, remat, attention)
+    state = abstract_train_state(model_cfg, tc, mesh)
+    batch = jax.ShapeDtypeStruct((tc.gradient_accumulation_steps, tc.batch_size, model_cfg.block_size), jnp.int32,
+                                 sharding=batch_sharding(mesh) if mesh is not None else None)
+    shardings = jax.tree.map(lambda a: a.sharding, state) if mesh is not None else None
+    step = make_train_step(graphdef, make_optimizer(tc), tc, shardings)
+    return export.export(step, platforms=platforms, disabled_checks=_allowed(attention))(state, batch, batch, jax.ShapeDtypeStruct((), jnp.int32))
+
+
+def export_eval_step(model_cfg: GPTConfig, tc: TrainConfig, platforms: tuple[str, ...], mesh: AbstractMesh | None,
+                     attention: str = "xla") -> export.Exported:
+    _, eval_graphdef = graphdefs(model_cfg, "none", attention)
+    params = abstract_train_state(model_cfg, tc, mesh).params
+    batch = jax.ShapeDtypeStruct((tc.batch_size, model_cfg.block_size), jnp.int32,
+                                 sharding=NamedSharding(mesh, P(BATCH_AXES)) if mesh is not None else None)
+    dtype = DTYPES[tc.dtype]
+    fn = jax.jit(lambda p, x, y: loss_fn(eval_graphdef, p, x, y, None, dtype))
+    return export.export(fn, platforms=platforms, disabled_checks=_allowed(attention))(params, batch, batch)
+
+
+def export_decode_step(model_cfg: GPTConfig, batch: int, platforms: tuple[str, ...],
+                       dtype: str = "float32") -> export.Exported:
+    """One cached decoding step: a token per sequence in, logits and the updated cache out."""
+    model = nnx.eval_shape(lambda: GPT(model_cfg, rngs=nnx.Rngs(0)))
+    model.eval()
+    graphdef, params = nnx.split(model)
+    cache = jax.eval_shape(lambda: model.init_cache(batch, DTYPES[dtype]))
+
+    def decode(params: nnx.State, tok: jax.Array, cache: Any, pos: jax.Array) -> tuple[jax.Array, Any]:
+        params = jax.tree.map(lambda p: p.astype(DTYPES[dtype]), params)
+        return nnx.merge(graphdef, params).decode(tok, cache, pos)
+
+    tok = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
+    return export.export(jax.jit(decode, donate_argnums=2), platforms=platforms)(
+        params, tok, cache, jax.ShapeDtypeStruct((), jnp.int32))
+
+
+def custom_calls(exported: export.Exported) -> set[str]:
+    """Names of the custom calls in an exported module (cuDNN attention, callbacks, ...)."""
+    text = exported.mlir_module()
+    names = set()
+    for marker in ("stablehlo.custom_call @", "call_target_name = \""):
+        for part in text.split(marker)[1:]:
+            names.add(part.split("(")[0].split("\"")[0].strip())
+    return names
+
+

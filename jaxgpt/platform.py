@@ -1,0 +1,161 @@
+"""Everything that depends on the backend (CPU, GPU, TPU), decided in one place.
+
+`resolve()` turns the user's `--dtype`/`--remat` (default `auto`) and the devices present into
+plain values that train.py uses and config.json records. Nothing else in jaxgpt asks "am I on
+CPU?", and nothing here touches os.environ: CPU-only XLA options are passed per compilation
+(`jax.jit(..., compiler_options=...)`), only to programs compiled for the CPU backend, and only
+after a probe compile shows the installed jaxlib accepts them.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxgpt.config import GPTConfig, TrainConfig
+from jaxgpt.errors import UserError
+
+log = logging.getLogger("jaxgpt")
+
+# XLA:CPU options for CPU programs only; each one's measured effect is in BENCHMARKS.md.
+CPU_COMPILER_OPTIONS: dict[str, str] = {
+    # hand each matmul to the YNN library on its own instead of fusing elementwise neighbours
+    # into it (those fusions materialised broadcasts of LayerNorm scales)
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+}
+CPU_REMAT = "full"  # the policy measured fastest on XLA:CPU (BENCHMARKS.md)
+REMAT_BY_MEMORY = ("none", "dots", "full")  # accelerators: the first whose step fits
+MEMORY_MARGIN = 0.85  # remat=auto keeps this fraction of device memory for the train step
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclass(frozen=True)
+class Platform:
+    """The resolved per-platform choices of one run (recorded in config.json)."""
+
+    backend: str  # 'cpu' | 'gpu' | 'tpu'
+    device_kind: str
+    devices: int
+    processes: int
+    dtype: str  # compute dtype; parameters and optimizer state stay float32
+    remat: str  # 'none' | 'dots' | 'full'
+    attention: str  # the kernel for dropout-free attention: 'xla' | 'cudnn'
+    compiler_options: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def backend() -> str:
+    return jax.default_backend()
+
+
+@functools.cache
+def cpu_compiler_options() -> dict[str, str]:
+    """The CPU options this jaxlib accepts (call only when the default backend is CPU). Each is tried on a tiny program once per process;
+    one that jaxlib rejects is dropped with a one-line notice instead of failing the run."""
+    accepted = {}
+    for name, value in CPU_COMPILER_OPTIONS.items():
+        try:
+            jax.jit(lambda x: x + 1, compiler_options={name: value}).lower(1.0).compile()
+            accepted[name] = value
+        except Exception as e:  # jaxlib raises (never aborts) for an unknown option or value
+            log.warning("XLA:CPU option %s=%s is not supported by jaxlib %s; running without it (%s)",
+                        name, value, jax.__version__, str(e).splitlines()[0][:120])
+    return accepted
+
+
+def compiler_options(platform: str | None = None) -> dict[str, str]:
+    """Options for a program compiled for `platform` (default: the default backend)."""
+    return dict(cpu_compiler_options()) if (platform or backend()) == "cpu" else {}
+
+
+def jit(fun: Any, **kwargs: Any) -> Any:
+    """jax.jit with the default backend's compiler options (none outside CPU)."""
+    return jax.jit(fun, compiler_options=compiler_options() or None, **kwargs)
+
+
+def resolve_dtype(requested: str, platform: str) -> str:
+    """auto: bfloat16 compute on GPU/TPU (float32 master weights), float32 on CPU, where bf16
+    matmuls are emulated and slower."""
+    if requested != "auto":
+        return requested
+    return "float32" if platform == "cpu" else "bfloat16"
+
+
+def resolve_attention(cfg: GPTConfig, dtype: str, platform: str) -> str:
+    """cuDNN's fused (flash) attention on GPU where it applies: half-precision inputs and a
+    head size it supports. Attention with dropout is spelled out whatever this says, because
+    jax.nn.dot_product_attention has no dropout (model.attention_path)."""
+    if platform == "gpu" and dtype == "bfloat16" and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128:
+        return "cudnn"
+    return "xla"
+
+
+def remat_candidates(requested: str, platform: str) -> tuple[str, ...]:
+    """Policies train.py compiles in order, keeping the first whose step fits in memory."""
+    if requested != "auto":
+        return (requested,)
+    return (CPU_REMAT,) if platform == "cpu" else REMAT_BY_MEMORY
+
+
+def memory_limit(device: jax.Device | None = None) -> tuple[int | None, str]:
+    """(bytes one device may use, where that figure comes from); None when unknown.
+    CPU devices share the host's available memory."""
+    device = device or jax.local_devices()[0]
+    if device.platform != "cpu":
+        stats = device.memory_stats() or {}
+        limit = stats.get("bytes_limit")
+        return (int(limit), f"{device.device_kind} memory") if limit else (None, "unknown")
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        available = int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None, "unknown"
+    return available // jax.local_device_count(), "available host memory"
+
+
+def step_memory(compiled: Any) -> int | None:
+    """Peak bytes per device of a compiled program: its arguments, its outputs that do not
+    reuse a donated argument, and its temporaries (XLA's memory analysis)."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    if m is None:
+        return None
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
+
+
+def check_fits(need: int | None, limit: int | None, where: str, tc: TrainConfig, remat: str) -> None:
+    """Stop before the first step when the compiled step cannot fit, naming the remedies."""
+    if need is None or limit is None or need <= limit:
+        return
+    gib = 2 ** 30
+    remedies = []
+    if remat != "full":
+        remedies.append("--remat=full" if tc.remat != "auto" else "--remat=full (auto stopped at " + remat + ")")
+    if tc.batch_size > 1:
+        remedies.append(f"--batch_size={max(1, tc.batch_size // 2)} "
+                        f"--gradient_accumulation_steps={tc.gradient_accumulation_steps * 2}")
+    remedies.append(f"--mesh_fsdp={tc.mesh_fsdp * 2} (shards weights and optimizer state; needs more devices)")
+    raise UserError(f"the train step needs {need / gib:.2f} GiB per device but {where} is {limit / gib:.2f} GiB "
+                    f"(remat={remat}, batch_size={tc.batch_size}); try " + ", or ".join(remedies))
+
+
+def describe(cfg: GPTConfig, tc: TrainConfig, remat: str) -> Platform:
+    """The run's Platform once remat is settled (train.py settles it by memory)."""
+    platform = backend()
+    dtype = resolve_dtype(tc.dtype, platform)
+    return Platform(backend=platform, device_kind=jax.devices()[0].device_kind, devices=jax.device_count(),
+                    processes=jax.process_count(), dtype=dtype, remat=remat,
+                    attention=resolve_attention(cfg, dtype, platform), compiler_options=compiler_options(platform))

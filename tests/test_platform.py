@@ -1,0 +1,99 @@
+"""Per-platform choices: no process-wide side effects, auto dtype/remat, CPU-only compiler
+options that degrade to a notice, and the memory preflight."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxgpt import GPTConfig, TrainConfig, UserError, platform
+from jaxgpt.data import prepare_text
+from jaxgpt.train import train
+from parity.checks import synthetic_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+
+
+def test_importing_every_jaxgpt_module_leaves_the_environment_unchanged():
+    code = ("import os, pkgutil, importlib, json; before = dict(os.environ); import jaxgpt\n"
+            "for m in pkgutil.iter_modules(jaxgpt.__path__): importlib.import_module('jaxgpt.' + m.name)\n"
+            "import jax; jax.devices()\n"
+            "after = dict(os.environ); print(json.dumps({k: [before.get(k), after.get(k)] for k in set(before) | set(after)"
+            " if before.get(k) != after.get(k)}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {}, "importing jaxgpt changed os.environ"
+
+
+def test_cpu_options_are_per_compilation_and_an_unsupported_one_is_one_notice(tmp_path):
+    """A jaxlib that rejects an option (here: a made-up one) costs a notice line, not the run."""
+    prepare_text(synthetic_corpus(5_000).astype(np.uint8).tobytes(), tmp_path / "data" / "synth", "synthetic")
+    code = ("import sys, runpy; from jaxgpt import platform\n"
+            "platform.CPU_COMPILER_OPTIONS['xla_cpu_option_from_the_future'] = 'on'\n"
+            f"sys.argv = ['train.py', '--dataset=synth', '--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=16',"
+            f" '--batch_size=4', '--max_iters=2', '--eval_iters=1', '--progress=false', '--plot=false']\n"
+            f"runpy.run_path({str(ROOT / 'scripts' / 'train.py')!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    notices = [l for l in proc.stderr.splitlines() if l.startswith("notice:")]
+    assert len(notices) == 1 and "xla_cpu_option_from_the_future" in notices[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    saved = json.loads((tmp_path / "out" / "synth" / "config.json").read_text())["platform"]
+    assert "xla_cpu_option_from_the_future" not in saved["compiler_options"]
+    assert "platform: cpu" in proc.stdout
+
+
+def test_auto_resolves_per_platform_and_explicit_flags_win():
+    assert [platform.resolve_dtype("auto", p) for p in ("cpu", "gpu", "tpu")] == ["float32", "bfloat16", "bfloat16"]
+    assert platform.resolve_dtype("float32", "tpu") == "float32" and platform.resolve_dtype("bfloat16", "cpu") == "bfloat16"
+    assert platform.remat_candidates("auto", "gpu") == platform.remat_candidates("auto", "tpu") == ("none", "dots", "full")
+    assert platform.remat_candidates("auto", "cpu") == (platform.CPU_REMAT,)
+    assert platform.remat_candidates("dots", "gpu") == ("dots",)
+    assert platform.compiler_options("gpu") == {} and platform.compiler_options("tpu") == {}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plat")
+    prepare_text(synthetic_corpus(20_000).astype(np.uint8).tobytes(), root / "synth", "synthetic")
+    return root
+
+
+def _tc(data_dir, out_dir, **kw):
+    return TrainConfig(**{**dict(dataset="synth", data_dir=str(data_dir), out_dir=str(out_dir), batch_size=8,
+                                 max_iters=2, eval_iters=1, progress=False, plot=False), **kw})
+
+
+@pytest.fixture(scope="module")
+def needs(data_dir, tmp_path_factory) -> dict[str, int]:
+    """Per-device bytes of the compiled step for each policy (XLA's memory analysis)."""
+    root = tmp_path_factory.mktemp("needs")
+    return {r: json.loads((Path(train(MODEL, _tc(data_dir, root / r, remat=r))["out_dir"]) / "config.json").read_text())
+            ["memory"]["step_bytes_per_device"] for r in ("none", "dots", "full")}
+
+
+def test_auto_remat_on_an_accelerator_takes_the_first_policy_that_fits(data_dir, tmp_path, monkeypatch, needs):
+    assert needs["none"] > needs["full"], needs
+    monkeypatch.setattr(platform, "remat_candidates", lambda requested, here: platform.REMAT_BY_MEMORY)
+    for limit, want in [(needs["none"] * 2, "none"), (int(needs["full"] / platform.MEMORY_MARGIN) + 1, "full")]:
+        if want == "full" and needs["dots"] <= limit * platform.MEMORY_MARGIN:
+            want = "dots"
+        monkeypatch.setattr(platform, "memory_limit", lambda device=None, limit=limit: (limit, "test limit"))
+        summary = train(MODEL, _tc(data_dir, tmp_path / f"auto-{limit}"))
+        assert summary["platform"]["remat"] == want, (limit, needs, summary["platform"])
+
+
+def test_a_step_that_cannot_fit_stops_before_training_with_the_remedies(data_dir, tmp_path, monkeypatch, needs):
+    monkeypatch.setattr(platform, "memory_limit", lambda device=None: (needs["full"] // 2, "test limit"))
+    out = tmp_path / "too-big"
+    with pytest.raises(UserError) as e:
+        train(MODEL, _tc(data_dir, out, remat="auto"))
+    msg = str(e.value)
+    assert "GiB per device but test limit is" in msg and "--batch_size=4 --gradient_accumulation_steps=2" in msg
+    assert "--mesh_fsdp=2" in msg
+    assert not out.exists(), "nothing is written when the step cannot fit"
