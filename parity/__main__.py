@@ -5,7 +5,7 @@ import argparse
 import sys
 import time
 
-from parity.checks import Result, generation_checks, model_checks, training_checks
+from parity.checks import Result, bf16_checks, generation_checks, model_checks, training_checks
 
 
 def _table(results: list[Result]) -> str:
@@ -18,7 +18,7 @@ def _table(results: list[Result]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(description=__doc__).parse_args(argv)
     start = time.perf_counter()
-    results = [r for checks in (model_checks, generation_checks, training_checks) for check in checks() for r in check()]
+    results = [r for checks in (model_checks, generation_checks, training_checks, bf16_checks) for check in checks() for r in check()]
     print(_table(results))
     failed = [r for r in results if not r.passed]
     print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed ({time.perf_counter() - start:.0f} s)")

@@ -1,7 +1,7 @@
 """The parity checks of `python -m parity`, one pytest case each."""
 import pytest
 
-from parity.checks import generation_checks, model_checks, training_checks
+from parity.checks import bf16_checks, generation_checks, model_checks, training_checks
 
 MODEL_CHECKS = list(model_checks())
 
@@ -20,5 +20,11 @@ def test_training_trajectory_matches_torch(check):
 
 @pytest.mark.parametrize("check", list(generation_checks()), ids=lambda c: c.__name__)
 def test_generation_matches_torch_and_full_forward(check):
+    for r in check():
+        assert r.passed, f"{r.check} [{r.case}]: {r.value:.3g} > tolerance {r.tolerance:.0e}"
+
+
+@pytest.mark.parametrize("check", list(bf16_checks()), ids=lambda c: c.__name__)
+def test_bf16_compute_matches_torch_autocast_and_fp32_training(check):
     for r in check():
         assert r.passed, f"{r.check} [{r.case}]: {r.value:.3g} > tolerance {r.tolerance:.0e}"
