@@ -1,6 +1,7 @@
 """What every script shares: user mistakes become one stderr line and exit 2."""
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from collections.abc import Callable
@@ -42,3 +43,14 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def add_compile_cache_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compile_cache", default="", metavar="PATH|off",
+                        help="JAX's persistent compilation cache: a folder, or off (default: ~/.cache/jaxgpt/xla, "
+                             "under $XDG_CACHE_HOME when set)")
+
+
+def apply_compile_cache(setting: str) -> None:
+    from jaxgpt.platform import use_compile_cache
+    use_compile_cache(setting)

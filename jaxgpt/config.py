@@ -127,7 +127,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _parse_bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
     low = text.strip().lower()
     if low in ("1", "true", "yes", "on"):
         return True
@@ -144,7 +144,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         hint = hints[f.name]
         kwargs: dict[str, Any] = {"default": None, "help": f"(default: {f.default!r})"}
         if hint is bool:
-            kwargs.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
+            kwargs.update(type=parse_bool, nargs="?", const=True, metavar="BOOL")
         elif getattr(hint, "__origin__", None) is Literal:
             kwargs.update(type=str, choices=get_args(hint))
         else:

@@ -81,21 +81,23 @@ def export_eval_step(model_cfg: GPTConfig, tc: TrainConfig, platforms: tuple[str
     return export.export(fn, platforms=platforms, disabled_checks=_allowed(attention))(params, batch, batch)
 
 
-def export_decode_step(model_cfg: GPTConfig, batch: int, platforms: tuple[str, ...],
-                       dtype: str = "float32") -> export.Exported:
-    """One cached decoding step: a token per sequence in, logits and the updated cache out."""
+def export_decode_step(model_cfg: GPTConfig, batch: int, platforms: tuple[str, ...], dtype: str = "float32",
+                       chunk: int = 8) -> export.Exported:
+    """Generation's compiled chunk (sample._chunk): `chunk` tokens per sequence through the KV
+    cache or, past block_size, the window; top-k/top-p sampling inside."""
+    from jaxgpt import sample
+
     model = nnx.eval_shape(lambda: GPT(model_cfg, rngs=nnx.Rngs(0)))
     model.eval()
     graphdef, params = nnx.split(model)
+    params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, DTYPES[dtype]), params)
     cache = jax.eval_shape(lambda: model.init_cache(batch, DTYPES[dtype]))
-
-    def decode(params: nnx.State, tok: jax.Array, cache: Any, pos: jax.Array) -> tuple[jax.Array, Any]:
-        params = jax.tree.map(lambda p: p.astype(DTYPES[dtype]), params)
-        return nnx.merge(graphdef, params).decode(tok, cache, pos)
-
-    tok = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
-    return export.export(jax.jit(decode, donate_argnums=2), platforms=platforms)(
-        params, tok, cache, jax.ShapeDtypeStruct((), jnp.int32))
+    i32 = jax.ShapeDtypeStruct((), jnp.int32)
+    carry = (jax.ShapeDtypeStruct((batch, model_cfg.block_size), jnp.int32), i32, cache)
+    uniforms = jax.ShapeDtypeStruct((chunk, batch), jnp.float32)
+    return export.export(sample._chunk, platforms=platforms)(
+        graphdef, params, carry, uniforms, i32, temperature=0.8, top_k=40, top_p=0.95, on_token=None,
+        return_logits=False)
 
 
 def custom_calls(exported: export.Exported) -> set[str]:

@@ -102,6 +102,16 @@ class CausalSelfAttention(nnx.Module):
             y = jnp.einsum("bhqk,bkhd->bqhd", att, v)
         return self.resid_dropout(_flat(self.c_proj, y.reshape(B, T, C)), rngs=key_resid), cache
 
+    def last(self, x: jax.Array) -> jax.Array:
+        """Attention output (B, 1, C) of the last position only; every position's keys and
+        values still enter (inference, no dropout)."""
+        B, T, C = x.shape
+        H, D = self.n_head, C // self.n_head
+        q, k, v = jnp.split(_flat(self.c_attn, x), 3, axis=-1)
+        q, k, v = q[:, -1:].reshape(B, 1, H, D), k.reshape(B, T, H, D), v.reshape(B, T, H, D)
+        y = jax.nn.dot_product_attention(q, k, v)  # the last query sees every key: no mask
+        return _flat(self.c_proj, y.reshape(B, 1, C))
+
 
 class MLP(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
@@ -129,6 +139,11 @@ class Block(nnx.Module):
         x = x + a
         x = x + self.mlp(self.ln_2(x), key=key_mlp)
         return x, cache
+
+    def last(self, x: jax.Array) -> jax.Array:
+        """The block's output (B, 1, C) at the last position of x (B, T, C) only."""
+        h = x[:, -1:] + self.attn.last(self.ln_1(x))
+        return h + self.mlp(self.ln_2(h))
 
 
 class GPT(nnx.Module):
@@ -163,6 +178,24 @@ class GPT(nnx.Module):
         init_cache) at positions pos..pos+T-1 and attend to everything before them. One call
         with the prompt is the prefill; then one call per new token. pos + T <= block_size."""
         return self._forward(idx, cache=cache, pos=pos)
+
+    def last_logits(self, idx: jax.Array) -> jax.Array:
+        """Logits (B, vocab_size) of the last position of idx (B, T) — what sampling past
+        block_size needs. Layers 0..L-2 run over every position (their outputs are the last
+        layer's keys and values); the last layer's MLP, ln_f and the head run for one position."""
+        self.check_input(idx)
+        T = idx.shape[1]
+        dtype = self.wte.embedding.dtype
+        x = (self.wte(idx) + self.wpe(jnp.arange(T))).astype(dtype)
+        graphdef, stacked = nnx.split(self.h)
+        below, top = jax.tree.map(lambda a: a[:-1], stacked), jax.tree.map(lambda a: a[-1], stacked)
+
+        def block(x: jax.Array, state: nnx.State) -> tuple[jax.Array, None]:
+            return nnx.merge(graphdef, state)(x)[0], None
+
+        x, _ = jax.lax.scan(block, x, below)
+        x = self.ln_f(nnx.merge(graphdef, top).last(x))[:, 0]
+        return x @ self.wte.embedding[...].T
 
     def _forward(self, idx: jax.Array, *, key: jax.Array | None = None, cache: KVCache | None = None,
                  pos: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:

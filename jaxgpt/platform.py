@@ -11,7 +11,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -159,3 +161,47 @@ def describe(cfg: GPTConfig, tc: TrainConfig, remat: str) -> Platform:
     return Platform(backend=platform, device_kind=jax.devices()[0].device_kind, devices=jax.device_count(),
                     processes=jax.process_count(), dtype=dtype, remat=remat,
                     attention=resolve_attention(cfg, dtype, platform), compiler_options=compiler_options(platform))
+
+
+def default_compile_cache() -> Path:
+    """Where the CLIs keep JAX's persistent compilation cache: the user's cache directory."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxgpt" / "xla"
+
+
+def use_compile_cache(setting: str | None) -> Path | None:
+    """Turn on JAX's persistent compilation cache for this process (the CLIs call this; importing
+    jaxgpt never does). setting: a folder, '' or None for default_compile_cache(), or 'off'.
+    Every program is cached, however fast it compiled, so warm starts skip XLA entirely. A
+    folder that cannot be written, or an unreadable entry, costs one notice, not the run."""
+    if setting == "off":
+        return None
+    path = Path(setting) if setting else default_compile_cache()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        log.warning("compilation cache %s cannot be written (%s); compiling without it", path, e.strerror or e)
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    _quiet_cache_warnings(path)
+    return path
+
+
+def _quiet_cache_warnings(path: Path) -> None:
+    """JAX warns (two lines with a source excerpt) per unreadable cache entry and recompiles it;
+    report the first as one notice and drop the rest."""
+    show, seen = warnings.showwarning, []
+
+    def showwarning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if "persistent compilation cache" not in str(message):
+            return show(message, category, filename, lineno, file, line)
+        if not seen:
+            seen.append(message)
+            log.warning("compilation cache %s has unreadable entries; recompiling them (%s)", path,
+                        str(message).split(": ", 1)[-1][:120])
+
+    warnings.showwarning = showwarning

@@ -1,5 +1,6 @@
-"""Generation: one prefill of the prompt into a KV cache, then one token per step inside a
-jitted `lax.scan` — compiled once per (batch, prompt length, new tokens, sampling params).
+"""Generation: a prefill of the prompt into a KV cache, then one token per step inside a
+jitted `lax.scan` of CHUNK steps, called as often as needed — compiled once per (batch, prompt
+bucket, chunk, sampling params), with memory independent of the number of new tokens.
 
 Sampling is inverse-CDF on uniform draws over temperature-scaled, top-k/top-p filtered
 probabilities. The draws can be passed in, which is how parity proves torchref picks the
@@ -7,11 +8,12 @@ same tokens; everyday use draws them from a jax key.
 
 Past block_size the model sees only the last block_size tokens, exactly like nanoGPT's
 crop. With learned absolute position embeddings every cached key is then stale (each token
-moves to a new position), so those steps run a full forward over the window.
+moves to a new position), so those steps run the window again — all layers but the last over
+every position, the last layer, ln_f and the head for the newest position only (GPT.last_logits).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import jax
@@ -61,81 +63,133 @@ def pick(logits: jax.Array, u: jax.Array, temperature: float, top_k: int | None,
     return jnp.minimum(token, logits.shape[-1] - 1).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "temperature", "top_k", "top_p", "on_token", "return_logits"))
-def _generate(graphdef: nnx.GraphDef, state: nnx.State, prompt: jax.Array, uniforms: jax.Array, *,
-              temperature: float, top_k: int | None, top_p: float, on_token: Callable | None,
-              return_logits: bool) -> tuple[jax.Array, jax.Array | None]:
+CHUNK = 128  # tokens per compiled call: memory stays flat however many tokens are asked for
+MIN_BUCKET = 16  # prompt lengths are padded to powers of two from here up to block_size
+
+Carry = tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]  # (context window, its length, KV cache)
+
+
+def prompt_bucket(length: int, block_size: int) -> int:
+    """Padded prefill length for a prompt of `length` tokens: compiled programs are shared by
+    every prompt of a bucket. 0 for a prompt longer than the context (it runs windowed)."""
+    if length == 0 or length > block_size:
+        return 0
+    return min(block_size, max(MIN_BUCKET, 1 << (length - 1).bit_length()))
+
+
+@partial(jax.jit, static_argnames=("graphdef", "bucket"))
+def _start(graphdef: nnx.GraphDef, state: nnx.State, ctx: jax.Array, n: jax.Array, bucket: int) -> Carry:
+    """Prefill the KV cache with the first `bucket` positions of the context window. Positions
+    past the prompt hold padding; each is overwritten before any query can see it."""
+    model = nnx.merge(graphdef, state)
+    cache = model.init_cache(ctx.shape[0], state_dtype(state))
+    if bucket:
+        _, cache = model.decode(ctx[:, :bucket], cache, 0)  # logits unused: XLA drops the head
+    return ctx, n, cache
+
+
+@partial(jax.jit, static_argnames=("graphdef", "temperature", "top_k", "top_p", "on_token", "return_logits"),
+         donate_argnames=("carry",))
+def _chunk(graphdef: nnx.GraphDef, state: nnx.State, carry: Carry, uniforms: jax.Array, j0: jax.Array, *,
+           temperature: float, top_k: int | None, top_p: float, on_token: Callable | None,
+           return_logits: bool) -> tuple[Carry, jax.Array, jax.Array | None]:
+    """uniforms.shape[0] more tokens for every sequence. Inside the context each step feeds the
+    newest token through the KV cache; past it, the window of the last block_size tokens is
+    run again (exact crop, absolute positions) with the work only the next token needs."""
     model = nnx.merge(graphdef, state)
     bs = model.config.block_size
-    B, P = prompt.shape
-    N = uniforms.shape[0]
-    tokens = jnp.concatenate([prompt, jnp.zeros((B, N), jnp.int32)], axis=1)
 
-    def emit(tokens, logits, j):  # sample token P + j from logits, write it, stream it
-        tok = pick(logits, uniforms[j], temperature, top_k, top_p)
+    def step(carry: Carry, xs: tuple[jax.Array, jax.Array]) -> tuple[Carry, tuple]:
+        ctx, n, cache = carry
+        u, j = xs
+
+        def cached(cache):  # the token at position n - 1 attends to the cache
+            logits, cache = model.decode(jax.lax.dynamic_slice_in_dim(ctx, n - 1, 1, axis=1), cache, n - 1)
+            return logits[:, 0], cache
+
+        logits, cache = jax.lax.cond(n <= bs, cached, lambda cache: (model.last_logits(ctx), cache), cache)
+        tok = pick(logits, u, temperature, top_k, top_p)
         if on_token is not None:
-            jax.debug.callback(on_token, tok, ordered=True)
-        return jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, P + j)), tok, logits
+            jax.debug.callback(on_token, tok, j, ordered=True)
+        grown = jax.lax.dynamic_update_slice_in_dim(ctx, tok[:, None], jnp.minimum(n, bs - 1), axis=1)
+        ctx = jnp.where(n < bs, grown, jnp.concatenate([ctx[:, 1:], tok[:, None]], axis=1))
+        return (ctx, n + 1, cache), (tok, logits if return_logits else None)
 
-    def windowed(tokens, j):  # context longer than block_size: full forward over the last bs tokens
-        window = jax.lax.dynamic_slice(tokens, (0, P + j - bs), (B, bs))
-        return emit(tokens, model(window)[:, -1], j)[0::2]
+    steps = jnp.arange(uniforms.shape[0]) + j0
+    carry, (tokens, logits) = jax.lax.scan(step, carry, (uniforms, steps))
+    return carry, tokens.T, logits
 
-    n_cached = 0
-    all_logits = []
-    if P <= bs:
-        cache = model.init_cache(B, state_dtype(state))
-        logits, cache = model.decode(prompt, cache, 0)  # the prefill
-        tokens, tok, first = emit(tokens, logits[:, -1], 0)
-        all_logits.append(first[None])
-        n_cached = max(0, min(N - 1, bs - P))
 
-        def cached(carry, j):  # feed the newest token at position P + j - 1
-            tokens, tok, cache = carry
-            logits, cache = model.decode(tok[:, None], cache, P + j - 1)
-            tokens, tok, logits = emit(tokens, logits[:, 0], j)
-            return (tokens, tok, cache), logits
-
-        (tokens, _, _), logits = jax.lax.scan(cached, (tokens, tok, cache), jnp.arange(1, 1 + n_cached))
-        all_logits.append(logits)
-    start = 1 + n_cached if P <= bs else 0
-    if start < N:
-        tokens, logits = jax.lax.scan(windowed, tokens, jnp.arange(start, N))
-        all_logits.append(logits)
-    return tokens, (jnp.concatenate(all_logits) if return_logits else None)
+@partial(jax.jit, static_argnames=("batch", "count"))
+def _draws(key: jax.Array, j0: jax.Array, batch: int, count: int) -> jax.Array:
+    """Uniforms for new tokens j0 .. j0+count-1, token j's from fold_in(key, j): the same draws
+    whatever the chunk size."""
+    return jax.vmap(lambda j: jax.random.uniform(jax.random.fold_in(key, j), (batch,)))(j0 + jnp.arange(count))
 
 
 def state_dtype(state: nnx.State) -> jnp.dtype:
     return jax.tree.leaves(state)[0].dtype
 
 
+def generate_chunks(model: GPT, prompt: np.ndarray | jax.Array, max_new_tokens: int, *, temperature: float = 1.0,
+                    top_k: int | None = None, top_p: float = 1.0, key: jax.Array | None = None,
+                    uniforms: np.ndarray | jax.Array | None = None, on_token: Callable[[np.ndarray], None] | None = None,
+                    return_logits: bool = False, chunk: int = CHUNK) -> Iterator[np.ndarray | tuple[np.ndarray, np.ndarray]]:
+    """Continue `prompt` (B, P) int, yielding the new tokens as (B, k) arrays, k <= chunk, in
+    order until max_new_tokens; only the last block_size tokens are ever held, so memory does
+    not grow with max_new_tokens.
+
+    Draws come from `uniforms` (max_new_tokens, B) if given, else from `key` (token j uses
+    fold_in(key, j)). `on_token(tokens (B,))` is called as each token is produced (streaming).
+    With return_logits, yields (tokens, logits (k, B, V)) pairs: the logits each token was drawn from."""
+    prompt = np.asarray(prompt)
+    if prompt.ndim != 2:
+        raise UserError(f"prompt must be a (batch, length) array, got shape {prompt.shape}")
+    B, P = prompt.shape
+    check_sampling(temperature, top_k, top_p, model.config.vocab_size, B)
+    if max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+    if P == 0:
+        raise UserError(f"prompt must hold at least one token, got shape {prompt.shape}")
+    if uniforms is not None and np.shape(uniforms) != (max_new_tokens, B):
+        raise UserError(f"uniforms must have shape {(max_new_tokens, B)}, got {np.shape(uniforms)}")
+    bs = model.config.block_size
+    model.eval()
+    model.check_input(prompt[:, -bs:])
+    graphdef, state = nnx.split(model)
+    key = jax.random.key(0) if key is None else key
+    chunk = min(chunk, 1 << (max_new_tokens - 1).bit_length())  # short requests compile short loops
+    ctx = np.zeros((B, bs), np.int32)
+    ctx[:, :min(P, bs)] = prompt[:, -bs:]
+    carry = _start(graphdef, state, jnp.asarray(ctx), jnp.int32(P), prompt_bucket(P - 1, bs) if P <= bs else 0)
+    callback = None
+    if on_token is not None:
+        def callback(tok: np.ndarray, j: np.ndarray) -> None:  # the last chunk's extra tokens are not emitted
+            if int(j) < max_new_tokens:
+                on_token(tok)
+    for j0 in range(0, max_new_tokens, chunk):
+        if uniforms is None:
+            u = _draws(key, jnp.int32(j0), B, chunk)
+        else:
+            u = np.zeros((chunk, B), np.float32)
+            part = np.asarray(uniforms, np.float32)[j0:j0 + chunk]
+            u[:len(part)] = part
+        carry, tokens, logits = _chunk(graphdef, state, carry, jnp.asarray(u), jnp.int32(j0),
+                                       temperature=float(temperature), top_k=top_k, top_p=float(top_p),
+                                       on_token=callback, return_logits=return_logits)
+        keep = min(chunk, max_new_tokens - j0)
+        tokens = np.asarray(tokens)[:, :keep]
+        yield (tokens, np.asarray(logits)[:keep]) if return_logits else tokens
+
+
 def generate(model: GPT, prompt: np.ndarray | jax.Array, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float = 1.0, key: jax.Array | None = None,
              uniforms: np.ndarray | jax.Array | None = None, on_token: Callable[[np.ndarray], None] | None = None,
              return_logits: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """Continue `prompt` (B, P) int by max_new_tokens tokens -> (B, P + max_new_tokens).
-
-    Draws come from `uniforms` (max_new_tokens, B) if given, else from `key`. `on_token` is
-    called with each new (B,) token array as it is produced (for streaming). With
-    return_logits, also returns the (max_new_tokens, B, V) logits each token was drawn from."""
-    prompt = jnp.asarray(prompt, jnp.int32)
-    if prompt.ndim != 2:
-        raise UserError(f"prompt must be a (batch, length) array, got shape {prompt.shape}")
-    check_sampling(temperature, top_k, top_p, model.config.vocab_size, prompt.shape[0])
-    if max_new_tokens < 1:
-        raise UserError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
-    if prompt.shape[1] == 0:
-        raise UserError(f"prompt must hold at least one token, got shape {prompt.shape}")
-    if uniforms is None:
-        key = jax.random.key(0) if key is None else key
-        uniforms = jax.random.uniform(key, (max_new_tokens, prompt.shape[0]))
-    uniforms = jnp.asarray(uniforms, jnp.float32)
-    if uniforms.shape != (max_new_tokens, prompt.shape[0]):
-        raise UserError(f"uniforms must have shape {(max_new_tokens, prompt.shape[0])}, got {uniforms.shape}")
-    model.eval()
-    model.check_input(prompt[:, -model.config.block_size:])
-    graphdef, state = nnx.split(model)
-    tokens, logits = _generate(graphdef, state, prompt, uniforms, temperature=float(temperature),
-                               top_k=top_k, top_p=float(top_p), on_token=on_token, return_logits=return_logits)
-    tokens = np.asarray(tokens)
-    return (tokens, np.asarray(logits)) if return_logits else tokens
+    """`prompt` (B, P) continued by max_new_tokens tokens -> (B, P + max_new_tokens), held in
+    memory (use generate_chunks for unbounded lengths). Arguments as generate_chunks; with
+    return_logits also returns the (max_new_tokens, B, V) logits each token was drawn from."""
+    parts = list(generate_chunks(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 key=key, uniforms=uniforms, on_token=on_token, return_logits=return_logits))
+    tokens = np.concatenate([np.asarray(prompt, np.int64)] + [p[0] if return_logits else p for p in parts], axis=1)
+    return (tokens, np.concatenate([p[1] for p in parts])) if return_logits else tokens

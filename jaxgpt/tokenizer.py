@@ -44,6 +44,10 @@ class StreamDecoder:
         """Feed one token id; returns the text that became complete (often '')."""
         return self._dec.decode(bytes([int(token) & 0xFF]))
 
+    def feed(self, tokens: Iterable[int] | np.ndarray) -> str:
+        """Feed several token ids at once (same result as pushing them one by one)."""
+        return self._dec.decode(np.asarray(tokens, np.int64).astype(np.uint8).tobytes())
+
     def flush(self) -> str:
         """End of stream: whatever is left (an incomplete character becomes U+FFFD)."""
         return self._dec.decode(b"", final=True)
@@ -78,6 +82,9 @@ class _CharStream:
 
     def push(self, token: int) -> str:
         return self.tok.decode([token])
+
+    def feed(self, tokens: Iterable[int] | np.ndarray) -> str:
+        return self.tok.decode(tokens)
 
     def flush(self) -> str:
         return ""

@@ -4,18 +4,23 @@
   python scripts/generate.py --checkpoint=ckpt.pt --num_samples=10 --temperature=0
 """
 import argparse
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from jaxgpt import cli
 from jaxgpt.checkpoint import load_model
-from jaxgpt.config import CliParser
+from jaxgpt.config import CliParser, parse_bool
 from jaxgpt.errors import UserError
-from jaxgpt.sample import check_sampling, generate
+from jaxgpt.sample import check_sampling, generate_chunks
 from jaxgpt.tokenizer import ByteTokenizer
+
+MAX_NEW_TOKENS = 2**31 - 1  # token indices are int32 on the device
 
 
 def load(checkpoint: str, which: str, meta: str | None):
@@ -46,7 +51,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print tokens as they come (default: on for a single sample)")
+    p.add_argument("--progress", type=parse_bool, nargs="?", const=True, default=True, metavar="BOOL",
+                   help="progress bar on stderr for non-streamed output that takes more than 2 s (default: true)")
+    cli.add_compile_cache_flag(p)
     args = p.parse_args(argv)
+    if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
+        raise UserError(f"--max_new_tokens must be in [1, {MAX_NEW_TOKENS}], got {args.max_new_tokens}")
+    cli.apply_compile_cache(args.compile_cache)
     prompt = args.prompt
     if args.prompt_file:
         try:
@@ -65,22 +76,36 @@ def main(argv: list[str]) -> int:
     print(f"# {args.checkpoint or args.out_dir} step {info.get('step')}, val loss {info.get('val_loss')}", file=sys.stderr)
     if len(ids[0]) > model.config.block_size:
         print(f"# prompt is {len(ids[0])} tokens; the model sees its last {model.config.block_size}", file=sys.stderr)
-    decoder = tok.stream_decoder()
+    sampling = dict(temperature=args.temperature, top_k=top_k, top_p=args.top_p, key=jax.random.key(args.seed))
+    if stream:  # token by token as the device produces them
+        decoder = tok.stream_decoder()
 
-    def print_token(t: np.ndarray) -> None:  # called from inside the jitted loop, token by token
-        sys.stdout.write(decoder.push(int(t[0])))
-        sys.stdout.flush()
+        def print_token(t: np.ndarray) -> None:  # called from inside the jitted loop
+            sys.stdout.write(decoder.push(int(t[0])))
+            sys.stdout.flush()
 
-    if stream:
         sys.stdout.write(prompt)
-    out = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=top_k, top_p=args.top_p,
-                   key=jax.random.key(args.seed), on_token=print_token if stream else None)
-    if stream:
+        for _ in generate_chunks(model, ids, args.max_new_tokens, on_token=print_token, **sampling):
+            pass
         sys.stdout.write(decoder.flush() + "\n")
-    else:
-        for row in out:
-            print(tok.decode(row))
-            print("---------------")
+        return 0
+    # Samples are printed one after the other at the end; meanwhile each one's text is kept in a
+    # spooled file (memory up to 16 MiB, then disk), so memory stays flat for any --max_new_tokens.
+    decoders = [tok.stream_decoder() for _ in range(args.num_samples)]
+    texts = [tempfile.SpooledTemporaryFile(max_size=1 << 24, mode="w+", encoding="utf-8") for _ in decoders]
+    for text in texts:
+        text.write(prompt)
+    with tqdm(total=args.max_new_tokens, unit="tok", delay=2, file=sys.stderr, disable=not args.progress,
+              dynamic_ncols=True) as bar:
+        for chunk in generate_chunks(model, ids, args.max_new_tokens, **sampling):
+            for text, decoder, row in zip(texts, decoders, chunk):
+                text.write(decoder.feed(row))
+            bar.update(chunk.shape[1])
+    for text, decoder in zip(texts, decoders):
+        text.write(decoder.flush())
+        text.seek(0)
+        shutil.copyfileobj(text, sys.stdout)
+        print("\n---------------")
     return 0
 
 

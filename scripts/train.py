@@ -24,7 +24,9 @@ def main(argv: list[str]) -> int:
     dist.add_argument("--coordinator_address", help="host:port of process 0 (implies --distributed)")
     dist.add_argument("--num_processes", type=int, help="total processes (with --coordinator_address)")
     dist.add_argument("--process_id", type=int, help="this process's index (with --coordinator_address)")
+    cli.add_compile_cache_flag(parser)
     args = parser.parse_args(argv)
+    cli.apply_compile_cache(args.compile_cache)
     if args.distributed or args.coordinator_address:
         init_distributed(args.coordinator_address, args.num_processes, args.process_id)
     model_cfg, tc = resolve_configs(explicit_flags(args, GPTConfig), explicit_flags(args, TrainConfig),

@@ -1,10 +1,17 @@
 """Shared fixtures: tiny configs so compile time stays small on a 2-core CPU."""
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 from flax import nnx
 
 from jaxgpt import GPT, GPTConfig
+
+# The CLIs keep JAX's compilation cache under $XDG_CACHE_HOME; give the test session its own (the
+# CLI subprocesses inherit it), so tests neither read nor fill the user's cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="jaxgpt-test-cache-")
 
 TINY = GPTConfig(block_size=32, vocab_size=256, n_layer=2, n_head=2, n_embd=64, dropout=0.0, bias=True)
 

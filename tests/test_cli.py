@@ -6,6 +6,7 @@ import hashlib
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +100,8 @@ BAD = [
     ("generate", ["--out_dir=out/run", "--top_k=1000"], "--top_k must be in [1, 256]"),
     ("generate", ["--out_dir=out/run", "--top_p=0"], "--top_p must be in (0, 1]"),
     ("generate", ["--out_dir=out/run", "--num_samples=0"], "--num_samples must be >= 1"),
-    ("generate", ["--out_dir=out/run", "--max_new_tokens=0"], "--max_new_tokens must be >= 1"),
+    ("generate", ["--out_dir=out/run", "--max_new_tokens=0"], "--max_new_tokens must be in [1, 2147483647]"),
+    ("generate", ["--out_dir=out/run", "--max_new_tokens=99999999999"], "--max_new_tokens must be in [1, 2147483647]"),
     ("generate", ["--out_dir=out/run", "--prompt_file=nope.txt"], "cannot read --prompt_file"),
     ("generate", ["--checkpoint=nope.pt"], "does not exist"),
     ("generate", ["--out_dir=out/none"], "does not exist"),
@@ -133,3 +135,30 @@ def test_bad_input_gets_one_clear_error_line(work, script, args, message):
     after = _snapshot(work)
     changed = [k for k in before if before[k] != after.get(k)]
     assert not changed, f"{script} {args} modified {changed}"
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def test_a_billion_new_tokens_run_in_flat_memory(work):
+    """Non-streamed, 2 samples, --max_new_tokens=1e9: the old decoder allocated the whole
+    (samples, tokens) buffer up front and the kernel killed it within seconds."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "generate.py"), "--out_dir=out/run",
+                             "--max_new_tokens=1000000000", "--num_samples=2", "--no-stream", "--progress=false"],
+                            cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr.readline().startswith("# out/run step"), "model did not load"
+        time.sleep(3)  # compiled and generating
+        samples = []
+        for _ in range(12):
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            samples.append(_rss_mib(proc.pid))
+            time.sleep(0.5)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert max(samples) < 1024 and max(samples) - samples[0] < 64, f"RSS MiB over 6 s: {samples}"

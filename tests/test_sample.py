@@ -5,7 +5,8 @@ import torch
 from flax import nnx
 
 from jaxgpt import GPT, GPTConfig, UserError
-from jaxgpt.sample import _generate, filter_probs, generate, pick
+from jaxgpt import sample
+from jaxgpt.sample import filter_probs, generate, generate_chunks, pick
 from torchref.sample import filter_probs as torch_filter_probs
 
 CFG = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32)
@@ -59,12 +60,30 @@ def test_streaming_callback_sees_every_token_in_order(model):
     assert seen == out[0, 2:].tolist()
 
 
-def test_compiled_once_per_shape(model):
-    prompt = np.array([[1, 2, 3, 4]])
-    generate(model, prompt, 12, key=jax.random.key(0))
-    before = _generate._cache_size()
-    generate(model, prompt + 1, 12, key=jax.random.key(5))
-    assert _generate._cache_size() == before
+def test_compiled_once_per_prompt_bucket(model):
+    generate(model, np.array([[1, 2, 3, 4]]), 12, key=jax.random.key(0))
+    before = (sample._start._cache_size(), sample._chunk._cache_size())
+    generate(model, np.array([[7, 8, 9, 10, 11, 12, 13]]), 12, key=jax.random.key(5))  # same bucket and chunk
+    assert (sample._start._cache_size(), sample._chunk._cache_size()) == before
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_chunked_generation_equals_one_long_chunk_token_for_token(model, temperature):
+    """Three chunk sizes, the same key: identical tokens, well past block_size (16)."""
+    prompt = np.array([[1, 2, 3], [9, 8, 7]])
+    runs = [np.concatenate(list(generate_chunks(model, prompt, 150, temperature=temperature, key=jax.random.key(3),
+                                                chunk=chunk)), axis=1) for chunk in (256, 32, 5)]
+    assert runs[0].shape == (2, 150)
+    for other in runs[1:]:
+        np.testing.assert_array_equal(runs[0], other)
+
+
+@pytest.mark.parametrize("length", [1, 3, 9, 16, 20])
+def test_prompt_buckets_give_the_tokens_of_exact_shapes(model, monkeypatch, length):
+    prompt = np.random.default_rng(length).integers(0, 256, (2, length))
+    padded = generate(model, prompt, 40, key=jax.random.key(1))
+    monkeypatch.setattr(sample, "prompt_bucket", lambda n, bs: n if n <= bs else 0)  # prefill exactly the prompt
+    np.testing.assert_array_equal(padded, generate(model, prompt, 40, key=jax.random.key(1)))
 
 
 @pytest.mark.parametrize("kwargs, match", [
