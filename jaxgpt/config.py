@@ -15,6 +15,7 @@ from jaxgpt.errors import UserError
 
 REMAT_CHOICES = ("auto", "none", "full", "dots")  # auto: jaxgpt.platform decides per backend
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+ACTIVATIONS = ("gelu", "gelu_tanh")
 
 
 def _require(ok: bool, msg: str) -> None:
@@ -33,6 +34,8 @@ class GPTConfig:
     n_embd: int = 384
     dropout: float = 0.2
     bias: bool = False  # nanoGPT train.py's default (its shakespeare_char run has no biases)
+    activation: Literal["gelu", "gelu_tanh"] = "gelu"  # exact erf GELU (nanoGPT); gelu_tanh = GPT-2's gelu_new
+    layer_norm_epsilon: float = 1e-5
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -45,6 +48,10 @@ class GPTConfig:
         _require(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
                  f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
         _require(isinstance(self.bias, bool), f"GPTConfig.bias must be a bool, got {self.bias!r}")
+        _require(self.activation in ACTIVATIONS, f"GPTConfig.activation must be one of {ACTIVATIONS}, "
+                                                 f"got {self.activation!r}")
+        _require(isinstance(self.layer_norm_epsilon, (int, float)) and 0 < self.layer_norm_epsilon < 1,
+                 f"GPTConfig.layer_norm_epsilon must be in (0, 1), got {self.layer_norm_epsilon!r}")
 
     @property
     def head_dim(self) -> int:

@@ -8,12 +8,14 @@ every process of a multi-host run can cut its own rows out of the same global ba
 """
 from __future__ import annotations
 
+import bz2
 import hashlib
 import json
 import os
 import tempfile
 import urllib.request
 from collections.abc import Iterable, Iterator
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ from jaxgpt.errors import UserError
 from jaxgpt.tokenizer import VOCAB_SIZE
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"  # input.txt, 1,115,394 bytes
 # TinyStories: stories are separated by this byte. 0xFF never occurs in UTF-8 text, so it is an
 # unambiguous one-token boundary the model can learn, and the vocabulary stays 256.
 EOT_BYTE = 0xFF
@@ -44,13 +47,29 @@ def _atomic_write(path: Path, data: bytes | Iterable[bytes]) -> None:
         raise
 
 
-def _read_source(input_path: str | None, url: str) -> bytes:
-    if input_path is None:
-        try:
-            with urllib.request.urlopen(url, timeout=60) as r:
-                return r.read()
-        except OSError as e:
-            raise UserError(f"could not download {url} ({e}); pass a local copy with --input PATH") from None
+def bundled_shakespeare() -> bytes:
+    """Tiny Shakespeare as shipped in the package (jaxgpt/corpus), checked against its hash."""
+    try:
+        raw = bz2.decompress(resources.files("jaxgpt").joinpath("corpus/tinyshakespeare.txt.bz2").read_bytes())
+    except (OSError, ValueError) as e:
+        raise UserError(f"the bundled Tiny Shakespeare cannot be read ({e}); reinstall jaxgpt, or use --download "
+                        f"or --input PATH") from None
+    if hashlib.sha256(raw).hexdigest() != SHAKESPEARE_SHA256:
+        raise UserError("the bundled Tiny Shakespeare does not match its sha256; reinstall jaxgpt, or use --download "
+                        "or --input PATH")
+    return raw
+
+
+def _download(url: str) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            return r.read()
+    except OSError as e:
+        raise UserError(f"could not download {url} ({e}); drop --download to use the bundled copy, "
+                        f"or pass a local file with --input PATH") from None
+
+
+def _read_file(input_path: str) -> bytes:
     path = Path(input_path)
     if not path.is_file():
         raise UserError(f"input file {input_path} does not exist; pass an existing text file with --input")
@@ -83,10 +102,16 @@ def prepare_text(raw: bytes, out_dir: str | Path, source: str, *, val_fraction: 
     return meta
 
 
-def prepare_shakespeare(data_dir: str | Path, input_path: str | None = None) -> dict:
-    """Tiny Shakespeare: downloads from its canonical address unless given a local copy."""
-    raw = _read_source(input_path, SHAKESPEARE_URL)
-    return prepare_text(raw, Path(data_dir) / "shakespeare", input_path or SHAKESPEARE_URL)
+def prepare_shakespeare(data_dir: str | Path, input_path: str | None = None, download: bool = False) -> dict:
+    """Tiny Shakespeare from the copy bundled with jaxgpt (no network), a local file, or its
+    canonical address (download=True)."""
+    if input_path is not None:
+        raw, source = _read_file(input_path), input_path
+    elif download:
+        raw, source = _download(SHAKESPEARE_URL), SHAKESPEARE_URL
+    else:
+        raw, source = bundled_shakespeare(), "bundled:jaxgpt/corpus/tinyshakespeare.txt.bz2"
+    return prepare_text(raw, Path(data_dir) / "shakespeare", source)
 
 
 def _stories_from_txt(path: Path, chunk_bytes: int = 1 << 22) -> Iterator[str]:
@@ -176,6 +201,14 @@ def prepare_tinystories(data_dir: str | Path, inputs: list[str] | None = None) -
         meta[f"{split}_stories"], meta[f"{split}_tokens"] = n_stories, n_tokens
     _atomic_write(out_dir / "meta.json", json.dumps(meta, indent=2).encode())
     return meta
+
+
+def prepare_if_missing(data_dir: str | Path, dataset: str) -> dict | None:
+    """Tiny Shakespeare needs no separate prepare step: when `shakespeare` is not prepared yet,
+    prepare it from the bundled copy and return its meta (None when nothing was done)."""
+    if dataset != "shakespeare" or (Path(data_dir) / dataset / "meta.json").is_file():
+        return None
+    return prepare_shakespeare(data_dir)
 
 
 def dataset_dir(data_dir: str | Path, dataset: str) -> Path:

@@ -56,8 +56,15 @@ def attention_path(dropout_active: bool, kernel: str) -> str:
 
 
 def _layernorm(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    # torch's eps and two-pass variance, so fp32 logits match torchref to ~1e-6
-    return nnx.LayerNorm(cfg.n_embd, epsilon=1e-5, use_bias=cfg.bias, use_fast_variance=False, rngs=rngs)
+    # two-pass variance like torch, so fp32 logits match torchref to ~1e-6
+    return nnx.LayerNorm(cfg.n_embd, epsilon=cfg.layer_norm_epsilon, use_bias=cfg.bias, use_fast_variance=False,
+                         rngs=rngs)
+
+
+def gelu(h: jax.Array, activation: str) -> jax.Array:
+    if activation == "gelu_tanh":  # GPT-2's gelu_new: 0.5 h (1 + tanh(sqrt(2/pi) (h + 0.044715 h^3)))
+        return jax.nn.gelu(h, approximate=True)
+    return 0.5 * h * (1.0 + jax.lax.erf(h * _SQRT_HALF))  # exact GELU, as torch's nn.GELU(); see _SQRT_HALF
 
 
 class CausalSelfAttention(nnx.Module):
@@ -118,10 +125,10 @@ class MLP(nnx.Module):
         self.c_fc = _linear(cfg.n_embd, 4 * cfg.n_embd, 0.02, cfg, rngs)
         self.c_proj = _linear(4 * cfg.n_embd, cfg.n_embd, 0.02 / math.sqrt(2 * cfg.n_layer), cfg, rngs)
         self.dropout = nnx.Dropout(cfg.dropout)
+        self.activation = cfg.activation
 
     def __call__(self, x: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
-        h = _flat(self.c_fc, x)
-        h = 0.5 * h * (1.0 + jax.lax.erf(h * _SQRT_HALF))  # exact GELU, as torch's nn.GELU(); see _SQRT_HALF
+        h = gelu(_flat(self.c_fc, x), self.activation)
         return self.dropout(_flat(self.c_proj, h), rngs=key)
 
 

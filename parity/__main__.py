@@ -15,10 +15,15 @@ def _table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+GROUPS = {"model": model_checks, "generation": generation_checks, "training": training_checks, "bf16": bf16_checks}
+
+
 def main(argv: list[str] | None = None) -> int:
-    argparse.ArgumentParser(description=__doc__).parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", nargs="+", choices=sorted(GROUPS), help="run these groups of checks (default: all)")
+    args = parser.parse_args(argv)
     start = time.perf_counter()
-    results = [r for checks in (model_checks, generation_checks, training_checks, bf16_checks) for check in checks() for r in check()]
+    results = [r for name in (args.only or GROUPS) for check in GROUPS[name]() for r in check()]
     print(_table(results))
     failed = [r for r in results if not r.passed]
     print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed ({time.perf_counter() - start:.0f} s)")

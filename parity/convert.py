@@ -1,33 +1,37 @@
-"""THE conversion table between jaxgpt parameters and nanoGPT/torchref state_dict names.
+"""THE conversion table between jaxgpt parameters and nanoGPT / Hugging Face GPT-2 names.
 
-Used in both directions, so a name can only be wrong in one place. Three facts cover it:
-- Linear kernels are stored (in, out) in Flax and (out, in) in torch: transpose.
-- jaxgpt stacks the n_layer blocks (leading layer axis); torch numbers them h.0, h.1, ...
-- lm_head.weight is tied to transformer.wte.weight in both models.
+Used in both directions and by every format (nanoGPT ckpt.pt, safetensors, Hugging Face
+folders), so a name can only be wrong in one place. Four facts cover it:
+- the names are nanoGPT's, which are also GPT-2's in transformers (`transformer.h.0.attn.c_attn.weight`);
+- Linear kernels are (in, out) in Flax and in GPT-2's Conv1D, (out, in) in torch's nn.Linear:
+  the `layout` argument says which one a state_dict uses ("linear" transposes, "conv1d" does not);
+- jaxgpt stacks the n_layer blocks (leading layer axis); the others number them h.0, h.1, ...;
+- lm_head.weight is tied to transformer.wte.weight everywhere.
+It works on numpy arrays: torch is imported only by the torch helpers at the end.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-import torch
 from flax import nnx
 
-import torchref
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT
 
-# (jaxgpt path, torch name, transpose?) — torch names below are prefixed with "transformer."
+# (jaxgpt path, name, is a Linear kernel?) — names below are prefixed with "transformer."
 TOP_TABLE = [
     ("wte.embedding", "wte.weight", False),
     ("wpe.embedding", "wpe.weight", False),
     ("ln_f.scale", "ln_f.weight", False),
     ("ln_f.bias", "ln_f.bias", False),
 ]
-# per block: jaxgpt's h.<path>[i] <-> torch's transformer.h.<i>.<name>
+# per block: jaxgpt's h.<path>[i] <-> transformer.h.<i>.<name>
 LAYER_TABLE = [
     ("ln_1.scale", "ln_1.weight", False),
     ("ln_1.bias", "ln_1.bias", False),
@@ -42,19 +46,27 @@ LAYER_TABLE = [
     ("mlp.c_proj.kernel", "mlp.c_proj.weight", True),
     ("mlp.c_proj.bias", "mlp.c_proj.bias", False),
 ]
+LAYOUTS = ("linear", "conv1d")  # nanoGPT/torchref nn.Linear (out, in); GPT-2 Conv1D (in, out)
 TIED_HEAD = "lm_head.weight"  # == transformer.wte.weight
 COMPILE_PREFIX = "_orig_mod."  # torch.compile wraps the module and prefixes every key
-# nanoGPT without flash attention registers its causal mask as a buffer named attn.bias
+# causal-mask buffers: nanoGPT without flash attention, and transformers before v5
 _MASK_BUFFER = re.compile(r"^transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
 
 
-def _entries(cfg: GPTConfig) -> list[tuple[str, int | None, str, bool]]:
-    """Every parameter as (jax path, layer index or None, torch name, transpose?)."""
-    keep = (lambda name: cfg.bias or not name.endswith(".bias"))
+def _entries(cfg: GPTConfig, with_bias: bool | None = None) -> list[tuple[str, int | None, str, bool]]:
+    """Every parameter as (jax path, layer index or None, name, is a Linear kernel?)."""
+    with_bias = cfg.bias if with_bias is None else with_bias
+    keep = (lambda name: with_bias or not name.endswith(".bias"))
     out = [(jp, None, "transformer." + tn, t) for jp, tn, t in TOP_TABLE if keep(tn)]
     for i in range(cfg.n_layer):
         out += [("h." + jp, i, f"transformer.h.{i}.{tn}", t) for jp, tn, t in LAYER_TABLE if keep(tn)]
     return out
+
+
+def _shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes by jaxgpt path, without creating the arrays."""
+    state = nnx.state(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))
+    return {".".join(map(str, p)): tuple(v.shape) for p, v in nnx.to_flat_state(state)}
 
 
 def flat_params(model: GPT) -> dict[str, np.ndarray]:
@@ -75,19 +87,26 @@ def config_from_model_args(model_args: dict[str, Any]) -> GPTConfig:
     return GPTConfig.from_dict({"bias": True, "dropout": 0.0, **model_args})
 
 
-def to_torch_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """jaxgpt model -> nanoGPT-named state_dict of CPU torch tensors (lm_head shares wte)."""
+def to_state_dict(model: GPT, layout: str = "linear", zero_biases: bool = False) -> dict[str, np.ndarray]:
+    """jaxgpt model -> {name: float32 array} with lm_head.weight (the same array as wte).
+    zero_biases: write explicit zero biases for a bias=False model (GPT-2 always has biases;
+    zeros compute the same function)."""
     flat = flat_params(model)
-    sd: dict[str, torch.Tensor] = {}
-    for jax_path, layer, name, transpose in _entries(model.config):
-        value = flat[jax_path] if layer is None else flat[jax_path][layer]
-        sd[name] = torch.tensor(np.ascontiguousarray(value.T if transpose else value))  # a copy torch owns
+    cfg = model.config
+    biased = _shapes(dataclasses.replace(cfg, bias=True)) if zero_biases and not cfg.bias else {}
+    sd: dict[str, np.ndarray] = {}
+    for jax_path, layer, name, kernel in _entries(cfg, with_bias=cfg.bias or zero_biases):
+        if jax_path in flat:
+            value = flat[jax_path] if layer is None else flat[jax_path][layer]
+        else:  # a bias the model does not have
+            value = np.zeros(biased[jax_path][1:] if layer is not None else biased[jax_path], np.float32)
+        sd[name] = np.ascontiguousarray(value.T if kernel and layout == "linear" else value)
     sd[TIED_HEAD] = sd["transformer.wte.weight"]
     return sd
 
 
-def _clean(sd: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Strip torch.compile prefixes and drop nanoGPT's causal-mask buffers."""
+def _clean(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """Strip torch.compile prefixes and drop causal-mask buffers."""
     out = {}
     for k, v in sd.items():
         k = k[len(COMPILE_PREFIX):] if k.startswith(COMPILE_PREFIX) else k
@@ -96,54 +115,81 @@ def _clean(sd: dict[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
-def from_torch_state_dict(sd: dict[str, Any], cfg: GPTConfig) -> GPT:
-    """nanoGPT/torchref state_dict -> jaxgpt GPT (eval mode, float32).
+def _as_numpy(value: Any) -> np.ndarray | None:
+    """float32 numpy array from a numpy array or a torch tensor (duck-typed: no torch import)."""
+    if hasattr(value, "detach"):  # torch.Tensor, any dtype (bf16 has no numpy twin)
+        return value.detach().to("cpu").float().numpy()
+    if isinstance(value, np.ndarray):
+        return value.astype(np.float32, copy=False)
+    return None
+
+
+def from_state_dict(sd: Mapping[str, Any], cfg: GPTConfig, layout: str = "linear") -> GPT:
+    """State_dict (numpy arrays or torch tensors, nanoGPT names) -> jaxgpt GPT (eval mode, float32).
 
     Raises UserError listing every missing, unexpected and mis-shaped key."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     sd = _clean(sd)
     entries = _entries(cfg)
     expected = {name for _, _, name, _ in entries} | {TIED_HEAD}
-    abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))
+    shapes = _shapes(cfg)
     problems = []
     if missing := sorted(expected - {TIED_HEAD} - sd.keys()):
-        problems.append(f"missing keys {missing}")
+        problems.append(f"missing tensors {missing}")
     if unexpected := sorted(sd.keys() - expected):
-        problems.append(f"unexpected keys {unexpected}")
-    values: dict[str, list] = {}
-    for jax_path, layer, name, transpose in entries:
+        problems.append(f"unexpected tensors {unexpected}")
+    values: dict[str, list[np.ndarray]] = {}
+    for jax_path, layer, name, kernel in entries:
         if name not in sd:
             continue
-        if not isinstance(sd[name], torch.Tensor):
+        arr = _as_numpy(sd[name])
+        if arr is None:
             problems.append(f"{name} is a {type(sd[name]).__name__}, not a tensor")
             continue
-        arr = sd[name].detach().to("cpu", torch.float32).numpy()
+        transpose = kernel and layout == "linear"
         arr = arr.T if transpose else arr
-        want = flat[jax_path].shape if layer is None else flat[jax_path].shape[1:]
-        if arr.shape != tuple(want):
-            problems.append(f"{name} has shape {tuple(sd[name].shape)}, expected "
-                            f"{tuple(want)[::-1] if transpose else tuple(want)}")
+        want = tuple(shapes[jax_path] if layer is None else shapes[jax_path][1:])
+        if arr.shape != want:
+            problems.append(f"{name} has shape {tuple(np.shape(sd[name]))}, expected {want[::-1] if transpose else want}")
         values.setdefault(jax_path, []).append(arr)
     if TIED_HEAD in sd and "transformer.wte.weight" in sd and not problems:
-        if not torch.equal(sd[TIED_HEAD].float(), sd["transformer.wte.weight"].float()):
+        if not np.array_equal(_as_numpy(sd[TIED_HEAD]), _as_numpy(sd["transformer.wte.weight"])):
             problems.append(f"{TIED_HEAD} differs from transformer.wte.weight; jaxgpt ties them")
     if problems:
-        raise UserError("state_dict does not match GPTConfig " + str(cfg.to_dict()) + ": " + "; ".join(problems))
-    for jax_path, arrays in values.items():
-        value = arrays[0] if not jax_path.startswith("h.") else np.stack(arrays)
-        flat[jax_path].set_value(jnp.asarray(value))
+        raise UserError("weights do not match the model config " + str(cfg.to_dict()) + ": " + "; ".join(problems))
+    arrays = {p: jnp.asarray(v[0] if not p.startswith("h.") else np.stack(v)) for p, v in values.items()}
+    state = nnx.from_flat_state([(p, v.replace(arrays[".".join(map(str, p))])) for p, v in nnx.to_flat_state(state)])
     model = nnx.merge(graphdef, state)
     model.eval()
     return model
 
 
-def jax_to_torch_model(model: GPT) -> torchref.GPT:
+# --- torch (imported here only): torchref models and torch state_dicts ---
+
+def to_torch_state_dict(model: GPT) -> dict[str, Any]:
+    """jaxgpt model -> nanoGPT-named state_dict of CPU torch tensors (lm_head shares wte)."""
+    import torch
+
+    sd = {k: torch.tensor(v) for k, v in to_state_dict(model).items() if k != TIED_HEAD}  # copies torch owns
+    sd[TIED_HEAD] = sd["transformer.wte.weight"]
+    return sd
+
+
+def from_torch_state_dict(sd: Mapping[str, Any], cfg: GPTConfig) -> GPT:
+    """nanoGPT/torchref state_dict (torch tensors, nn.Linear layout) -> jaxgpt GPT."""
+    return from_state_dict(sd, cfg, "linear")
+
+
+def jax_to_torch_model(model: GPT) -> Any:
     """A torchref.GPT (eval mode) holding the same weights as `model`."""
+    import torchref
+
     tmodel = torchref.GPT(model.config)
     tmodel.load_state_dict(to_torch_state_dict(model))
     return tmodel.eval()
 
 
-def torch_to_jax_model(tmodel: torchref.GPT) -> GPT:
+def torch_to_jax_model(tmodel: Any) -> GPT:
     return from_torch_state_dict(tmodel.state_dict(), tmodel.config)

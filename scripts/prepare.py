@@ -1,6 +1,7 @@
 """Prepare a dataset as byte-level uint8 token files: data/<name>/{train,val}.bin + meta.json.
 
-  python scripts/prepare.py shakespeare [--input PATH]      # no PATH: download Tiny Shakespeare
+  python scripts/prepare.py shakespeare [--input PATH]      # no PATH: the copy bundled with jaxgpt
+  python scripts/prepare.py shakespeare --download          # fetch it from its canonical address
   python scripts/prepare.py tinystories [--input FILES...]  # no FILES: Hugging Face `datasets`
   python scripts/prepare.py text --input FILE --name NAME    # any UTF-8 text file
 """
@@ -19,11 +20,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--input", nargs="+", help="local source file(s)")
     parser.add_argument("--name", help="dataset name for `text` (the folder under --data_dir)")
     parser.add_argument("--data_dir", default="data", help="where datasets live (default: data)")
+    parser.add_argument("--download", action="store_true", help="shakespeare: download instead of the bundled copy")
     args = parser.parse_args(argv)
     if args.dataset == "shakespeare":
         if args.input and len(args.input) > 1:
             raise UserError("shakespeare takes one --input file")
-        meta = prepare_shakespeare(args.data_dir, args.input[0] if args.input else None)
+        meta = prepare_shakespeare(args.data_dir, args.input[0] if args.input else None, args.download)
         name = "shakespeare"
     elif args.dataset == "tinystories":
         meta, name = prepare_tinystories(args.data_dir, args.input), "tinystories"

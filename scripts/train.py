@@ -11,6 +11,7 @@ import jax
 
 from jaxgpt import GPTConfig, TrainConfig, cli
 from jaxgpt.config import PRESETS, explicit_flags, make_parser
+from jaxgpt.data import prepare_if_missing
 from jaxgpt.sharding import init_distributed
 from jaxgpt.rundir import resolve_configs
 from jaxgpt.train import train
@@ -32,6 +33,9 @@ def main(argv: list[str]) -> int:
     model_cfg, tc = resolve_configs(explicit_flags(args, GPTConfig), explicit_flags(args, TrainConfig),
                                     PRESETS[args.preset])
     main_process = jax.process_index() == 0
+    if (meta := prepare_if_missing(tc.data_dir, tc.dataset)) is not None and main_process:
+        print(f"data: prepared {tc.data_dir}/{tc.dataset} from the Tiny Shakespeare bundled with jaxgpt "
+              f"({meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens)")
     if main_process:
         print(f"model: {json.dumps(model_cfg.to_dict())}")
         print(f"train: {json.dumps(tc.to_dict())}")

@@ -13,6 +13,20 @@ from jaxgpt import GPT, GPTConfig
 # CLI subprocesses inherit it), so tests neither read nor fill the user's cache.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="jaxgpt-test-cache-")
 
+
+
+def pytest_report_header() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "-"
+    return "versions: " + ", ".join(f"{n} {v(n)}" for n in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
+                                                             "torch", "transformers", "tokenizers"))
+
+
 TINY = GPTConfig(block_size=32, vocab_size=256, n_layer=2, n_head=2, n_embd=64, dropout=0.0, bias=True)
 
 

@@ -1,0 +1,67 @@
+"""The README's Quick start command 1, run as a new user would on a fresh machine: a copy of
+the repository, a new virtual environment, no network. CI affords neither a fresh download of
+JAX nor 2000 steps, so (the closest equivalent): pip resolves the dependencies from the test
+environment's site-packages instead of the registry (PIP_NO_INDEX, HTTP(S) through a dead proxy)
+and the run is cut to 60 steps."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+from jaxgpt.data import SHAKESPEARE_SHA256
+from tests.test_repo import quick_start
+
+ROOT = Path(__file__).resolve().parents[1]
+SHORTER = "--preset=cpu --max_iters=60 --eval_interval=30 --eval_iters=5"
+
+
+def _copy_checkout(dst: Path) -> None:
+    """The files a fresh clone has (no .venv, data, out, build artefacts)."""
+    skip = {".git", ".venv", ".venv-lowest", "data", "out", "build", "dist", "__pycache__", ".pytest_cache",
+            ".hypothesis", "tests"}
+    shutil.copytree(ROOT, dst, ignore=lambda d, names: [n for n in names if n in skip or n.endswith(".egg-info")])
+
+
+def _dependencies(dst: Path) -> Path:
+    """This environment's site-packages without jaxgpt itself (its editable finder would shadow
+    the fresh checkout's): a folder of links to put on PYTHONPATH."""
+    dst.mkdir()
+    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+        if not entry.name.startswith(("__editable__", "jaxgpt")):
+            (dst / entry.name).symlink_to(entry)
+    return dst
+
+
+def test_quick_start_command_1_trains_plots_and_samples_offline(tmp_path):
+    command = quick_start((ROOT / "README.md").read_text())[0]
+    assert "--preset=cpu" in command and "pip install -e ." in command
+    repo = tmp_path / "jaxgpt"
+    _copy_checkout(repo)
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path / "home"), "XDG_CACHE_HOME": str(tmp_path / "cache"),
+           "PYTHONPATH": str(_dependencies(tmp_path / "deps")),  # the dependencies, instead of the registry
+           "PIP_NO_INDEX": "1", "PIP_NO_BUILD_ISOLATION": "0", "PIP_FIND_LINKS": "", "PIP_CONSTRAINT": "",
+           "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+    python_dir = str(Path(sys.executable).parent)
+    env["PATH"] = ":".join(p for p in env["PATH"].split(":") if p != python_dir)  # not the test venv's python
+    proc = subprocess.run(["bash", "-c", command.replace("--preset=cpu", SHORTER)], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (tmp_path / "elsewhere").mkdir()
+    where = subprocess.run([str(repo / ".venv" / "bin" / "python"), "-c", "import jaxgpt; print(jaxgpt.__file__)"],
+                           cwd=tmp_path / "elsewhere", env=env, capture_output=True, text=True, timeout=120).stdout
+    assert where.startswith(str(repo)), f"jaxgpt imported from {where!r}, not the fresh checkout"
+    assert "prepared data/shakespeare from the Tiny Shakespeare bundled with jaxgpt" in proc.stdout
+    meta = json.loads((repo / "data" / "shakespeare" / "meta.json").read_text())
+    assert meta["sha256"] == SHAKESPEARE_SHA256 and meta["source"].startswith("bundled:")
+    train = (repo / "data" / "shakespeare" / "train.bin").read_bytes()
+    assert len(train) == 1_003_854 and hashlib.sha256(train).hexdigest() != SHAKESPEARE_SHA256  # the 90 % split
+    sample = proc.stdout.split("KING RICHARD III:", 1)
+    assert len(sample) == 2 and len(sample[1].encode()) >= 400, proc.stdout[-1500:]
+    png = (repo / "out" / "shakespeare" / "loss.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
