@@ -8,9 +8,11 @@ after a probe compile shows the installed jaxlib accepts them.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import os
+import sys
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,14 +26,14 @@ from jaxgpt.errors import UserError
 
 log = logging.getLogger("jaxgpt")
 
-# XLA:CPU options for CPU programs only; each one's measured effect is in BENCHMARKS.md.
-CPU_COMPILER_OPTIONS: dict[str, str] = {
-    # hand each matmul to the YNN library on its own instead of fusing elementwise neighbours
-    # into it (those fusions materialised broadcasts of LayerNorm scales)
-    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
-}
-CPU_REMAT = "full"  # the policy measured fastest on XLA:CPU (BENCHMARKS.md)
-REMAT_BY_MEMORY = ("none", "dots", "full")  # accelerators: the first whose step fits
+# XLA:CPU options for CPU programs only, each kept only with a measured effect (BENCHMARKS.md).
+# Empty: xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT made one VM's
+# step 7 % faster and this project's AMD EPYC VM's 8 % slower, so it is not a default.
+CPU_COMPILER_OPTIONS: dict[str, str] = {}
+REMAT_BY_MEMORY = ("none", "dots", "full")  # remat=auto: the first whose compiled step fits in memory
+# glibc malloc settings for CPU training processes (mallopt parameter, value); see tune_host_allocator
+GLIBC_MALLOPT = {"M_ARENA_MAX": (-8, 1), "M_MMAP_MAX": (-4, 0), "M_TRIM_THRESHOLD": (-1, -1)}
+_host_allocator: list[str] = []  # what tune_host_allocator changed in this process
 MEMORY_MARGIN = 0.85  # remat=auto keeps this fraction of device memory for the train step
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -48,6 +50,7 @@ class Platform:
     remat: str  # 'none' | 'dots' | 'full'
     attention: str  # the kernel for dropout-free attention: 'xla' | 'cudnn'
     compiler_options: dict[str, str]
+    host_allocator: str  # what tune_host_allocator did ('' = untouched)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,10 +103,42 @@ def resolve_attention(cfg: GPTConfig, dtype: str, platform: str) -> str:
 
 
 def remat_candidates(requested: str, platform: str) -> tuple[str, ...]:
-    """Policies train.py compiles in order, keeping the first whose step fits in memory."""
-    if requested != "auto":
-        return (requested,)
-    return (CPU_REMAT,) if platform == "cpu" else REMAT_BY_MEMORY
+    """Policies train.py compiles in order, keeping the first whose step fits in memory. Storing
+    activations (none) is the fastest policy on every platform once the host allocator keeps
+    the CPU step's buffers (tune_host_allocator; BENCHMARKS.md)."""
+    return (requested,) if requested != "auto" else REMAT_BY_MEMORY
+
+
+def _runs_on_cpu() -> bool:
+    """Whether JAX will pick the CPU backend, decided without starting it: JAX_PLATFORMS says so,
+    or no accelerator plugin (CUDA/ROCm/TPU) is installed."""
+    from importlib import metadata, util
+
+    chosen = os.environ.get("JAX_PLATFORMS", "").split(",")[0].strip().lower()
+    if chosen:
+        return chosen == "cpu"
+    return not (list(metadata.entry_points(group="jax_plugins")) or util.find_spec("libtpu"))
+
+
+def tune_host_allocator() -> str:
+    """For CPU training processes, before JAX starts (the CLIs call it; importing jaxgpt never does).
+
+    XLA:CPU allocates a step's temporaries as one buffer per call. glibc serves a buffer above
+    32 MiB with a fresh mmap and unmaps it on free, so every step page-faults its whole working
+    set back in: on the CPU preset without remat 11,000 faults and 45 ms of kernel time per
+    step, which made storing activations slower than recomputing them (BENCHMARKS.md). One
+    arena, no mmap and no trimming keep freed memory for the next step. Linux/glibc only; a
+    no-op elsewhere and on GPU/TPU hosts. Returns what it changed ('' when nothing)."""
+    if _host_allocator or not sys.platform.startswith("linux") or not _runs_on_cpu():
+        return "".join(_host_allocator)
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # glibc only (musl has no mallopt parameters like these)
+    except (OSError, AttributeError):
+        return ""
+    done = [f"{name}={value}" for name, (param, value) in GLIBC_MALLOPT.items() if libc.mallopt(param, value) == 1]
+    _host_allocator.append("glibc malloc " + ", ".join(done) if done else "")
+    return _host_allocator[0]
 
 
 def memory_limit(device: jax.Device | None = None) -> tuple[int | None, str]:
@@ -160,7 +195,8 @@ def describe(cfg: GPTConfig, tc: TrainConfig, remat: str) -> Platform:
     dtype = resolve_dtype(tc.dtype, platform)
     return Platform(backend=platform, device_kind=jax.devices()[0].device_kind, devices=jax.device_count(),
                     processes=jax.process_count(), dtype=dtype, remat=remat,
-                    attention=resolve_attention(cfg, dtype, platform), compiler_options=compiler_options(platform))
+                    attention=resolve_attention(cfg, dtype, platform), compiler_options=compiler_options(platform),
+                    host_allocator="".join(_host_allocator))
 
 
 def default_compile_cache() -> Path:

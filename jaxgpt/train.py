@@ -181,14 +181,14 @@ def stop_signals() -> Iterator[list[int]]:
 
 
 def compile_train_step(model_cfg: GPTConfig, tc: TrainConfig, state: TrainState, x: jax.Array, y: jax.Array,
-                       step: int) -> tuple[Callable, nnx.GraphDef, Platform, dict[str, Any]]:
+                       step: int, attention: str | None = None) -> tuple[Callable, nnx.GraphDef, Platform, dict[str, Any]]:
     """Compile the train step ahead of time for the platform: under remat=auto on GPU/TPU, the
     first policy of none -> dots -> full whose step fits the device's memory with a margin
     (XLA's memory analysis of the compiled program). Stops with UserError, before any step
     runs, when even the chosen program cannot fit. Returns (compiled step, eval graphdef,
-    Platform, memory figures)."""
+    Platform, memory figures). `attention` overrides the platform's kernel choice (benchmarks)."""
     here = platform.backend()
-    attention = platform.resolve_attention(model_cfg, platform.resolve_dtype(tc.dtype, here), here)
+    attention = attention or platform.resolve_attention(model_cfg, platform.resolve_dtype(tc.dtype, here), here)
     shardings = jax.tree.map(lambda a: a.sharding, state)
     limit, where = platform.memory_limit()
     for remat in platform.remat_candidates(tc.remat, here):
@@ -201,7 +201,7 @@ def compile_train_step(model_cfg: GPTConfig, tc: TrainConfig, state: TrainState,
     platform.check_fits(need, limit, where, tc, remat)
     memory = {"step_bytes_per_device": need, "limit_bytes_per_device": limit, "limit_source": where,
               "compile_s": round(time.perf_counter() - t, 3)}
-    return compiled, eval_graphdef, platform.describe(model_cfg, tc, remat), memory
+    return compiled, eval_graphdef, dataclasses.replace(platform.describe(model_cfg, tc, remat), attention=attention), memory
 
 
 class MetricsLog:

@@ -1,29 +1,33 @@
-"""The benchmark harness behind scripts/bench.py: jaxgpt and torchref side by side, same
-weights, same batch, same machine, reported as ratios in one run.
+"""The benchmark harness behind scripts/bench.py: jaxgpt against torchref on the same machine,
+same config, same weights and batch, as ratios from one run of the harness.
 
-Timings are medians after warm-up (and, for jax, after compilation, which is timed apart).
+Each contender runs in its own fresh process (parity/bench_workers.py), the contenders in
+alternation for several rounds, the starting one rotating; every figure is reported as min /
+median / max over processes, and a ratio as the per-round ratios' min / median / max. Each
+process also measures a numpy matmul probe before and after: a process whose probe falls below
+SLOW_PROBE x the run's median ran in a slow moment of the machine and is flagged (and the
+medians are shown without it as well), instead of being averaged in silently.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import platform
+import re
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-import numpy as np
-import torch
-from flax import nnx
-
-import torchref
 from jaxgpt.config import GPTConfig, TrainConfig
-from jaxgpt.model import GPT
-from jaxgpt.perf import device_peak_flops, flops_per_token
-from jaxgpt.sample import generate
-from jaxgpt.train import init_state, lr_schedule, make_optimizer, make_train_step
-from parity.convert import to_torch_state_dict
-from torchref.sample import generate as torch_generate
-from torchref.train import make_optimizer as torch_optimizer, train_step as torch_train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+SLOW_PROBE = 0.8
 
 
 @dataclass
@@ -33,138 +37,177 @@ class Figure:
     value: float
     unit: str
     note: str = ""
+    low: float | None = None  # min over processes (or rounds)
+    high: float | None = None  # max
 
 
-def _median_time(fn: Callable[[], object], warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def machine() -> dict:
+    """What a figure from this machine is a fact about."""
+    info: dict = {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "machine": platform.machine(),
+                  "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0))}
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        info["cpu"] = re.search(r"model name\s*:\s*(.*)", cpuinfo).group(1).strip()
+    except (OSError, AttributeError):
+        info["cpu"] = platform.processor() or "unknown"
+    caches = {}
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind = (index / "level").read_text().strip(), (index / "type").read_text().strip()
+            caches[f"L{level}{'d' if kind == 'Data' else 'i' if kind == 'Instruction' else ''}"] = (index / "size").read_text().strip()
+        except OSError:
+            continue
+    info["caches"] = caches
+    from importlib.metadata import PackageNotFoundError, version
+    for name in ("jax", "jaxlib", "flax", "torch"):
+        try:
+            info[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return info
 
 
-def _batch(cfg: GPTConfig, tc: TrainConfig, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    shape = (tc.gradient_accumulation_steps, tc.batch_size, cfg.block_size + 1)
-    win = np.random.default_rng(seed).integers(0, cfg.vocab_size, shape).astype(np.int32)
-    return win[..., :-1], win[..., 1:]
+def worker(spec: dict, timeout: float = 3600) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "parity.bench_workers", json.dumps(spec)], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark worker {spec['section']}/{spec['side']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def jax_train(cfg: GPTConfig, tc: TrainConfig) -> tuple[Callable[[], None], dict]:
-    """A zero-argument jaxgpt train step (compiled ahead), with compile time and XLA's memory analysis."""
-    graphdef, _, state = init_state(cfg, tc)
-    x, y = _batch(cfg, tc)
-    step_fn = make_train_step(graphdef, make_optimizer(tc), tc)
-    t = time.perf_counter()
-    compiled = step_fn.lower(state, x, y, 0).compile()
-    compile_s = time.perf_counter() - t
-    mem = compiled.memory_analysis()
-    box = [state]
-
-    def one() -> None:
-        box[0], metrics = compiled(box[0], x, y, 0)
-        metrics["loss"].block_until_ready()
-
-    return one, {"compile_s": compile_s, "temp_bytes": getattr(mem, "temp_size_in_bytes", float("nan"))}
+def alternate(specs: dict[str, dict], processes: int, log=print) -> dict[str, list[dict]]:
+    """Run every contender `processes` times in fresh processes: round r starts at contender r."""
+    names = list(specs)
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for r in range(processes):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            result = worker(specs[name])
+            runs[name].append(result)
+            log(f"  round {r + 1}/{processes} {name}: {result['median_s'] * 1e3:.1f} ms "
+                f"(probe {result['probe_before']:.0f}/{result['probe_after']:.0f} GFLOP/s)")
+    return runs
 
 
-def torch_train(cfg: GPTConfig, tc: TrainConfig, compile_model: bool = False) -> Callable[[], None]:
-    """A zero-argument torchref train step from the same initial weights and batch."""
-    graphdef, _, state = init_state(cfg, tc)
-    model = torchref.GPT(cfg)
-    model.load_state_dict(to_torch_state_dict(nnx.merge(graphdef, state.params)))
-    opt = torch_optimizer(model, tc)
-    run_model = torch.compile(model) if compile_model else model
-    x, y = (torch.from_numpy(a.astype(np.int64)) for a in _batch(cfg, tc))
-    lr = float(lr_schedule(tc)(10))
-    return lambda: torch_train_step(run_model, opt, x, y, lr, tc.grad_clip)
+def slow_processes(runs: dict[str, list[dict]]) -> set[int]:
+    """pids whose numpy probe (the lower of before/after) fell below SLOW_PROBE x the run's median."""
+    probes = {r["pid"]: min(r["probe_before"], r["probe_after"]) for rs in runs.values() for r in rs}
+    middle = statistics.median(probes.values())
+    return {pid for pid, p in probes.items() if p < SLOW_PROBE * middle}
 
 
-def interleaved(fns: dict[str, Callable[[], None]], warmup: int, iters: int, rounds: int = 3) -> dict[str, float]:
-    """Median seconds per call of each fn, timed in alternating rounds so that drift in a
-    shared machine's speed hits every contender alike."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name].append(_median_time(fn, 0, max(1, iters // rounds)))
-    return {k: statistics.median(v) for k, v in times.items()}
+def spread(values: list[float]) -> tuple[float, float, float]:
+    return min(values), statistics.median(values), max(values)
 
 
-def train_figures(cfg: GPTConfig, tc: TrainConfig, warmup: int, iters: int, torch_compile: bool) -> list[Figure]:
-    tokens = tc.batch_size * tc.gradient_accumulation_steps * cfg.block_size
-    jax_fn, j = jax_train(cfg, tc)
-    fns = {"jax": jax_fn, "torch": torch_train(cfg, tc)}
-    if torch_compile:
-        fns["compiled"] = torch_train(cfg, tc, compile_model=True)
-    med = interleaved(fns, warmup, iters)
-    j["step_s"], t = med["jax"], {"step_s": med["torch"]}
-    peak, how = device_peak_flops()
-    mfu = flops_per_token(cfg) * tokens / j["step_s"] / peak if peak else float("nan")
-    out = [Figure("train", "jaxgpt step", j["step_s"] * 1e3, "ms"),
-           Figure("train", "torchref eager step", t["step_s"] * 1e3, "ms"),
-           Figure("train", "jaxgpt / torchref eager time", j["step_s"] / t["step_s"], "x", "headline: < 1 is faster"),
-           Figure("train", "jaxgpt tokens/s", tokens / j["step_s"], "tok/s"),
-           Figure("train", "torchref eager tokens/s", tokens / t["step_s"], "tok/s"),
-           Figure("train", "jaxgpt MFU", 100 * mfu, "%", f"peak {peak / 1e12:.2f} TFLOP/s ({how})" if peak else how),
-           Figure("train", "jaxgpt compile", j["compile_s"], "s")]
-    if torch_compile:
-        out += [Figure("train", "torchref torch.compile step", med["compiled"] * 1e3, "ms"),
-                Figure("train", "jaxgpt / torch.compile time", j["step_s"] / med["compiled"], "x")]
+def _figure(section: str, name: str, values: list[float], unit: str, note: str = "", scale: float = 1.0) -> Figure:
+    lo, mid, hi = spread([v * scale for v in values])
+    return Figure(section, name, mid, unit, note, lo, hi)
+
+
+def compare(section: str, runs: dict[str, list[dict]], base: str, other: str, slow: set[int]) -> list[Figure]:
+    """Per-round ratios base/other of the median step times, with and without slow processes."""
+    pairs = list(zip(runs[base], runs[other]))
+    out = [_figure(section, f"{base} / {other} time", [a["median_s"] / b["median_s"] for a, b in pairs], "x",
+                   f"{len(pairs)} rounds, per-round ratio")]
+    clean = [(a, b) for a, b in pairs if a["pid"] not in slow and b["pid"] not in slow]
+    if slow and clean:
+        out.append(_figure(section, f"{base} / {other} time, without slow processes",
+                           [a["median_s"] / b["median_s"] for a, b in clean], "x", f"{len(clean)} rounds"))
     return out
 
 
-def memory_figures(cfg: GPTConfig, tc: TrainConfig, warmup: int, iters: int) -> list[Figure]:
-    """XLA's temp (activation + workspace) bytes and step time per remat policy."""
-    built = {r: jax_train(cfg, dataclasses.replace(tc, remat=r)) for r in ("none", "dots", "full")}
-    med = interleaved({r: fn for r, (fn, _) in built.items()}, warmup, iters)
-    res = {r: {**info, "step_s": med[r]} for r, (_, info) in built.items()}
+def train_specs(cfg: GPTConfig, tc: TrainConfig, warmup: int, iters: int, threads: int | None,
+                torch_compile: bool) -> dict[str, dict]:
+    base = {"section": "train", "model": dataclasses.asdict(cfg), "train": dataclasses.asdict(tc), "warmup": warmup,
+            "iters": iters, "threads": threads}
+    sides = ["jax", "torch"] + (["torch.compile"] if torch_compile else [])
+    return {side: {**base, "side": side} for side in sides}
+
+
+def train_figures(runs: dict[str, list[dict]], slow: set[int], peak: float | None) -> list[Figure]:
     out = []
-    for r, v in res.items():
-        out += [Figure("memory", f"remat={r} temp memory", v["temp_bytes"] / 2**20, "MiB"),
-                Figure("memory", f"remat={r} step", v["step_s"] * 1e3, "ms")]
-    out += [Figure("memory", "none/full temp memory", res["none"]["temp_bytes"] / res["full"]["temp_bytes"], "x",
-                   "target >= 3"),
-            Figure("memory", "full/none step time", res["full"]["step_s"] / res["none"]["step_s"], "x", "target <= 1.3")]
+    for name, rs in runs.items():
+        out.append(_figure("train", f"{name} step", [r["median_s"] for r in rs], "ms", scale=1e3))
+        out.append(_figure("train", f"{name} compile / first step", [r["compile_s"] for r in rs], "s"))
+        out.append(_figure("train", f"{name} page faults per step", [r["page_faults_per_step"] for r in rs], ""))
+    jax_runs = runs["jax"]
+    if peak:
+        out.append(_figure("train", "jaxgpt MFU", [r["flops_per_step"] / r["median_s"] / peak for r in jax_runs], "%",
+                           f"of {peak / 1e12:.3g} TFLOP/s", scale=100))
+    out.append(Figure("train", "jaxgpt resolved remat / dtype", 0, "", f"{jax_runs[0]['remat']} / {jax_runs[0]['dtype']}"))
+    for other in [n for n in runs if n != "jax"]:
+        out += compare("train", runs, "jax", other, slow)
     return out
 
 
-def generation_figures(cfg: GPTConfig, num_samples: int, new_tokens: int, prompt_len: int,
-                       recompute: bool) -> list[Figure]:
-    """tokens/s of jaxgpt (KV cache, batched, jitted), torchref (KV cache) and nanoGPT's loop
-    that recomputes the cropped context every step — same weights, same uniform draws."""
-    model = GPT(cfg, rngs=nnx.Rngs(0))
-    model.eval()
-    tmodel = torchref.GPT(cfg)
-    tmodel.load_state_dict(to_torch_state_dict(model))
-    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (num_samples, prompt_len))
-    u = np.random.default_rng(1).random((new_tokens, num_samples)).astype(np.float32)
-    kw = dict(temperature=1.0, top_k=40)
-    n = num_samples * new_tokens
-    t = time.perf_counter()
-    generate(model, prompt, new_tokens, uniforms=u, **kw)
-    first = time.perf_counter() - t
-    jax_s = _median_time(lambda: generate(model, prompt, new_tokens, uniforms=u, **kw), 0, 3)
-    tp, tu = torch.from_numpy(prompt), torch.from_numpy(u)
-    torch_s = _median_time(lambda: torch_generate(tmodel, tp, new_tokens, uniforms=tu, **kw), 0, 1)
-    where = (f"block {cfg.block_size}, {num_samples} x {new_tokens} tokens, prompt {prompt_len}"
-             + (" (past block_size: exact crop, full forward per step)" if prompt_len + new_tokens > cfg.block_size else ""))
-    out = [Figure("generate", "jaxgpt cached tokens/s", n / jax_s, "tok/s", where),
-           Figure("generate", "jaxgpt first call (compile + run)", first, "s", where),
-           Figure("generate", "torchref cached tokens/s", n / torch_s, "tok/s", where),
-           Figure("generate", "jaxgpt / torchref cached speed", torch_s / jax_s, "x", where)]
-    if recompute:
-        rec_s = _median_time(lambda: torch_generate(tmodel, tp, new_tokens, uniforms=tu, use_cache=False, **kw), 0, 1)
-        out += [Figure("generate", "nanoGPT-style recompute tokens/s", n / rec_s, "tok/s", where),
-                Figure("generate", "jaxgpt / recompute speed", rec_s / jax_s, "x", where + "; target >= 20")]
+def memory_figures(cfg: GPTConfig, tc: TrainConfig, warmup: int, iters: int, processes: int, threads: int | None,
+                   log=print) -> list[Figure]:
+    """XLA's temporaries and the step time per remat policy, each policy in its own processes."""
+    specs = {r: {**train_specs(cfg, dataclasses.replace(tc, remat=r), warmup, iters, threads, False)["jax"]}
+             for r in ("none", "dots", "full")}
+    runs = alternate(specs, processes, log)
+    out = []
+    for r, rs in runs.items():
+        out.append(Figure("memory", f"remat={r} temp memory", rs[0]["temp_bytes"] / 2**20, "MiB"))
+        out.append(_figure("memory", f"remat={r} step", [x["median_s"] for x in rs], "ms", scale=1e3))
+    out.append(Figure("memory", "none/full temp memory", runs["none"][0]["temp_bytes"] / runs["full"][0]["temp_bytes"], "x"))
+    out += compare("memory", runs, "none", "full", slow_processes(runs))
+    return out
+
+
+def generation_figures(cfg: GPTConfig, gen: dict, processes: int, recompute: bool, threads: int | None,
+                       log=print) -> list[Figure]:
+    base = {"section": "generate", "model": dataclasses.asdict(cfg), "train": {}, "generate": gen, "threads": threads}
+    sides = ["jax", "torch"] + (["recompute"] if recompute else [])
+    runs = alternate({s: {**base, "side": s} for s in sides}, processes, log)
+    where = (f"block {cfg.block_size}, {gen['num_samples']} x {gen['new_tokens']} tokens, prompt {gen['prompt_len']}"
+             + (" (past block_size)" if gen["prompt_len"] + gen["new_tokens"] > cfg.block_size else ""))
+    out = [_figure("generate", f"{s} tokens/s", [r["tokens"] / r["median_s"] for r in rs], "tok/s", where)
+           for s, rs in runs.items()]
+    out.append(_figure("generate", "jax first call (compile + run)", [r["compile_s"] for r in runs["jax"]], "s", where))
+    for other in sides[1:]:
+        out += [dataclasses.replace(f, name=f"{other} / jax time") for f in compare("generate", runs, other, "jax", set())]
+    return out
+
+
+def whole_process(train_args: list[str], processes: int, log=print) -> list[Figure]:
+    """`scripts/train.py ARGS` against `python -m torchref.train ARGS` (plain PyTorch eager, the
+    same training), as whole processes: wall time including start-up, compilation and evals.
+    Without --data_dir in ARGS, Tiny Shakespeare is prepared in a temporary folder first."""
+    from jaxgpt.data import prepare_shakespeare
+
+    work = Path(tempfile.mkdtemp(prefix="jaxgpt-bench-"))
+    try:
+        if not any(a.startswith("--data_dir=") for a in train_args):
+            prepare_shakespeare(work / "data")
+            train_args = [*train_args, f"--data_dir={work / 'data'}"]
+        env = {**os.environ, "XDG_CACHE_HOME": str(work / "cache")}
+        commands = {"jaxgpt": [sys.executable, str(ROOT / "scripts" / "train.py"), "--progress=false", "--plot=false"],
+                    "pytorch": [sys.executable, "-m", "torchref.train"]}
+        times: dict[str, list[float]] = {k: [] for k in commands}
+        for r in range(processes):
+            for name in list(commands)[r % 2:] + list(commands)[:r % 2]:
+                out = work / f"out-{name}-{r}"
+                cmd = commands[name] + [*train_args, f"--out_dir={out}"]
+                t = time.perf_counter()
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=7200)
+                times[name].append(time.perf_counter() - t)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"{name} run failed:\n{proc.stderr[-3000:]}")
+                log(f"  round {r + 1}/{processes} {name}: {times[name][-1]:.1f} s")
+                shutil.rmtree(out, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    note = "scripts/train.py " + " ".join(train_args)
+    out = [_figure("whole process", f"{k} wall time", v, "s", note) for k, v in times.items()]
+    out.append(_figure("whole process", "jaxgpt / pytorch wall time",
+                       [a / b for a, b in zip(times["jaxgpt"], times["pytorch"])], "x", f"{processes} rounds, per-round"))
     return out
 
 
 def markdown(figures: list[Figure]) -> str:
-    lines = ["| section | figure | value | unit | note |", "|---|---|---|---|---|"]
-    lines += [f"| {f.section} | {f.name} | {f.value:.4g} | {f.unit} | {f.note} |" for f in figures]
+    lines = ["| section | figure | median | min | max | unit | note |", "|---|---|---|---|---|---|---|"]
+    fmt = lambda v: "" if v is None else f"{v:.4g}"  # noqa: E731
+    lines += [f"| {f.section} | {f.name} | {fmt(f.value) if f.unit or f.value else ''} | {fmt(f.low)} | {fmt(f.high)} | "
+              f"{f.unit} | {f.note} |" for f in figures]
     return "\n".join(lines)

@@ -1,19 +1,20 @@
-"""Benchmark jaxgpt against torchref on this machine: train step, tokens/s, MFU, compile time,
-memory per remat policy, generation speed. Prints a markdown table and one JSON line per figure.
+"""Benchmark jaxgpt against torchref on this machine: train step (time, tokens/s, MFU, compile
+time, page faults), memory and time per remat policy, generation speed, whole processes. Each
+contender runs in fresh processes, alternating; figures are min / median / max over them.
 
-  python scripts/bench.py --preset=cpu                       # nanoGPT's CPU config
-  python scripts/bench.py --sections=memory --preset=gpu     # remat memory at block 256, batch 64
+  python scripts/bench.py --preset=cpu                            # train step, memory, generation
+  python scripts/bench.py --preset=cpu --sections=train --remat=none --processes=7
+  python scripts/bench.py --preset=cpu --whole_process --max_iters=600   # scripts/train.py vs PyTorch eager
+  python scripts/bench.py --validate                              # on a GPU/TPU host: the checklist
+  python scripts/bench.py --threads=4                             # both frameworks on 4 cores
 """
 import argparse
 import dataclasses
-import datetime
 import json
-import platform
-
-import jax
+import sys
 
 from jaxgpt import GPTConfig, TrainConfig, cli
-from jaxgpt.config import PRESETS, build, make_parser
+from jaxgpt.config import PRESETS, build, explicit_flags, make_parser
 from jaxgpt.errors import UserError
 
 SECTIONS = ("train", "memory", "generate")
@@ -21,44 +22,73 @@ SECTIONS = ("train", "memory", "generate")
 
 def main(argv: list[str]) -> int:
     p = make_parser(__doc__, GPTConfig, TrainConfig, presets=True)
-    p.add_argument("--sections", default="train,memory,generate", help="comma-separated subset of " + ",".join(SECTIONS))
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--torch_compile", action="store_true", help="also time torchref under torch.compile")
-    p.add_argument("--num_samples", type=int, default=10)
-    p.add_argument("--new_tokens", type=int, default=500)
-    p.add_argument("--prompt_len", type=int, default=12)
-    p.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
-                   help="time nanoGPT's recomputing loop too (slow)")
+    b = p.add_argument_group("benchmark")
+    b.add_argument("--sections", default="train,memory,generate", help="comma-separated subset of " + ",".join(SECTIONS))
+    b.add_argument("--processes", type=int, default=5, help="fresh processes per contender (default: %(default)s)")
+    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--iters", type=int, default=20, help="timed steps per process (default: %(default)s)")
+    b.add_argument("--threads", type=int, help="pin both frameworks to this many cores (default: all)")
+    b.add_argument("--torch_compile", action="store_true", help="also time torchref under torch.compile")
+    b.add_argument("--num_samples", type=int, default=10)
+    b.add_argument("--new_tokens", type=int, default=500)
+    b.add_argument("--prompt_len", type=int, default=12)
+    b.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
+                   help="time nanoGPT's recomputing sampler too (slow)")
+    b.add_argument("--whole_process", action="store_true",
+                   help="time scripts/train.py against the same training in plain PyTorch eager, as whole processes")
+    b.add_argument("--validate", action="store_true", help="the accelerator checklist (see parity/validate.py)")
+    b.add_argument("--validate_parity", default="model,generation,training,bf16",
+                   help="--validate: parity groups to run on the device")
     args = p.parse_args(argv)
     sections = args.sections.split(",")
     if unknown := set(sections) - set(SECTIONS):
         raise UserError(f"unknown --sections {sorted(unknown)}; choose from {SECTIONS}")
+    if args.processes < 1 or args.iters < 1 or args.warmup < 0:
+        raise UserError("--processes and --iters must be >= 1 and --warmup >= 0")
     base = PRESETS[args.preset]
-    cfg = dataclasses.replace(build(GPTConfig, args, base), dropout=0.0)  # dropout off: same math in both
+    cfg = dataclasses.replace(build(GPTConfig, args, base), dropout=0.0)  # dropout off: the same math on both sides
     tc = build(TrainConfig, args, base)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
     from parity import bench  # heavy imports after argument checks
-    figures = []
-    if "train" in sections:
-        figures += bench.train_figures(cfg, tc, args.warmup, args.iters, args.torch_compile)
-    if "memory" in sections:
-        figures += bench.memory_figures(cfg, tc, max(1, args.warmup // 2), max(2, args.iters // 3))
-    if "generate" in sections:
-        fit = dataclasses.replace(cfg, block_size=max(cfg.block_size, args.prompt_len + args.new_tokens))
-        for gen_cfg in ([fit, cfg] if fit != cfg else [cfg]):
-            figures += bench.generation_figures(gen_cfg, args.num_samples, args.new_tokens, args.prompt_len,
-                                                args.recompute)
-    device = jax.devices()[0]
-    context = {"device": f"{device.platform}:{device.device_kind}", "host": platform.processor() or platform.machine(),
-               "date": datetime.date.today().isoformat(), "model": cfg.to_dict(),
-               "batch_size": tc.batch_size, "accum": tc.gradient_accumulation_steps, "dtype": tc.dtype,
-               "remat": tc.remat, "jax": jax.__version__}
-    print(f"config: {json.dumps(context)}\n")
+    info = bench.machine()
+    if args.validate:
+        from parity.validate import validate
+        figures = validate(build(GPTConfig, args, base), tc, args.validate_parity.split(","), log)
+    elif args.whole_process:
+        flags = [f"--preset={args.preset}"] + [f"--{k}={v}" for k, v in {**explicit_flags(args, GPTConfig),
+                                                                           **explicit_flags(args, TrainConfig)}.items()]
+        figures = bench.whole_process(flags, args.processes, log)
+    else:
+        from jaxgpt.perf import device_peak_flops
+        peak, how = device_peak_flops()
+        info["peak"] = f"{peak / 1e12:.3g} TFLOP/s ({how})" if peak else how
+        figures = []
+        if "train" in sections:
+            log("train step:")
+            runs = bench.alternate(bench.train_specs(cfg, tc, args.warmup, args.iters, args.threads, args.torch_compile),
+                                   args.processes, log)
+            slow = bench.slow_processes(runs)
+            figures += bench.train_figures(runs, slow, peak)
+            info["slow_processes"] = f"{len(slow)} of {sum(len(v) for v in runs.values())} (probe < {bench.SLOW_PROBE} x median)"
+        if "memory" in sections:
+            log("memory per remat policy:")
+            figures += bench.memory_figures(cfg, tc, max(1, args.warmup // 2), max(3, args.iters // 2),
+                                            args.processes, args.threads, log)
+        if "generate" in sections:
+            gen = dict(num_samples=args.num_samples, new_tokens=args.new_tokens, prompt_len=args.prompt_len)
+            fit = dataclasses.replace(cfg, block_size=max(cfg.block_size, args.prompt_len + args.new_tokens))
+            for gen_cfg in ([fit, cfg] if fit != cfg else [cfg]):
+                log(f"generation, block {gen_cfg.block_size}:")
+                figures += bench.generation_figures(gen_cfg, gen, args.processes, args.recompute, args.threads, log)
+    context = {**info, "model": cfg.to_dict(), "batch_size": tc.batch_size, "accum": tc.gradient_accumulation_steps,
+               "dtype": tc.dtype, "remat": tc.remat, "threads": args.threads or "all"}
+    print(f"machine and config: {json.dumps(context)}\n")
     print(bench.markdown(figures))
     print()
+    print(json.dumps({"context": context}))
     for f in figures:
-        print(json.dumps({**dataclasses.asdict(f), **context}))
+        print(json.dumps(dataclasses.asdict(f)))
     return 0
 
 

@@ -12,6 +12,7 @@ import jax
 from jaxgpt import GPTConfig, TrainConfig, cli
 from jaxgpt.config import PRESETS, explicit_flags, make_parser
 from jaxgpt.data import prepare_if_missing
+from jaxgpt.platform import tune_host_allocator
 from jaxgpt.sharding import init_distributed
 from jaxgpt.rundir import resolve_configs
 from jaxgpt.train import train
@@ -27,6 +28,7 @@ def main(argv: list[str]) -> int:
     dist.add_argument("--process_id", type=int, help="this process's index (with --coordinator_address)")
     cli.add_compile_cache_flag(parser)
     args = parser.parse_args(argv)
+    tune_host_allocator()  # before JAX starts its threads (CPU hosts only)
     cli.apply_compile_cache(args.compile_cache)
     if args.distributed or args.coordinator_address:
         init_distributed(args.coordinator_address, args.num_processes, args.process_id)
@@ -47,8 +49,9 @@ def main(argv: list[str]) -> int:
             fits = f", step needs {need / 2**20:.0f} MiB of {limit / 2**20:.0f} MiB ({memory['limit_source']})" \
                 if need and limit else ""
             print(f"platform: {plat.backend} ({plat.device_kind}), dtype={plat.dtype}, remat={plat.remat}, "
-                  f"attention={plat.attention}, compiler options {plat.compiler_options or 'none'}{fits}, "
-                  f"compiled in {memory['compile_s']:.1f} s", flush=True)
+                  f"attention={plat.attention}, compiler options {plat.compiler_options or 'none'}, "
+                  f"host allocator {plat.host_allocator or 'untouched'}{fits}, compiled in {memory['compile_s']:.1f} s",
+                  flush=True)
 
     summary = train(model_cfg, tc, on_start=announce)
     if main_process:
