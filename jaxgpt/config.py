@@ -94,6 +94,7 @@ class TrainConfig:
     mesh_fsdp: int = 1  # parameter-sharding mesh axis
     keep_checkpoints: int = 3
     resume: bool = False
+    init_from: str = ""  # fine-tune: start from this checkpoint's weights (run folder, .pt, .safetensors, HF folder)
     plot: bool = True
     progress: bool = True
 
@@ -131,6 +132,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpu": {},  # the defaults above
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, max_iters=2000,
                 lr_decay_iters=2000, dropout=0.0, eval_iters=20, log_interval=1),
+    # nanoGPT's finetune_shakespeare recipe (constant lr 3e-5, 20 iterations of 32 x 1 sequences);
+    # give the weights with --init_from
+    "finetune": dict(eval_interval=5, eval_iters=40, batch_size=1, gradient_accumulation_steps=32, max_iters=20,
+                     learning_rate=3e-5, min_lr=3e-5, warmup_iters=0, dropout=0.0),
 }
 
 

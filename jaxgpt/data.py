@@ -1,7 +1,7 @@
-"""Data: text -> uint8 token memmaps (prepare), and reproducible random windows (batches).
+"""Data: text -> token memmaps (prepare), and reproducible random windows (batches).
 
 Byte-level tokens are exactly uint8, so a dataset is two flat files, train.bin and val.bin,
-plus meta.json. Batches are nanoGPT's get_batch — random windows of block_size+1 tokens —
+plus meta.json (a tokenizer.json's ids are uint16 or uint32, and a copy of it sits beside). Batches are nanoGPT's get_batch — random windows of block_size+1 tokens —
 but the offsets of step s come from a generator seeded with (seed, split, s): no hidden
 sampler state, so a resumed run draws exactly the batches an uninterrupted run would, and
 every process of a multi-host run can cut its own rows out of the same global batch.
@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxgpt.errors import UserError
-from jaxgpt.tokenizer import VOCAB_SIZE
+from jaxgpt.tokenizer import BYTES_IDENTITY, TOKENIZER_FILE, HFTokenizer
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"  # input.txt, 1,115,394 bytes
@@ -76,42 +76,70 @@ def _read_file(input_path: str) -> bytes:
     return path.read_bytes()
 
 
-def prepare_text(raw: bytes, out_dir: str | Path, source: str, *, val_fraction: float = 0.1) -> dict:
-    """One UTF-8 text -> out_dir/{train,val}.bin (first 90% / last 10%, like nanoGPT) + meta.json.
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned type holding every id: uint8 for bytes, uint16 or uint32 otherwise."""
+    return np.dtype(np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
-    Idempotent: when meta.json already records the same source hash, nothing is rewritten."""
+
+def read_meta(folder: str | Path) -> dict:
+    """A prepared dataset's meta.json, with the defaults of byte-level data written before
+    tokenizers were recorded."""
+    meta = json.loads((Path(folder) / "meta.json").read_text())
+    meta.setdefault("tokenizer_identity", dict(BYTES_IDENTITY))
+    meta.setdefault("dtype", "uint8")
+    return meta
+
+
+def prepare_text(raw: bytes, out_dir: str | Path, source: str, *, tokenizer: HFTokenizer | None = None,
+                 val_fraction: float = 0.1) -> dict:
+    """One UTF-8 text -> out_dir/{train,val}.bin (first 90% / last 10%, like nanoGPT) + meta.json.
+    Bytes by default; with a tokenizer, its ids (uint16 or uint32) and a copy of its
+    tokenizer.json, the text split by characters before encoding as nanoGPT's GPT-2 prepare does.
+
+    Idempotent: when meta.json already records the same source and tokenizer, nothing is rewritten."""
     out_dir = Path(out_dir)
     try:
-        raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{source} is not UTF-8 text (byte {e.start}: {e.reason}); convert it to UTF-8 first") from None
     if not raw:
         raise UserError(f"{source} is empty; give a text file with some content")
+    identity = tokenizer.identity() if tokenizer else dict(BYTES_IDENTITY)
     sha = hashlib.sha256(raw).hexdigest()
     meta_path = out_dir / "meta.json"
     if meta_path.exists() and all((out_dir / f"{s}.bin").exists() for s in SPLITS):
-        meta = json.loads(meta_path.read_text())
-        if meta.get("sha256") == sha:
+        meta = read_meta(out_dir)
+        if meta.get("sha256") == sha and meta["tokenizer_identity"] == identity:
             return {**meta, "unchanged": True}
-    n_train = int(len(raw) * (1 - val_fraction))
-    _atomic_write(out_dir / "train.bin", raw[:n_train])
-    _atomic_write(out_dir / "val.bin", raw[n_train:])
-    meta = {"tokenizer": "bytes", "vocab_size": VOCAB_SIZE, "train_tokens": n_train,
-            "val_tokens": len(raw) - n_train, "source": source, "sha256": sha}
+    if tokenizer is None:
+        n_train = int(len(raw) * (1 - val_fraction))
+        parts, dtype = {"train": raw[:n_train], "val": raw[n_train:]}, np.dtype(np.uint8)
+    else:
+        cut = int(len(text) * (1 - val_fraction))
+        dtype = token_dtype(tokenizer.vocab_size)
+        parts = {"train": tokenizer.encode(text[:cut]).astype(dtype).tobytes(),
+                 "val": tokenizer.encode(text[cut:]).astype(dtype).tobytes()}
+        _atomic_write(out_dir / TOKENIZER_FILE, tokenizer.raw)
+    for split, data in parts.items():
+        _atomic_write(out_dir / f"{split}.bin", data)
+    meta = {"tokenizer": tokenizer.name if tokenizer else "bytes", "tokenizer_identity": identity,
+            "vocab_size": identity["vocab_size"], "dtype": dtype.name,
+            **{f"{s}_tokens": len(d) // dtype.itemsize for s, d in parts.items()}, "source": source, "sha256": sha}
     _atomic_write(meta_path, json.dumps(meta, indent=2).encode())
     return meta
 
 
-def prepare_shakespeare(data_dir: str | Path, input_path: str | None = None, download: bool = False) -> dict:
+def prepare_shakespeare(data_dir: str | Path, input_path: str | None = None, download: bool = False,
+                        tokenizer: HFTokenizer | None = None) -> dict:
     """Tiny Shakespeare from the copy bundled with jaxgpt (no network), a local file, or its
-    canonical address (download=True)."""
+    canonical address (download=True); bytes, or the ids of `tokenizer`."""
     if input_path is not None:
         raw, source = _read_file(input_path), input_path
     elif download:
         raw, source = _download(SHAKESPEARE_URL), SHAKESPEARE_URL
     else:
         raw, source = bundled_shakespeare(), "bundled:jaxgpt/corpus/tinyshakespeare.txt.bz2"
-    return prepare_text(raw, Path(data_dir) / "shakespeare", source)
+    return prepare_text(raw, Path(data_dir) / "shakespeare", source, tokenizer=tokenizer)
 
 
 def _stories_from_txt(path: Path, chunk_bytes: int = 1 << 22) -> Iterator[str]:
@@ -149,24 +177,34 @@ def _stories_from_hf(split: str) -> Iterator[str]:
         yield rec["text"]
 
 
-def _write_stories(stories: Iterable[str], path: Path, desc: str) -> tuple[int, int]:
-    """Encode stories (each followed by EOT) into path, streaming; returns (stories, tokens)."""
+def _write_stories(stories: Iterable[str], path: Path, desc: str, tokenizer: HFTokenizer | None) -> tuple[int, int]:
+    """Encode stories (each followed by the end-of-text token) into path, streaming; returns
+    (stories, tokens). Bytes end with EOT_BYTE; a tokenizer's stories with its <|endoftext|>."""
     counts = [0, 0]
+    if tokenizer is not None:
+        eot = tokenizer.tok.token_to_id(EOT_TEXT)
+        if eot is None:
+            raise UserError(f"the tokenizer has no {EOT_TEXT} token to separate stories; use one that has")
+        dtype = token_dtype(tokenizer.vocab_size)
 
     def chunks() -> Iterator[bytes]:
         for story in tqdm(stories, desc=desc, unit=" stories", mininterval=1.0):
             story = story.strip()
             if story:
-                data = story.encode("utf-8") + bytes([EOT_BYTE])
+                if tokenizer is None:
+                    data = story.encode("utf-8") + bytes([EOT_BYTE])
+                else:
+                    data = np.append(tokenizer.encode(story), eot).astype(dtype).tobytes()
                 counts[0] += 1
-                counts[1] += len(data)
+                counts[1] += len(data) // (1 if tokenizer is None else dtype.itemsize)
                 yield data
 
     _atomic_write(path, chunks())
     return counts[0], counts[1]
 
 
-def prepare_tinystories(data_dir: str | Path, inputs: list[str] | None = None) -> dict:
+def prepare_tinystories(data_dir: str | Path, inputs: list[str] | None = None,
+                        tokenizer: HFTokenizer | None = None) -> dict:
     """TinyStories from local .txt/.json/.jsonl files (files named *valid* become the val split;
     without one, every 20th story is held out), or from Hugging Face when no files are given."""
     out_dir = Path(data_dir) / "tinystories"
@@ -192,10 +230,16 @@ def prepare_tinystories(data_dir: str | Path, inputs: list[str] | None = None) -
         sources = {s: split_stories(s) for s in SPLITS}
     else:
         sources = {"train": _stories_from_hf("train"), "val": _stories_from_hf("validation")}
-    meta = {"tokenizer": "bytes", "vocab_size": VOCAB_SIZE, "eot_byte": EOT_BYTE,
+    identity = tokenizer.identity() if tokenizer else dict(BYTES_IDENTITY)
+    meta = {"tokenizer": tokenizer.name if tokenizer else "bytes", "tokenizer_identity": identity,
+            "vocab_size": identity["vocab_size"], "dtype": token_dtype(identity["vocab_size"]).name,
             "source": [str(p) for p in inputs] if inputs else "roneneldan/TinyStories"}
+    if tokenizer is None:
+        meta["eot_byte"] = EOT_BYTE
+    else:
+        _atomic_write(out_dir / TOKENIZER_FILE, tokenizer.raw)
     for split in SPLITS:
-        n_stories, n_tokens = _write_stories(sources[split], out_dir / f"{split}.bin", f"tinystories {split}")
+        n_stories, n_tokens = _write_stories(sources[split], out_dir / f"{split}.bin", f"tinystories {split}", tokenizer)
         if n_tokens == 0:
             raise UserError(f"no {split} stories found in the TinyStories input; check the files")
         meta[f"{split}_stories"], meta[f"{split}_tokens"] = n_stories, n_tokens
@@ -229,10 +273,11 @@ class BatchSampler:
     global (accum, batch_size) batch that this process feeds to its devices (default: all)."""
 
     def __init__(self, path: str | Path, block_size: int, batch_size: int, *, seed: int, accum: int = 1,
-                 rows: slice | None = None):
+                 rows: slice | None = None, dtype: str = "uint8"):
         self.path = Path(path)
         self.block_size, self.batch_size, self.accum, self.seed = block_size, batch_size, accum, seed
-        self.n_tokens = self.path.stat().st_size
+        self.dtype = np.dtype(dtype)
+        self.n_tokens = self.path.stat().st_size // self.dtype.itemsize
         if self.n_tokens < block_size + 1:
             raise UserError(f"{self.path} holds {self.n_tokens} tokens, fewer than one block of "
                             f"{block_size + 1}; use more data or a smaller --block_size")
@@ -247,7 +292,7 @@ class BatchSampler:
     def get(self, step: int, stream: int = 0) -> tuple[np.ndarray, np.ndarray]:
         ix = self.offsets(step, stream)[:, self.rows]
         # re-open per batch: a long-lived memmap keeps growing resident memory (nanoGPT's fix)
-        data = np.memmap(self.path, dtype=np.uint8, mode="r")
+        data = np.memmap(self.path, dtype=self.dtype, mode="r")
         win = np.stack([data[i:i + self.block_size + 1] for i in ix.reshape(-1)]).astype(np.int32)
         win = win.reshape(*ix.shape, self.block_size + 1)
         return win[..., :-1], win[..., 1:]

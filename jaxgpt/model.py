@@ -8,6 +8,7 @@ a faster step on CPU — and lets `jax.checkpoint` wrap that body with a named p
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -286,3 +287,16 @@ class GPT(nnx.Module):
         without the position embeddings."""
         n = sum(p.size for p in jax.tree.leaves(nnx.state(self, nnx.Param)))
         return n - self.config.block_size * self.config.n_embd if non_embedding else n
+
+
+def crop_block_size(model: GPT, block_size: int) -> GPT:
+    """`model` for a shorter context: the first block_size rows of wpe (nanoGPT's crop_block_size),
+    e.g. to fine-tune a GPT-2 (1024 positions) at block 256."""
+    if not 0 < block_size <= model.config.block_size:
+        raise UserError(f"block_size must be in [1, {model.config.block_size}] for this model, got {block_size}")
+    cfg = dataclasses.replace(model.config, block_size=block_size)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0), remat=model.remat)))
+    old = dict(nnx.to_flat_state(nnx.state(model)))
+    cropped = nnx.from_flat_state([(p, v.replace(old[p][...][:block_size] if p == ("wpe", "embedding") else old[p][...]))
+                                   for p, v in nnx.to_flat_state(state)])
+    return nnx.merge(graphdef, cropped)

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 from jaxgpt.config import GPTConfig, TrainConfig
@@ -35,6 +36,18 @@ def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def read_config(out_dir: Path) -> dict:
+    """A run's config.json ({} when there is none yet)."""
+    path = Path(out_dir) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def append_metrics(path: Path, records: list[dict]) -> None:
@@ -83,15 +96,26 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> None:
     os.replace(tmp, png_path)
 
 
-def resolve_configs(model_flags: dict[str, Any], train_flags: dict[str, Any],
-                    preset: dict[str, Any]) -> tuple[GPTConfig, TrainConfig]:
-    """Configs from explicit flags over a preset; with --resume, over the saved run instead,
-    refusing model flags that contradict the checkpoint."""
+def resolve_configs(model_flags: dict[str, Any], train_flags: dict[str, Any], preset: dict[str, Any],
+                    init_cfg: GPTConfig | None = None, data_vocab: int | None = None) -> tuple[GPTConfig, TrainConfig]:
+    """Configs from explicit flags over a preset. The architecture comes from the saved run with
+    --resume, from the checkpoint with --init_from (`init_cfg`; dropout may change, block_size
+    only shrink), refusing flags that contradict either; a fresh model takes the prepared
+    data's vocabulary (`data_vocab`) unless --vocab_size is given."""
     pick = lambda cls: {k: v for k, v in preset.items() if k in cls.__dataclass_fields__}  # noqa: E731
     tc = TrainConfig(**{**pick(TrainConfig), **train_flags})
     saved_path = Path(tc.out_dir) / "config.json"
+    if init_cfg is not None and not (tc.resume and saved_path.exists()):
+        free = {"dropout": None, "block_size": init_cfg.block_size}  # may differ (block_size: not above)
+        diffs = [f"--{k}={v} (checkpoint has {getattr(init_cfg, k)})" for k, v in model_flags.items()
+                 if getattr(init_cfg, k) != v and not (k in free and (free[k] is None or v <= free[k]))]
+        if diffs:
+            raise UserError(f"--init_from {tc.init_from} fixes the architecture: {', '.join(diffs)}; drop those flags")
+        dropout = model_flags.get("dropout", pick(GPTConfig).get("dropout", GPTConfig.dropout))
+        return replace(init_cfg, dropout=dropout, block_size=model_flags.get("block_size", init_cfg.block_size)), tc
     if not tc.resume or not saved_path.exists():
-        return GPTConfig(**{**pick(GPTConfig), **model_flags}), tc
+        vocab = {"vocab_size": data_vocab} if data_vocab and "vocab_size" not in model_flags else {}
+        return GPTConfig(**{**pick(GPTConfig), **vocab, **model_flags}), tc
     saved = json.loads(saved_path.read_text())
     diffs = [f"--{k}={v} (checkpoint has {saved['model'][k]})" for k, v in model_flags.items() if saved["model"][k] != v]
     if diffs:

@@ -1,19 +1,29 @@
-"""Byte-level tokenizer: a token is one UTF-8 byte, so the vocabulary is exactly 256.
+"""Tokenizers behind one interface: encode, decode, stream_decoder (push / feed / flush),
+vocab_size and identity() — what data and runs record to tell tokenizers apart.
 
-No training, no merges, no unknown tokens: any text round-trips. The price is that a
-character may span several tokens, so decoding must tolerate partial sequences — hence
-`errors="replace"` for whole decodes and an incremental decoder for streaming.
+- ByteTokenizer, the default: a token is one UTF-8 byte, so the vocabulary is exactly 256. No
+  training, no merges, no unknown tokens: any text round-trips. A character may span several
+  tokens, so decoding tolerates partial sequences (`errors="replace"`, an incremental decoder).
+- HFTokenizer: any `tokenizer.json` (Hugging Face `tokenizers`, e.g. GPT-2's BPE), for imported
+  models and data prepared with --tokenizer; invalid UTF-8 decodes to U+FFFD as for bytes.
+- CharTokenizer: nanoGPT's character-level meta.pkl, for its char-level checkpoints.
 """
 from __future__ import annotations
 
 import codecs
+import hashlib
 import pickle
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from jaxgpt.errors import UserError
+
 VOCAB_SIZE = 256
+TOKENIZER_FILE = "tokenizer.json"  # the file a run, a data folder or a Hugging Face folder carries
+BYTES_IDENTITY = {"kind": "bytes", "vocab_size": VOCAB_SIZE}
 
 
 class ByteTokenizer:
@@ -32,6 +42,9 @@ class ByteTokenizer:
 
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder()
+
+    def identity(self) -> dict[str, Any]:
+        return dict(BYTES_IDENTITY)
 
 
 class StreamDecoder:
@@ -62,10 +75,12 @@ class CharTokenizer:
         self.stoi, self.itos = stoi, itos
         self.vocab_size = len(itos)
 
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "chars", "vocab_size": self.vocab_size}
+
     def encode(self, text: str) -> np.ndarray:
         unknown = sorted(set(text) - self.stoi.keys())
         if unknown:
-            from jaxgpt.errors import UserError
             raise UserError(f"characters {unknown[:10]} are not in this model's vocabulary of {self.vocab_size}")
         return np.array([self.stoi[c] for c in text], dtype=np.int32)
 
@@ -99,7 +114,6 @@ class _NoGlobals(pickle.Unpickler):
 
 def load_meta_pkl(path: str | Path) -> CharTokenizer:
     """nanoGPT's meta.pkl ({'vocab_size', 'itos', 'stoi'}) read without executing pickle code."""
-    from jaxgpt.errors import UserError
     try:
         with open(path, "rb") as f:
             meta = _NoGlobals(f).load()
@@ -108,3 +122,76 @@ def load_meta_pkl(path: str | Path) -> CharTokenizer:
     if not (isinstance(meta, dict) and isinstance(meta.get("stoi"), dict) and isinstance(meta.get("itos"), dict)):
         raise UserError(f"{path} is not a nanoGPT meta.pkl (expected a dict with 'stoi' and 'itos')")
     return CharTokenizer(meta["stoi"], meta["itos"])
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json` through the `tokenizers` library (the `hf` extra)."""
+
+    name = "tokenizer.json"
+
+    def __init__(self, path: str | Path):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise UserError(f"{path} needs the `tokenizers` package; pip install 'jaxgpt[hf]'") from None
+        self.path = Path(path)
+        try:
+            self.raw = self.path.read_bytes()
+            self.tok = Tokenizer.from_str(self.raw.decode("utf-8"))
+        except (OSError, UnicodeDecodeError, Exception) as e:  # tokenizers raises its own Exception type
+            raise UserError(f"cannot read {path} as a tokenizer.json ({str(e)[:160]})") from None
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "tokenizer.json", "vocab_size": self.vocab_size, "sha256": hashlib.sha256(self.raw).hexdigest()}
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+    def decode(self, ids: Iterable[int] | np.ndarray) -> str:
+        return self.tok.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=False)
+
+    def stream_decoder(self) -> _HFStream:
+        return _HFStream(self)
+
+
+class _HFStream:
+    """Incremental decoding for any tokenizer: decode the tokens since the last emitted boundary
+    and emit the new text once it no longer ends in U+FFFD (an incomplete character). flush()
+    emits what is left, replacement characters included (like the byte decoder)."""
+
+    def __init__(self, tok: HFTokenizer):
+        self.tok, self.ids, self.prefix, self.read = tok, [], 0, 0
+
+    def push(self, token: int) -> str:
+        return self.feed([token])
+
+    def feed(self, tokens: Iterable[int] | np.ndarray) -> str:
+        out = []
+        for t in np.asarray(tokens).reshape(-1):
+            self.ids.append(int(t))
+            done = self.tok.decode(self.ids[self.prefix:self.read])
+            text = self.tok.decode(self.ids[self.prefix:])
+            if len(text) > len(done) and not text.endswith("\ufffd"):
+                out.append(text[len(done):])
+                self.prefix, self.read = self.read, len(self.ids)
+        if self.prefix > 4096:  # keep the window short on endless streams
+            del self.ids[:self.prefix]
+            self.read -= self.prefix
+            self.prefix = 0
+        return "".join(out)
+
+    def flush(self) -> str:
+        done = self.tok.decode(self.ids[self.prefix:self.read])
+        text = self.tok.decode(self.ids[self.prefix:])
+        self.ids, self.prefix, self.read = [], 0, 0
+        return text[len(done):]
+
+
+Tokenizer = ByteTokenizer | HFTokenizer | CharTokenizer
+
+
+def load_tokenizer(folder: str | Path) -> ByteTokenizer | HFTokenizer:
+    """The tokenizer a run, data or model folder carries: its tokenizer.json, else bytes."""
+    path = Path(folder) / TOKENIZER_FILE
+    return HFTokenizer(path) if path.is_file() else ByteTokenizer()

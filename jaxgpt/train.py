@@ -30,10 +30,11 @@ from tqdm import tqdm
 from jaxgpt import platform, rundir
 from jaxgpt.checkpoint import Checkpointer, abstract_like
 from jaxgpt.config import GPTConfig, TrainConfig
-from jaxgpt.data import BatchSampler, dataset_dir
+from jaxgpt.data import BatchSampler, dataset_dir, read_meta
 from jaxgpt.errors import Interrupted, UserError
 from jaxgpt.model import GPT
 from jaxgpt.platform import DTYPES, Platform
+from jaxgpt.tokenizer import TOKENIZER_FILE, HFTokenizer, Tokenizer
 from jaxgpt.sharding import batch_sharding, global_batch, local_rows, make_mesh, param_shardings, state_shardings
 
 class TrainState(NamedTuple):
@@ -238,15 +239,36 @@ class MetricsLog:
         return records
 
 
+def check_tokenizer(data_meta: dict, tokenizer: dict, what: str, dataset: str) -> None:
+    """UserError when data was tokenized differently from what the model reads."""
+    if data_meta["tokenizer_identity"] != tokenizer:
+        have = data_meta["tokenizer_identity"]
+        raise UserError(f"dataset {dataset} was prepared with a {have['kind']} tokenizer (vocab {have['vocab_size']}) but "
+                        f"{what} uses a {tokenizer['kind']} tokenizer (vocab {tokenizer['vocab_size']}"
+                        f"{', different file' if have['kind'] == tokenizer['kind'] else ''}); prepare the data with "
+                        f"--tokenizer set to the model's tokenizer (or without it for bytes)")
+
+
 def train(model_cfg: GPTConfig, tc: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
-          on_start: Callable[[Platform, dict], None] | None = None) -> dict:
+          on_start: Callable[[Platform, dict], None] | None = None, init_params: nnx.State | None = None,
+          tokenizer: Tokenizer | None = None) -> dict:
     """Run (or resume) training as configured; returns a summary dict. Writes to tc.out_dir:
-    checkpoints/, config.json (with the resolved platform choices), metrics.jsonl, loss.png.
-    `on_start(platform, memory)` is called once the step is compiled, `on_log(record)` per record."""
+    checkpoints/, config.json (with the resolved platform choices and the tokenizer's identity),
+    metrics.jsonl, loss.png and, for a tokenizer.json tokenizer, a copy of it.
+    `init_params`: start from these weights (fine-tuning) with a fresh optimizer; `tokenizer`:
+    theirs (default: the data's). `on_start(platform, memory)` is called once the step is
+    compiled, `on_log(record)` per record."""
     out_dir = Path(tc.out_dir)
     data = dataset_dir(tc.data_dir, tc.dataset)
-    if json.loads((data / "meta.json").read_text())["vocab_size"] > model_cfg.vocab_size:
-        raise UserError(f"dataset {tc.dataset} needs vocab_size >= 256, got {model_cfg.vocab_size}")
+    data_meta = read_meta(data)
+    if data_meta["vocab_size"] > model_cfg.vocab_size:
+        raise UserError(f"dataset {tc.dataset} has a vocabulary of {data_meta['vocab_size']} tokens but the model only "
+                        f"{model_cfg.vocab_size}; raise --vocab_size")
+    saved = rundir.read_config(out_dir) if tc.resume else {}
+    identity = saved.get("tokenizer") or (tokenizer.identity() if tokenizer is not None else data_meta["tokenizer_identity"])
+    check_tokenizer(data_meta, identity, "the resumed run" if saved.get("tokenizer") else "the model", tc.dataset)
+    if tokenizer is None and identity["kind"] == "tokenizer.json":
+        tokenizer = HFTokenizer(data / TOKENIZER_FILE)
     mesh = make_mesh(tc.mesh_data, tc.mesh_fsdp)
     if tc.batch_size % mesh.size:
         raise UserError(f"--batch_size={tc.batch_size} must be divisible by the {mesh.size} devices of the mesh")
@@ -254,11 +276,15 @@ def train(model_cfg: GPTConfig, tc: TrainConfig, *, on_log: Callable[[dict], Non
     to_global = lambda a: global_batch(a, bsh, (a.shape[0], tc.batch_size, a.shape[2]))  # noqa: E731
     rows = local_rows(bsh, (1, tc.batch_size, model_cfg.block_size))
     samplers = {s: BatchSampler(data / f"{s}.bin", model_cfg.block_size, tc.batch_size, seed=tc.seed,
-                                accum=tc.gradient_accumulation_steps, rows=rows) for s in ("train", "val")}
-    eval_samplers = {s: BatchSampler(data / f"{s}.bin", model_cfg.block_size, tc.batch_size, seed=tc.seed, rows=rows)
-                     for s in ("train", "val")}
+                                accum=tc.gradient_accumulation_steps, rows=rows, dtype=data_meta["dtype"])
+                for s in ("train", "val")}
+    eval_samplers = {s: BatchSampler(data / f"{s}.bin", model_cfg.block_size, tc.batch_size, seed=tc.seed, rows=rows,
+                                     dtype=data_meta["dtype"]) for s in ("train", "val")}
     main = jax.process_index() == 0  # only process 0 logs, plots and draws the bar
     _, _, state = init_state(model_cfg, tc, mesh)
+    if init_params is not None and not tc.resume:  # fine-tuning: these weights, laid out like the fresh ones
+        state = TrainState(jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), init_params, state.params),
+                           state.opt_state)
     batch = lambda step: tuple(to_global(a) for a in samplers["train"].get(step))  # noqa: E731
     train_step, eval_graphdef, plat, memory = compile_train_step(model_cfg, tc, state, *batch(0), 0)
     rundir.preflight(out_dir, sum(a.nbytes for a in jax.tree.leaves(state)))
@@ -277,8 +303,10 @@ def train(model_cfg: GPTConfig, tc: TrainConfig, *, on_log: Callable[[dict], Non
     elif main:
         metrics_path.unlink(missing_ok=True)
     if main:
+        if isinstance(tokenizer, HFTokenizer):
+            rundir.write_bytes(out_dir / TOKENIZER_FILE, tokenizer.raw)
         rundir.write_json(out_dir / "config.json", {"model": model_cfg.to_dict(), "train": tc.to_dict(),
-                                                     "platform": plat.to_dict(), "memory": memory})
+                                                     "tokenizer": identity, "platform": plat.to_dict(), "memory": memory})
     if on_start:
         on_start(plat, memory)
 

@@ -1,52 +1,72 @@
-"""Checkpoint files in three formats, all through the one table in parity/convert.py:
+"""Checkpoint files in four formats, all through the one table in parity/convert.py:
 
-- jaxgpt: a run folder with orbax checkpoints (jaxgpt/checkpoint.py);
+- jaxgpt: a run folder with orbax checkpoints (jaxgpt/checkpoint.py), plus its tokenizer.json
+  when it is not byte-level;
 - nanoGPT `ckpt.pt`: {'model', 'model_args', 'iter_num', 'best_val_loss', 'config'}, read only
   with `torch.load(weights_only=True)`, so a crafted pickle cannot run code;
-- `.safetensors`: nanoGPT names (lm_head omitted, it is tied), config in the header metadata.
+- `.safetensors`: nanoGPT names (lm_head omitted, it is tied), config in the header metadata;
+- a Hugging Face GPT-2 folder (parity/hf.py).
+torch is imported only for .pt/.bin files: everything else works without it installed.
 """
 from __future__ import annotations
 
 import json
 import os
 import pickle
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
-
-from jaxgpt.checkpoint import Checkpointer, load_model
+from jaxgpt.checkpoint import Checkpointer, load_model, resolve
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT
-from jaxgpt.tokenizer import ByteTokenizer, CharTokenizer, load_meta_pkl
-from parity.convert import TIED_HEAD, config_from_model_args, from_torch_state_dict, model_args_from_config, to_torch_state_dict
+from jaxgpt.tokenizer import TOKENIZER_FILE, ByteTokenizer, CharTokenizer, HFTokenizer, load_meta_pkl, load_tokenizer
+from parity.convert import TIED_HEAD, config_from_model_args, from_state_dict, model_args_from_config, to_state_dict
+from parity.hf import is_hf_folder, load_hf, write_hf
 
-TORCH_SUFFIXES = (".pt", ".pth", ".ckpt")
+TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+KINDS = ("jaxgpt", "pt", "safetensors", "hf")
 
 
 def kind_of(path: str | Path) -> str:
-    """'pt', 'safetensors' or 'jaxgpt', from the path alone."""
-    suffix = Path(path).suffix.lower()
-    return "pt" if suffix in TORCH_SUFFIXES else "safetensors" if suffix == ".safetensors" else "jaxgpt"
+    """'pt', 'safetensors', 'hf' (a folder with a config.json) or 'jaxgpt', from the path."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in TORCH_SUFFIXES:
+        return "pt"
+    if suffix == ".safetensors":
+        return "safetensors"
+    return "hf" if is_hf_folder(path) else "jaxgpt"
 
 
-def _atomic(path: Path, write) -> None:
-    """write(tmp_path) then rename over `path`: no half-written file ever has the final name."""
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise UserError("reading or writing .pt files needs PyTorch; pip install 'jaxgpt[torch]'") from None
+    return torch
+
+
+def _atomic(path: Path, write: Callable[[Path], None], folder: bool = False) -> None:
+    """write(tmp) then rename over `path`: no half-written file or folder ever has the final name,
+    and a failure leaves nothing behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.")) if folder else \
+        Path(tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")[1])
     try:
         write(tmp)
+        if folder and path.exists():
+            path.rmdir()  # only ever an empty destination folder (convert.py checks)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True) if folder else tmp.unlink(missing_ok=True)
         raise
 
 
 def load_pt(path: Path) -> tuple[GPT, dict[str, Any]]:
+    torch = _torch()
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -57,8 +77,7 @@ def load_pt(path: Path) -> tuple[GPT, dict[str, Any]]:
     if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict) or not isinstance(obj.get("model_args"), dict):
         raise UserError(f"{path} is not a nanoGPT checkpoint (expected a dict with 'model' state_dict and "
                         f"'model_args')")
-    cfg = config_from_model_args(obj["model_args"])
-    model = from_torch_state_dict(obj["model"], cfg)
+    model = from_state_dict(obj["model"], config_from_model_args(obj["model_args"]))
     best = obj.get("best_val_loss")
     info = {"step": int(obj.get("iter_num", 0)), "val_loss": float(best) if best is not None else None,
             "config": obj.get("config") if isinstance(obj.get("config"), dict) else {}}
@@ -67,79 +86,133 @@ def load_pt(path: Path) -> tuple[GPT, dict[str, Any]]:
 
 def save_pt(model: GPT, path: Path, info: dict[str, Any]) -> None:
     """nanoGPT's format, loadable by its sample.py (whose decoder needs a meta.pkl for non-GPT-2 vocabularies)."""
-    obj = {"model": to_torch_state_dict(model), "model_args": model_args_from_config(model.config),
+    torch = _torch()
+    sd = {k: torch.tensor(v) for k, v in to_state_dict(model).items() if k != TIED_HEAD}
+    sd[TIED_HEAD] = sd["transformer.wte.weight"]
+    obj = {"model": sd, "model_args": model_args_from_config(model.config),
            "iter_num": int(info.get("step") or 0), "best_val_loss": float(info.get("val_loss") or float("nan")),
            "config": {**model_args_from_config(model.config), "tokenizer": "bytes", "source": "jaxgpt"}}
     _atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_safetensors(path: Path) -> tuple[GPT, dict[str, Any]]:
+    from safetensors import SafetensorError, safe_open
+
+    from parity.hf import _read_safetensors
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="np") as f:
             header = f.metadata() or {}
-        sd = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"cannot read {path} as safetensors ({str(e)[:160]})") from None
+    sd = _read_safetensors(path)
     if "model_args" in header:
         model_args = json.loads(header["model_args"])
     elif (sidecar := path.with_suffix(".json")).is_file():
         model_args = json.loads(sidecar.read_text())
     else:
         raise UserError(f"{path} carries no model_args metadata and {path.with_suffix('.json')} does not exist; "
-                        f"put the model config JSON there")
-    model = from_torch_state_dict(sd, config_from_model_args(model_args))
+                        f"put the model config JSON there (a Hugging Face folder: pass the folder instead)")
+    model = from_state_dict(sd, config_from_model_args(model_args))
     return model, {"step": int(header.get("step", 0)), "val_loss": json.loads(header.get("val_loss", "null"))}
 
 
 def save_safetensors(model: GPT, path: Path, info: dict[str, Any]) -> None:
-    sd = {k: v.contiguous() for k, v in to_torch_state_dict(model).items() if k != TIED_HEAD}  # no shared tensors
+    from safetensors.numpy import save_file
+
+    sd = {k: v for k, v in to_state_dict(model).items() if k != TIED_HEAD}  # no shared tensors
     metadata = {"model_args": json.dumps(model_args_from_config(model.config)), "step": str(int(info.get("step") or 0)),
                 "val_loss": json.dumps(info.get("val_loss")), "tokenizer": "bytes", "format": "nanogpt-names"}
-    _atomic(path, lambda tmp: save_file(sd, tmp, metadata=metadata))
+    _atomic(path, lambda tmp: save_file(sd, str(tmp), metadata=metadata))
 
 
 def save_jaxgpt(model: GPT, out_dir: Path, info: dict[str, Any]) -> None:
-    """A run folder whose checkpoint has params and meta but no optimizer state."""
+    """A run folder whose checkpoint has params and meta but no optimizer state, with the
+    source's tokenizer.json when it has one."""
     from flax import nnx
 
-    step = int(info.get("step") or 0)
-    val = info.get("val_loss")
-    ckpt = Checkpointer(out_dir, use_async=False)
-    meta = {"step": step, "val_loss": float(val) if val is not None and val == val else float("inf"),
-            "model": model.config.to_dict(), "converted_from": info.get("source", "")}
-    ckpt.save(step, nnx.state(model, nnx.Param), None, meta)
-    ckpt.wait()
-    ckpt.close()
-    (Path(out_dir) / "config.json").write_text(json.dumps({"model": model.config.to_dict()}, indent=2))
+    def write(tmp: Path) -> None:
+        step = int(info.get("step") or 0)
+        val = info.get("val_loss")
+        ckpt = Checkpointer(tmp, use_async=False)
+        meta = {"step": step, "val_loss": float(val) if val is not None and val == val else float("inf"),
+                "model": model.config.to_dict(), "converted_from": info.get("source", "")}
+        ckpt.save(step, nnx.state(model, nnx.Param), None, meta)
+        ckpt.wait()
+        ckpt.close()
+        tokenizer = info.get("tokenizer")
+        if isinstance(tokenizer, HFTokenizer):
+            (tmp / TOKENIZER_FILE).write_bytes(tokenizer.raw)
+        identity = tokenizer.identity() if tokenizer is not None else ByteTokenizer().identity()
+        (tmp / "config.json").write_text(json.dumps({"model": model.config.to_dict(), "tokenizer": identity}, indent=2))
+
+    _atomic(out_dir, write, folder=True)
 
 
-def load_any(path: str | Path) -> tuple[GPT, dict[str, Any]]:
-    """Any of the three formats -> (GPT in eval mode, info with step / val_loss)."""
+def save_hf(model: GPT, out_dir: Path, info: dict[str, Any]) -> None:
+    tokenizer = info.get("tokenizer")
+    if tokenizer is None:
+        raise UserError(f"the model has {model.config.vocab_size} tokens and no tokenizer came with it; a Hugging Face "
+                        f"folder needs one (put the {TOKENIZER_FILE} beside the source)")
+    if not isinstance(tokenizer, (ByteTokenizer, HFTokenizer)):
+        raise UserError(f"a {tokenizer.name} tokenizer cannot be exported to a Hugging Face folder; only byte-level "
+                        f"and tokenizer.json models can")
+    text = tokenizer.raw.decode() if isinstance(tokenizer, HFTokenizer) else None
+    _atomic(out_dir, lambda tmp: write_hf(model, tmp, text), folder=True)
+
+
+SAVERS = {"pt": save_pt, "safetensors": save_safetensors, "jaxgpt": save_jaxgpt, "hf": save_hf}
+
+
+def load_any(path: str | Path, meta_path: str | None = None, which: str = "best") -> tuple[GPT, dict[str, Any]]:
+    """Any of the four formats -> (GPT in eval mode, info: step, val_loss, tokenizer). `which`:
+    the best or latest checkpoint of a jaxgpt run folder."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"checkpoint {path} does not exist; pass a jaxgpt run folder, a .pt or a .safetensors file")
+        raise UserError(f"checkpoint {path} does not exist; pass a jaxgpt run folder, a .pt or .safetensors file, "
+                        f"or a Hugging Face GPT-2 folder")
     kind = kind_of(path)
-    if kind == "pt":
-        return load_pt(path)
-    if kind == "safetensors":
-        return load_safetensors(path)
-    return load_model(path)
+    loader = {"pt": load_pt, "safetensors": load_safetensors, "hf": load_hf,
+              "jaxgpt": lambda p: load_model(p, which)}[kind]
+    model, info = loader(path)
+    info["tokenizer"] = tokenizer_for(model, path, kind, info, meta_path)
+    return model, info
 
 
-def tokenizer_for(model: GPT, path: Path, info: dict[str, Any], meta_path: str | None) -> ByteTokenizer | CharTokenizer:
-    """Bytes for vocab 256; otherwise nanoGPT's meta.pkl: --meta, beside the checkpoint, or
-    data/<dataset>/meta.pkl as nanoGPT's sample.py looks for it."""
-    if meta_path is None and model.config.vocab_size == 256:
-        return ByteTokenizer()
-    candidates = [Path(meta_path)] if meta_path else [Path(path).parent / "meta.pkl"]
-    dataset = str(info.get("config", {}).get("dataset", ""))
-    if not meta_path and dataset and "/" not in dataset and dataset not in (".", ".."):
-        candidates.append(Path("data") / dataset / "meta.pkl")
-    for candidate in candidates:
-        if candidate.is_file():
-            tok = load_meta_pkl(candidate)
-            if tok.vocab_size > model.config.vocab_size:
-                raise UserError(f"{candidate} has {tok.vocab_size} characters but the model only {model.config.vocab_size}")
-            return tok
-    raise UserError(f"the model's vocabulary has {model.config.vocab_size} tokens (not bytes) and no meta.pkl was found "
-                    f"({', '.join(map(str, candidates))}); pass --meta PATH/meta.pkl")
+def tokenizer_for(model: GPT, path: Path, kind: str, info: dict[str, Any],
+                  meta_path: str | None) -> ByteTokenizer | HFTokenizer | CharTokenizer | None:
+    """The tokenizer.json a folder carries (run or Hugging Face); otherwise bytes for vocab 256,
+    or nanoGPT's meta.pkl: --meta, beside the checkpoint, or data/<dataset>/meta.pkl as nanoGPT's
+    sample.py looks for it; None when there is none. Refuses a tokenizer whose vocabulary does not
+    fit the model."""
+    tok: ByteTokenizer | HFTokenizer | CharTokenizer | None = None
+    if meta_path is None and kind in ("hf", "jaxgpt"):
+        folder = path if kind == "hf" else resolve(path)[0]
+        tok = load_tokenizer(folder)
+        if isinstance(tok, ByteTokenizer) and model.config.vocab_size != 256:
+            tok = None
+    elif meta_path is None and model.config.vocab_size == 256:
+        tok = ByteTokenizer()
+    if tok is None:
+        candidates = [Path(meta_path)] if meta_path else [Path(path).parent / "meta.pkl"]
+        dataset = str(info.get("config", {}).get("dataset", ""))
+        if not meta_path and dataset and "/" not in dataset and dataset not in (".", ".."):
+            candidates.append(Path("data") / dataset / "meta.pkl")
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            if meta_path:
+                raise UserError(f"--meta {meta_path} does not exist")
+            return None  # weights without a tokenizer: convertible, not sampleable (see need_tokenizer)
+        tok = load_meta_pkl(found[0])
+    if tok.vocab_size > model.config.vocab_size:
+        raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}; "
+                        f"they do not belong together")
+    return tok
+
+
+def need_tokenizer(model: GPT, info: dict[str, Any], path: str | Path) -> ByteTokenizer | HFTokenizer | CharTokenizer:
+    """The tokenizer from load_any, or one clear error for weights that came without one."""
+    if info.get("tokenizer") is None:
+        raise UserError(f"{path}: the model's vocabulary has {model.config.vocab_size} tokens (not bytes) and neither "
+                        f"a {TOKENIZER_FILE} nor a nanoGPT meta.pkl comes with it; pass --meta PATH/meta.pkl, or add "
+                        f"the model's {TOKENIZER_FILE}")
+    return info["tokenizer"]

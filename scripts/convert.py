@@ -1,15 +1,19 @@
-"""Convert a checkpoint between jaxgpt, nanoGPT and safetensors; formats follow the paths:
+"""Convert a checkpoint between jaxgpt, nanoGPT, safetensors and Hugging Face GPT-2; the source
+format follows the path, the destination's too unless --to names it:
 
   *.pt / *.pth / *.ckpt   nanoGPT ckpt.pt ({'model', 'model_args', 'iter_num', 'best_val_loss', 'config'})
   *.safetensors           nanoGPT parameter names, model_args in the header metadata
-  anything else           a jaxgpt run folder (out_dir with checkpoints/) or checkpoints/<step>
+  a folder with config.json (model_type gpt2)   a Hugging Face GPT-2 folder (save_pretrained)
+  any other folder        a jaxgpt run folder (out_dir with checkpoints/) or checkpoints/<step>
 
   python scripts/convert.py out/shakespeare ckpt.pt          # jaxgpt -> nanoGPT
   python scripts/convert.py ckpt.pt model.safetensors        # nanoGPT -> safetensors
-  python scripts/convert.py model.safetensors out/imported   # -> a jaxgpt run folder (params only)
+  python scripts/convert.py HF_DIR out/imported              # Hugging Face GPT-2 -> a jaxgpt run folder
+  python scripts/convert.py out/shakespeare hf_out --to=hf   # jaxgpt -> a Hugging Face folder
 
-.pt files are read with torch.load(weights_only=True): pickled code is refused, never run.
-An existing destination is never overwritten unless --force (a run folder never is).
+.pt/.bin files are read with torch.load(weights_only=True): pickled code is refused, never run;
+no other format needs torch. An existing destination is never overwritten unless --force (a
+folder never is); a failed conversion leaves nothing behind.
 """
 import argparse
 from pathlib import Path
@@ -17,26 +21,31 @@ from pathlib import Path
 from jaxgpt import cli
 from jaxgpt.config import CliParser
 from jaxgpt.errors import UserError
-from parity.formats import kind_of, load_any, save_jaxgpt, save_pt, save_safetensors
+from parity.formats import KINDS, SAVERS, kind_of, load_any
 
 
 def main(argv: list[str]) -> int:
     p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src")
     p.add_argument("dst")
+    p.add_argument("--to", choices=KINDS, help="destination format (default: from the destination path)")
+    p.add_argument("--meta", help="nanoGPT meta.pkl of a character-level source")
     p.add_argument("--force", action="store_true", help="overwrite an existing .pt/.safetensors destination")
     args = p.parse_args(argv)
     src, dst = Path(args.src), Path(args.dst)
-    kind = kind_of(dst)
-    if dst.exists() and (kind == "jaxgpt" and any(dst.iterdir()) or kind != "jaxgpt" and not args.force):
-        raise UserError(f"{dst} already exists; choose a new destination" + ("" if kind == "jaxgpt" else " or pass --force"))
+    kind = args.to or ("jaxgpt" if kind_of(dst) == "hf" else kind_of(dst))
+    folder = kind in ("jaxgpt", "hf")
+    if folder and dst.suffix.lower() in (".pt", ".pth", ".ckpt", ".bin", ".safetensors"):
+        raise UserError(f"--to={kind} writes a folder, but {dst} looks like a file name; choose a folder name")
+    if dst.exists() and (dst.is_dir() and any(dst.iterdir()) or not dst.is_dir() and (folder or not args.force)):
+        raise UserError(f"{dst} already exists; choose a new destination" + ("" if folder else " or pass --force"))
     if dst.resolve() == src.resolve():
         raise UserError("source and destination are the same path")
-    model, info = load_any(src)
+    model, info = load_any(src, args.meta)
     info["source"] = str(src)
-    {"pt": save_pt, "safetensors": save_safetensors, "jaxgpt": save_jaxgpt}[kind](model, dst, info)
+    SAVERS[kind](model, dst, info)
     print(f"{src} ({kind_of(src)}) -> {dst} ({kind}): {model.num_params() / 1e6:.2f}M parameters, "
-          f"step {info.get('step')}, config {model.config.to_dict()}")
+          f"step {info.get('step')}, tokenizer {getattr(info['tokenizer'], 'name', 'none')}, config {model.config.to_dict()}")
     return 0
 
 

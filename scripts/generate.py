@@ -1,4 +1,5 @@
-"""Sample text from a trained model (jaxgpt run folder, nanoGPT ckpt.pt or .safetensors).
+"""Sample text from a trained model (jaxgpt run folder, nanoGPT ckpt.pt, .safetensors, or a
+Hugging Face GPT-2 folder), with the tokenizer it carries (bytes by default).
 
   python scripts/generate.py --prompt="KING RICHARD III:" --temperature=0.9 --top_k=40 --max_new_tokens=500
   python scripts/generate.py --checkpoint=ckpt.pt --num_samples=10 --temperature=0
@@ -14,25 +15,19 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxgpt import cli
-from jaxgpt.checkpoint import load_model
 from jaxgpt.config import CliParser, parse_bool
 from jaxgpt.errors import UserError
 from jaxgpt.sample import check_sampling, generate_chunks
-from jaxgpt.tokenizer import ByteTokenizer
 
 MAX_NEW_TOKENS = 2**31 - 1  # token indices are int32 on the device
 
 
 def load(checkpoint: str, which: str, meta: str | None):
-    """(model, tokenizer, info). A folder is a jaxgpt run (no torch needed); a file goes
-    through parity.formats (.pt / .safetensors)."""
-    path = Path(checkpoint)
-    if path.is_dir():
-        model, info = load_model(path, which)
-        return model, ByteTokenizer(), info
-    from parity.formats import load_any, tokenizer_for
-    model, info = load_any(path)
-    return model, tokenizer_for(model, path, info, meta), info
+    """(model, tokenizer, info) from a jaxgpt run folder, nanoGPT .pt, .safetensors or a Hugging
+    Face GPT-2 folder (parity.formats; torch only for .pt)."""
+    from parity.formats import load_any, need_tokenizer
+    model, info = load_any(checkpoint, meta, which)
+    return model, need_tokenizer(model, info, checkpoint), info
 
 
 def main(argv: list[str]) -> int:
@@ -40,7 +35,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--prompt", default="", help="start text; empty starts from a newline, like nanoGPT")
     p.add_argument("--prompt_file", help="read the prompt from this UTF-8 file instead")
     p.add_argument("--out_dir", default="out/shakespeare", help="training run to sample from (default: %(default)s)")
-    p.add_argument("--checkpoint", help="a run folder, checkpoints/<step> folder, ckpt.pt or .safetensors (overrides --out_dir)")
+    p.add_argument("--checkpoint", help="a run folder, checkpoints/<step> folder, ckpt.pt, .safetensors or Hugging Face "
+                                        "folder (overrides --out_dir)")
     p.add_argument("--which", choices=["best", "latest"], default="best", help="which checkpoint of a run folder")
     p.add_argument("--meta", help="nanoGPT meta.pkl for character-level checkpoints")
     p.add_argument("--max_new_tokens", type=int, default=500)

@@ -4,14 +4,18 @@
       --n_head=6 --n_layer=6 --max_iters=5000          # the seed's GPU config (the defaults)
   python scripts/train.py --preset=cpu                  # nanoGPT's CPU config, minutes on 2 cores
   python scripts/train.py --out_dir=out/x --resume      # continue a run where it stopped
+  python scripts/train.py --preset=finetune --init_from=HF_DIR --dataset=shakespeare_gpt2   # fine-tune
 """
 import json
+from pathlib import Path
 
 import jax
+from flax import nnx
 
 from jaxgpt import GPTConfig, TrainConfig, cli
 from jaxgpt.config import PRESETS, explicit_flags, make_parser
-from jaxgpt.data import prepare_if_missing
+from jaxgpt.data import prepare_if_missing, read_meta
+from jaxgpt.model import crop_block_size
 from jaxgpt.platform import tune_host_allocator
 from jaxgpt.sharding import init_distributed
 from jaxgpt.rundir import resolve_configs
@@ -32,12 +36,21 @@ def main(argv: list[str]) -> int:
     cli.apply_compile_cache(args.compile_cache)
     if args.distributed or args.coordinator_address:
         init_distributed(args.coordinator_address, args.num_processes, args.process_id)
-    model_cfg, tc = resolve_configs(explicit_flags(args, GPTConfig), explicit_flags(args, TrainConfig),
-                                    PRESETS[args.preset])
+    model_flags, train_flags, preset = explicit_flags(args, GPTConfig), explicit_flags(args, TrainConfig), PRESETS[args.preset]
     main_process = jax.process_index() == 0
-    if (meta := prepare_if_missing(tc.data_dir, tc.dataset)) is not None and main_process:
-        print(f"data: prepared {tc.data_dir}/{tc.dataset} from the Tiny Shakespeare bundled with jaxgpt "
+    data_dir, dataset = train_flags.get("data_dir", "data"), train_flags.get("dataset", preset.get("dataset", "shakespeare"))
+    if (meta := prepare_if_missing(data_dir, dataset)) is not None and main_process:
+        print(f"data: prepared {data_dir}/{dataset} from the Tiny Shakespeare bundled with jaxgpt "
               f"({meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens)")
+    init, tokenizer, init_cfg = None, None, None
+    if train_flags.get("init_from"):  # weights (and tokenizer) from any format the converter reads
+        from parity.formats import load_any, need_tokenizer
+        model, info = load_any(train_flags["init_from"])
+        init_cfg, tokenizer = model.config, need_tokenizer(model, info, train_flags["init_from"])
+    data_vocab = read_meta(f"{data_dir}/{dataset}")["vocab_size"] if Path(data_dir, dataset, "meta.json").is_file() else None
+    model_cfg, tc = resolve_configs(model_flags, train_flags, preset, init_cfg, data_vocab)
+    if init_cfg is not None:
+        init = nnx.state(crop_block_size(model, model_cfg.block_size), nnx.Param)
     if main_process:
         print(f"model: {json.dumps(model_cfg.to_dict())}")
         print(f"train: {json.dumps(tc.to_dict())}")
@@ -53,7 +66,7 @@ def main(argv: list[str]) -> int:
                   f"host allocator {plat.host_allocator or 'untouched'}{fits}, compiled in {memory['compile_s']:.1f} s",
                   flush=True)
 
-    summary = train(model_cfg, tc, on_start=announce)
+    summary = train(model_cfg, tc, on_start=announce, init_params=init, tokenizer=tokenizer)
     if main_process:
         print(f"done: {summary['final_step']} steps in {summary['wall_s']:.1f} s "
               f"({summary['wall_s'] / max(summary['steps'], 1) * 1000:.1f} ms/step incl. eval), "
