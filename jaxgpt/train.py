@@ -283,8 +283,8 @@ def train(model_cfg: GPTConfig, tc: TrainConfig, *, on_log: Callable[[dict], Non
     main = jax.process_index() == 0  # only process 0 logs, plots and draws the bar
     _, _, state = init_state(model_cfg, tc, mesh)
     if init_params is not None and not tc.resume:  # fine-tuning: these weights, laid out like the fresh ones
-        state = TrainState(jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), init_params, state.params),
-                           state.opt_state)
+        copy = lambda new, old: jax.device_put(np.asarray(new), old.sharding)  # noqa: E731  (the step donates it)
+        state = TrainState(jax.tree.map(copy, init_params, state.params), state.opt_state)
     batch = lambda step: tuple(to_global(a) for a in samplers["train"].get(step))  # noqa: E731
     train_step, eval_graphdef, plat, memory = compile_train_step(model_cfg, tc, state, *batch(0), 0)
     rundir.preflight(out_dir, sum(a.nbytes for a in jax.tree.leaves(state)))

@@ -12,3 +12,4 @@ CACHE_LOGITS_ATOL = 1e-5  # KV-cached decode vs a full forward
 BF16_LOGITS_RTOL = 2e-2  # max|diff| / max|fp32 logit|
 BF16_TRAIN_LOSS_RTOL = 1e-2  # per-step loss over 100 AdamW steps
 BF16_VS_FP32_RTOL = 2e-2  # held-out loss after 300 steps, bf16 run vs fp32 run
+FINETUNE_LOSS_RATIO = 0.95  # fine-tuning an imported model on new text: val loss after / before, at most
