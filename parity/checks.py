@@ -1,4 +1,5 @@
-"""The parity checks: each returns Results that `python -m parity` tabulates and tests assert.
+"""The parity checks: each returns Results (parity/rows.py) that `python -m parity` tabulates
+and tests assert.
 
 Every check builds both models from the same weights (converted through parity/convert.py)
 and compares in float32 on CPU, where both frameworks are deterministic.
@@ -20,19 +21,8 @@ import torchref
 from jaxgpt.config import GPTConfig
 from jaxgpt.model import GPT
 from parity import tolerances as tol
+from parity.rows import Result, _jit_forward, jax_logits, max_diff, synthetic_corpus
 from parity.convert import flat_params, from_torch_state_dict, jax_to_torch_model, to_torch_state_dict
-
-
-@dataclass(frozen=True)
-class Result:
-    check: str
-    case: str
-    value: float  # the measured figure, usually max |diff|
-    tolerance: float
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.value <= self.tolerance)  # NaN fails
 
 
 # Small configs covering bias on/off, 1-4 layers; each is run at T < block_size and T == block_size.
@@ -54,21 +44,6 @@ def _tokens(cfg: GPTConfig, T: int, seed: int = 0, batch: int = 3) -> np.ndarray
     return np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, T), dtype=np.int64)
 
 
-def _max_diff(a, b) -> float:
-    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
-
-
-@partial(jax.jit, static_argnums=0)
-def _jit_forward(graphdef: nnx.GraphDef, state: nnx.State, idx: jax.Array) -> jax.Array:
-    return nnx.merge(graphdef, state)(idx)
-
-
-def jax_logits(model: GPT, idx: np.ndarray) -> np.ndarray:
-    """Jitted forward (checks call it many times with one shape)."""
-    model.check_input(idx)
-    return np.asarray(_jit_forward(*nnx.split(model), jnp.asarray(idx, jnp.int32)))
-
-
 def torch_logits(model: torchref.GPT, idx: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(torch.from_numpy(idx)).numpy()
@@ -78,7 +53,7 @@ def check_logits_jax_to_torch(cfg: GPTConfig, T: int, case: str) -> list[Result]
     model = GPT(cfg, rngs=nnx.Rngs(1))
     model.eval()
     idx = _tokens(cfg, T)
-    diff = _max_diff(jax_logits(model, idx), torch_logits(jax_to_torch_model(model), idx))
+    diff = max_diff(jax_logits(model, idx), torch_logits(jax_to_torch_model(model), idx))
     return [Result("logits jax->torch", case, diff, tol.LOGITS_ATOL)]
 
 
@@ -86,7 +61,7 @@ def check_logits_torch_to_jax(cfg: GPTConfig, T: int, case: str) -> list[Result]
     torch.manual_seed(2)
     tmodel = torchref.GPT(cfg).eval()
     idx = _tokens(cfg, T, seed=1)
-    diff = _max_diff(torch_logits(tmodel, idx), jax_logits(from_torch_state_dict(tmodel.state_dict(), cfg), idx))
+    diff = max_diff(torch_logits(tmodel, idx), jax_logits(from_torch_state_dict(tmodel.state_dict(), cfg), idx))
     return [Result("logits torch->jax", case, diff, tol.LOGITS_ATOL)]
 
 
@@ -94,11 +69,11 @@ def check_roundtrips(cfg: GPTConfig, case: str) -> list[Result]:
     model = GPT(cfg, rngs=nnx.Rngs(3))
     back = from_torch_state_dict(to_torch_state_dict(model), cfg)
     a, b = (flat_params(m) for m in (model, back))
-    jtj = max(_max_diff(a[k], b[k]) for k in a) if a.keys() == b.keys() else math.inf
+    jtj = max(max_diff(a[k], b[k]) for k in a) if a.keys() == b.keys() else math.inf
     torch.manual_seed(4)
     sd = torchref.GPT(cfg).state_dict()
     sd2 = to_torch_state_dict(from_torch_state_dict(sd, cfg))
-    tjt = max(_max_diff(sd[k], sd2[k]) for k in sd) if sd.keys() == sd2.keys() else math.inf
+    tjt = max(max_diff(sd[k], sd2[k]) for k in sd) if sd.keys() == sd2.keys() else math.inf
     return [Result("roundtrip jax->torch->jax", case, jtj, tol.ROUNDTRIP_ATOL),
             Result("roundtrip torch->jax->torch", case, tjt, tol.ROUNDTRIP_ATOL)]
 
@@ -133,14 +108,6 @@ def check_init(cfg: GPTConfig, case: str) -> list[Result]:
             worst_const = max(worst_const, float(value.abs().max()))
     return [Result("init std rel. error", case, worst_std, tol.INIT_STD_RTOL),
             Result("init LayerNorm/bias consts", case, worst_const, 0.0)]
-
-
-def synthetic_corpus(n_bytes: int, seed: int = 0) -> np.ndarray:
-    """Word-like text from a fixed generator: structured enough for losses to fall quickly."""
-    rng = np.random.default_rng(seed)
-    words = ["the", "king", "queen", "of", "and", "to", "my", "lord", "thou", "art", "thee", "\n", "what", "is"]
-    text = " ".join(rng.choice(words, size=n_bytes // 3))
-    return np.frombuffer(text.encode()[:n_bytes], np.uint8).astype(np.int64)
 
 
 TRAIN_CFG = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=64, dropout=0.0, bias=True)
@@ -188,7 +155,7 @@ def check_training(steps: int = 60, accum: int = 2) -> list[Result]:
     """fp32: relative per-step loss difference and final parameter difference vs torchref."""
     jl, tl, jax_sd, torch_sd, _ = train_twins(steps, accum)
     worst_loss = max(abs(a - b) / abs(b) for a, b in zip(jl, tl))
-    worst_param = max(_max_diff(jax_sd[k], v.detach()) for k, v in torch_sd.items())
+    worst_param = max(max_diff(jax_sd[k], v.detach()) for k, v in torch_sd.items())
     return [Result(f"train loss rel. diff, {steps} steps", f"L2-bias accum={accum}", worst_loss, tol.TRAIN_LOSS_RTOL),
             Result(f"train params after {steps} steps", f"L2-bias accum={accum}", worst_param, tol.TRAIN_PARAM_ATOL)]
 
@@ -209,7 +176,7 @@ def check_bf16_logits() -> list[Result]:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             tb = jax_to_torch_model(model)(torch.from_numpy(idx)).float().numpy()
         out.append(Result("bf16 logits jax vs torch autocast, rel.", f"{name} T={cfg.block_size}",
-                          _max_diff(bf16, tb) / float(np.abs(ref).max()), tol.BF16_LOGITS_RTOL))
+                          max_diff(bf16, tb) / float(np.abs(ref).max()), tol.BF16_LOGITS_RTOL))
     return out
 
 
@@ -277,7 +244,7 @@ def check_cache_vs_full_forward(new_tokens: int = 150) -> list[Result]:
         # one compiled shape: causality lets a block that starts at the context start stand in for it
         ref = [jax_logits(model, tokens[:, max(0, L - bs):max(L, bs)])[:, min(L, bs) - 1] for L in range(P, P + new_tokens)]
         out.append(Result("cached decode vs full forward", f"prompt {P}, to {P + new_tokens} (block {bs})",
-                          _max_diff(logits, np.stack(ref)), tol.CACHE_LOGITS_ATOL))
+                          max_diff(logits, np.stack(ref)), tol.CACHE_LOGITS_ATOL))
     return out
 
 

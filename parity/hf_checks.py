@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from parity import tolerances as tol
-from parity.checks import Result, _max_diff, jax_logits, synthetic_corpus
+from parity.rows import Result, jax_logits, max_diff, synthetic_corpus
 
 GREEDY_TOKENS = 100
 
@@ -93,7 +93,7 @@ def check_logits() -> list[Result]:
             model, _ = load_any(Path(tmp) / kind)
             idx = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, min(model.config.block_size, 128)))
             out.append(Result("logits vs transformers", f"{kind} T={idx.shape[1]}",
-                              _max_diff(jax_logits(model, idx), _hf_logits(hf, idx)), tol.LOGITS_ATOL))
+                              max_diff(jax_logits(model, idx), _hf_logits(hf, idx)), tol.LOGITS_ATOL))
     return out
 
 
@@ -130,7 +130,7 @@ def check_roundtrip() -> list[Result]:
         model, info = load_any(tmp / "run")
         save_hf(model, tmp / "back", info)
         a, b = load_file(str(tmp / "bpe" / "model.safetensors")), load_file(str(tmp / "back" / "model.safetensors"))
-        worst = max(_max_diff(a[k], b[k]) for k in a) if a.keys() == b.keys() else np.inf
+        worst = max(max_diff(a[k], b[k]) for k in a) if a.keys() == b.keys() else np.inf
         same_tokenizer = (tmp / "bpe" / "tokenizer.json").read_bytes() == (tmp / "back" / "tokenizer.json").read_bytes()
     return [Result("roundtrip HF -> jaxgpt -> HF, every tensor", f"{len(a)} tensors", worst, tol.ROUNDTRIP_ATOL),
             Result("roundtrip HF -> jaxgpt -> HF, tokenizer.json bytes differ", "bpe", float(not same_tokenizer), 0.0)]
@@ -153,7 +153,7 @@ def check_export() -> list[Result]:
         tok = AutoTokenizer.from_pretrained(Path(tmp) / "out")
         idx = np.random.default_rng(1).integers(0, 256, (2, 64))
         ids_ok = tok.encode("KING") == [75, 73, 78, 71] and tok.decode(list(range(65, 70))) == "ABCDE"
-    return [Result("byte-level export: transformers logits", "2 layers, no bias", _max_diff(jax_logits(model, idx),
+    return [Result("byte-level export: transformers logits", "2 layers, no bias", max_diff(jax_logits(model, idx),
                                                                                           _hf_logits(hf, idx)),
                    tol.LOGITS_ATOL),
             Result("byte-level export: tokenizer ids != bytes", "KING, ABCDE", float(not ids_ok), 0.0)]

@@ -16,6 +16,8 @@ no other format needs torch. An existing destination is never overwritten unless
 folder never is); a failed conversion leaves nothing behind.
 """
 import argparse
+import shutil
+import sys
 from pathlib import Path
 
 from jaxgpt import cli
@@ -31,6 +33,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--to", choices=KINDS, help="destination format (default: from the destination path)")
     p.add_argument("--meta", help="nanoGPT meta.pkl of a character-level source")
     p.add_argument("--force", action="store_true", help="overwrite an existing .pt/.safetensors destination")
+    p.add_argument("--verify", action="store_true",
+                   help="after writing, compare the destination's logits and greedy decoding with the source's; "
+                        "on a mismatch remove the destination (only what this run wrote) and exit 1")
     args = p.parse_args(argv)
     src, dst = Path(args.src), Path(args.dst)
     kind = args.to or ("jaxgpt" if kind_of(dst) == "hf" else kind_of(dst))
@@ -43,7 +48,18 @@ def main(argv: list[str]) -> int:
         raise UserError("source and destination are the same path")
     model, info = load_any(src, args.meta)
     info["source"] = str(src)
+    existed = dst.exists()
     SAVERS[kind](model, dst, info)
+    if args.verify:
+        from parity.report import verify_conversion
+        report = verify_conversion(src, dst)
+        print(report.table())
+        if not report.passed:
+            if not existed:  # never remove what was there before (a --force overwrite stays)
+                shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+            print(f"error: {dst} does not reproduce {src} (see the table); "
+                  f"{'removed it' if not existed else 'left the overwritten file in place'}", file=sys.stderr)
+            return 1
     print(f"{src} ({kind_of(src)}) -> {dst} ({kind}): {model.num_params() / 1e6:.2f}M parameters, "
           f"step {info.get('step')}, tokenizer {getattr(info['tokenizer'], 'name', 'none')}, config {model.config.to_dict()}")
     return 0
