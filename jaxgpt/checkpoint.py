@@ -8,6 +8,7 @@ sampler state). Kept: the last `keep` steps and the best by val loss.
 from __future__ import annotations
 
 import time
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers as cm
 
+from jaxgpt import paths
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT
@@ -23,7 +25,8 @@ from jaxgpt.model import GPT
 
 class Checkpointer:
     def __init__(self, out_dir: str | Path, keep: int = 3, *, read_only: bool = False, use_async: bool = True):
-        self.directory = Path(out_dir).absolute() / "checkpoints"
+        out = paths.path(out_dir)
+        self.directory = (out if paths.is_remote(out) else paths.path(os.path.abspath(out))) / "checkpoints"
         if read_only and not self.directory.is_dir():
             raise UserError(f"no checkpoints in {Path(out_dir)}; train first or pass the right --out_dir/--checkpoint")
         policy = cm.AnyPreservationPolicy([
@@ -68,7 +71,7 @@ class Checkpointer:
             items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
         return dict(self.manager.restore(step, args=ocp.args.Composite(**items)))
 
-    def quarantine(self, step: int) -> Path:
+    def quarantine(self, step: int) -> Any:
         """Move an unreadable step folder aside (kept for inspection, never deleted)."""
         bad = self.directory / f"unreadable-{step}-{time.strftime('%Y%m%d-%H%M%S')}"
         (self.directory / str(step)).rename(bad)
@@ -82,9 +85,9 @@ class Checkpointer:
         self.manager.close()
 
 
-def resolve(path: str | Path) -> tuple[Path, int | None]:
+def resolve(path: str | Path) -> tuple[Any, int | None]:
     """(out_dir, step) for a run folder (its best or latest step) or a checkpoints/<step> folder."""
-    path = Path(path)
+    path = paths.path(path)
     if path.name.isdigit() and path.parent.name == "checkpoints":
         return path.parent.parent, int(path.name)
     if not (path / "checkpoints").is_dir():

@@ -26,6 +26,8 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
     import absl.logging  # orbax logs routine notices as absl warnings; keep the terminal for our output
     absl.logging.set_verbosity(absl.logging.ERROR)
     _show_notices()
+    from jaxgpt.paths import configure_gcs
+    configure_gcs()  # STORAGE_EMULATOR_HOST -> every Cloud Storage client; quiet clients
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from jaxgpt import paths
 from jaxgpt.errors import UserError
 from jaxgpt.tokenizer import BYTES_IDENTITY, TOKENIZER_FILE, HFTokenizer
 
@@ -124,7 +125,8 @@ def prepare_text(raw: bytes, out_dir: str | Path, source: str, *, tokenizer: HFT
         _atomic_write(out_dir / f"{split}.bin", data)
     meta = {"tokenizer": tokenizer.name if tokenizer else "bytes", "tokenizer_identity": identity,
             "vocab_size": identity["vocab_size"], "dtype": dtype.name,
-            **{f"{s}_tokens": len(d) // dtype.itemsize for s, d in parts.items()}, "source": source, "sha256": sha}
+            **{f"{s}_tokens": len(d) // dtype.itemsize for s, d in parts.items()}, "source": source, "sha256": sha,
+            "files": {f"{s}.bin": hashlib.sha256(d).hexdigest() for s, d in parts.items()}}
     _atomic_write(meta_path, json.dumps(meta, indent=2).encode())
     return meta
 
@@ -243,6 +245,7 @@ def prepare_tinystories(data_dir: str | Path, inputs: list[str] | None = None,
         if n_tokens == 0:
             raise UserError(f"no {split} stories found in the TinyStories input; check the files")
         meta[f"{split}_stories"], meta[f"{split}_tokens"] = n_stories, n_tokens
+    meta["files"] = {f"{split}.bin": paths.sha256(out_dir / f"{split}.bin") for split in SPLITS}
     _atomic_write(out_dir / "meta.json", json.dumps(meta, indent=2).encode())
     return meta
 
@@ -256,7 +259,19 @@ def prepare_if_missing(data_dir: str | Path, dataset: str) -> dict | None:
 
 
 def dataset_dir(data_dir: str | Path, dataset: str) -> Path:
-    """The prepared dataset's folder; a clear error with the prepare command when it is missing."""
+    """The prepared dataset's local folder; a clear error with the prepare command when it is
+    missing. A gs:// data_dir is copied once into the user's cache and checked by hash."""
+    if paths.is_remote(data_dir):
+        remote = paths.path(data_dir) / dataset
+        paths.check_gcs(remote)
+        if not (remote / "meta.json").exists():
+            raise UserError(f"dataset {dataset!r} is not prepared in {data_dir} ({remote}/meta.json missing); run: "
+                            f"python scripts/prepare.py ... --data_dir {data_dir}")
+        expected = json.loads((remote / "meta.json").read_text()).get("files")
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxgpt" / "data" / \
+            hashlib.sha256(str(remote).encode()).hexdigest()[:16] / dataset
+        paths.local_copy(remote, cache, ["meta.json", "train.bin", "val.bin", TOKENIZER_FILE], expected)
+        data_dir = cache.parent
     path = Path(data_dir) / dataset
     missing = [f for f in ("train.bin", "val.bin", "meta.json") if not (path / f).is_file()]
     if missing:

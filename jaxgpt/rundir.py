@@ -1,30 +1,36 @@
-"""The run folder (out_dir): its preflight checks, config.json, metrics.jsonl and loss plot.
+"""The run folder (out_dir, local or gs://): its preflight checks, config.json, metrics.jsonl and
+loss plot, all through jaxgpt.paths.
 
 Every file here is written so that a crash leaves either the old or the new version, never
 half of one, and metrics.jsonl is cut back to the checkpoint a resumed run starts from.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
-from pathlib import Path
 from dataclasses import replace
 from typing import Any
 
+from jaxgpt import paths
 from jaxgpt.config import GPTConfig, TrainConfig
 from jaxgpt.errors import UserError
 
 
-def preflight(out_dir: Path, checkpoint_bytes: int) -> None:
-    """Fail before any training if out_dir cannot be written or cannot hold two checkpoints."""
+def preflight(out_dir: Any, checkpoint_bytes: int) -> None:
+    """Fail before any training if out_dir cannot be written or (locally) cannot hold two checkpoints."""
+    out_dir = paths.path(out_dir)
+    paths.check_gcs(out_dir)
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        paths.ensure_dir(out_dir)
         probe = out_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"0" * 1024)
+        paths.write_bytes(probe, b"0" * 1024)
         probe.unlink()
     except OSError as e:
-        raise UserError(f"cannot write to out_dir {out_dir} ({e.strerror}); choose a writable --out_dir") from None
+        raise UserError(f"cannot write to out_dir {out_dir} ({e.strerror or e}); choose a writable --out_dir") from None
+    if paths.is_remote(out_dir):
+        return  # a bucket has no free-space figure to check
     need = 2 * checkpoint_bytes + (16 << 20)  # one being written while the last is kept, plus logs
     free = shutil.disk_usage(out_dir).free
     if free < need:
@@ -32,30 +38,22 @@ def preflight(out_dir: Path, checkpoint_bytes: int) -> None:
                         f"for its checkpoints; free some space or choose another --out_dir")
 
 
-def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+def write_json(path: Any, obj: Any) -> None:
+    paths.write_text(path, json.dumps(obj, indent=2))
 
 
-def write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def read_config(out_dir: Path) -> dict:
+def read_config(out_dir: Any) -> dict:
     """A run's config.json ({} when there is none yet)."""
-    path = Path(out_dir) / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    path = paths.path(out_dir) / "config.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
-def append_metrics(path: Path, records: list[dict]) -> None:
-    with open(path, "a") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in records))
+def append_metrics(path: Any, records: list[dict]) -> None:
+    paths.append_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
-def read_metrics(path: Path) -> list[dict]:
+def read_metrics(path: Any) -> list[dict]:
+    path = paths.path(path)
     if not path.exists():
         return []
     rows = []
@@ -67,15 +65,13 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
-def truncate_metrics(path: Path, last_step: int) -> None:
+def truncate_metrics(path: Any, last_step: int) -> None:
     """On resume, drop records past the checkpoint: those steps are about to be redone."""
     keep = [r for r in read_metrics(path) if r["step"] <= last_step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    os.replace(tmp, path)
+    paths.write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
-def plot_metrics(metrics_path: Path, png_path: Path) -> None:
+def plot_metrics(metrics_path: Any, png_path: Any) -> None:
     """Loss curves (train per logged step, val per evaluation) as a PNG."""
     import matplotlib
     matplotlib.use("Agg")
@@ -86,14 +82,14 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> None:
     ax.plot([r["step"] for r in rows], [r["train_loss"] for r in rows], lw=0.8, alpha=0.7, label="train (per step)")
     val = [r for r in rows if "val_loss" in r]
     ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val")
-    ax.set(xlabel="step", ylabel="cross-entropy (nats/byte)", title=png_path.parent.name)
+    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title=paths.path(png_path).parent.name)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
-    os.replace(tmp, png_path)
+    paths.write_bytes(png_path, buffer.getvalue())
 
 
 def resolve_configs(model_flags: dict[str, Any], train_flags: dict[str, Any], preset: dict[str, Any],
@@ -104,7 +100,7 @@ def resolve_configs(model_flags: dict[str, Any], train_flags: dict[str, Any], pr
     data's vocabulary (`data_vocab`) unless --vocab_size is given."""
     pick = lambda cls: {k: v for k, v in preset.items() if k in cls.__dataclass_fields__}  # noqa: E731
     tc = TrainConfig(**{**pick(TrainConfig), **train_flags})
-    saved_path = Path(tc.out_dir) / "config.json"
+    saved_path = paths.path(tc.out_dir) / "config.json"
     if init_cfg is not None and not (tc.resume and saved_path.exists()):
         free = {"dropout": None, "block_size": init_cfg.block_size}  # may differ (block_size: not above)
         diffs = [f"--{k}={v} (checkpoint has {getattr(init_cfg, k)})" for k, v in model_flags.items()

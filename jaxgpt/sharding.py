@@ -92,3 +92,41 @@ def local_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> slice:
 def global_batch(local: np.ndarray, sharding: NamedSharding, global_shape: tuple[int, ...]) -> jax.Array:
     """This process's rows -> one global array laid out as `sharding` (no cross-host copy)."""
     return jax.make_array_from_process_local_data(sharding, local, global_shape)
+
+
+def check_shared_folder(out_dir: Any) -> None:
+    """Multi-process runs write one checkpoint from every host, so out_dir must be the same folder
+    for all of them (gs:// or a shared filesystem). Process 0 leaves a marker with a fresh token;
+    every process looks for it; a host that cannot see it stops the run with one clear line
+    instead of a hang or a half-written checkpoint."""
+    if jax.process_count() == 1:
+        return
+    import secrets
+
+    from jax.experimental import multihost_utils
+
+    from jaxgpt import paths
+
+    token = int(multihost_utils.broadcast_one_to_all(np.int64(secrets.randbits(62))))
+    marker = paths.path(out_dir) / f".shared-{token}"
+    if jax.process_index() == 0:
+        paths.write_bytes(marker, b"")
+    multihost_utils.sync_global_devices("jaxgpt: shared marker written")
+    seen = multihost_utils.process_allgather(np.int32(marker.exists()))
+    multihost_utils.sync_global_devices("jaxgpt: shared marker checked")
+    if jax.process_index() == 0:
+        marker.unlink()
+    if not np.all(seen):
+        raise UserError(f"--out_dir={out_dir} is not the same folder on every host ({int(np.sum(seen))} of "
+                        f"{len(seen)} processes see process 0's files): multi-host runs need a shared path, a gs:// "
+                        f"bucket or a shared filesystem")
+
+
+def preempted(step: int) -> bool:
+    """True on every process at the same step once any host got SIGTERM (how Cloud TPU announces
+    preemption): JAX's preemption sync point, which catches the signal itself when
+    jax.distributed is initialized. Single-process runs use a Python signal handler instead."""
+    if jax.process_count() == 1:
+        return False
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.reached_preemption_sync_point(step))

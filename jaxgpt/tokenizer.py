@@ -134,7 +134,9 @@ class HFTokenizer:
             from tokenizers import Tokenizer
         except ImportError:
             raise UserError(f"{path} needs the `tokenizers` package; pip install 'jaxgpt[hf]'") from None
-        self.path = Path(path)
+        from jaxgpt import paths
+
+        self.path = paths.path(path)
         try:
             self.raw = self.path.read_bytes()
             self.tok = Tokenizer.from_str(self.raw.decode("utf-8"))
@@ -192,6 +194,8 @@ Tokenizer = ByteTokenizer | HFTokenizer | CharTokenizer
 
 
 def load_tokenizer(folder: str | Path) -> ByteTokenizer | HFTokenizer:
-    """The tokenizer a run, data or model folder carries: its tokenizer.json, else bytes."""
-    path = Path(folder) / TOKENIZER_FILE
-    return HFTokenizer(path) if path.is_file() else ByteTokenizer()
+    """The tokenizer a run, data or model folder (local or gs://) carries: its tokenizer.json, else bytes."""
+    from jaxgpt import paths
+
+    path = paths.path(folder) / TOKENIZER_FILE
+    return HFTokenizer(path) if path.exists() else ByteTokenizer()

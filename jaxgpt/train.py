@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from jaxgpt import platform, rundir
+from jaxgpt import paths, platform, rundir
 from jaxgpt.checkpoint import Checkpointer, abstract_like
 from jaxgpt.config import GPTConfig, TrainConfig
 from jaxgpt.data import BatchSampler, dataset_dir, read_meta
@@ -35,7 +35,8 @@ from jaxgpt.errors import Interrupted, UserError
 from jaxgpt.model import GPT
 from jaxgpt.platform import DTYPES, Platform
 from jaxgpt.tokenizer import TOKENIZER_FILE, HFTokenizer, Tokenizer
-from jaxgpt.sharding import batch_sharding, global_batch, local_rows, make_mesh, param_shardings, state_shardings
+from jaxgpt.sharding import (batch_sharding, check_shared_folder, global_batch, local_rows, make_mesh, param_shardings,
+                             preempted, state_shardings)
 
 class TrainState(NamedTuple):
     params: nnx.State  # float32 master weights
@@ -167,13 +168,15 @@ def restore_latest(ckpt: Checkpointer, state: TrainState) -> tuple[TrainState, i
 
 
 @contextlib.contextmanager
-def stop_signals() -> Iterator[list[int]]:
-    """Turn SIGINT/SIGTERM into a flag the loop checks after each step (main thread only)."""
+def stop_signals(sigterm: bool = True) -> Iterator[list[int]]:
+    """Turn SIGINT (and SIGTERM unless a multi-process run leaves it to JAX's preemption sync)
+    into a flag the loop checks after each step (main thread only)."""
     caught: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield caught
         return
-    previous = {s: signal.signal(s, lambda signum, _: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    signals = (signal.SIGINT, signal.SIGTERM) if sigterm else (signal.SIGINT,)
+    previous = {s: signal.signal(s, lambda signum, _: caught.append(signum)) for s in signals}
     try:
         yield caught
     finally:
@@ -258,7 +261,7 @@ def train(model_cfg: GPTConfig, tc: TrainConfig, *, on_log: Callable[[dict], Non
     `init_params`: start from these weights (fine-tuning) with a fresh optimizer; `tokenizer`:
     theirs (default: the data's). `on_start(platform, memory)` is called once the step is
     compiled, `on_log(record)` per record."""
-    out_dir = Path(tc.out_dir)
+    out_dir = paths.path(tc.out_dir)
     data = dataset_dir(tc.data_dir, tc.dataset)
     data_meta = read_meta(data)
     if data_meta["vocab_size"] > model_cfg.vocab_size:
@@ -288,6 +291,7 @@ def train(model_cfg: GPTConfig, tc: TrainConfig, *, on_log: Callable[[dict], Non
     batch = lambda step: tuple(to_global(a) for a in samplers["train"].get(step))  # noqa: E731
     train_step, eval_graphdef, plat, memory = compile_train_step(model_cfg, tc, state, *batch(0), 0)
     rundir.preflight(out_dir, sum(a.nbytes for a in jax.tree.leaves(state)))
+    check_shared_folder(out_dir)
     ckpt = Checkpointer(out_dir, tc.keep_checkpoints)
     metrics_path = out_dir / "metrics.jsonl"
     start = 0
@@ -304,7 +308,7 @@ def train(model_cfg: GPTConfig, tc: TrainConfig, *, on_log: Callable[[dict], Non
         metrics_path.unlink(missing_ok=True)
     if main:
         if isinstance(tokenizer, HFTokenizer):
-            rundir.write_bytes(out_dir / TOKENIZER_FILE, tokenizer.raw)
+            paths.write_bytes(out_dir / TOKENIZER_FILE, tokenizer.raw)
         rundir.write_json(out_dir / "config.json", {"model": model_cfg.to_dict(), "train": tc.to_dict(),
                                                      "tokenizer": identity, "platform": plat.to_dict(), "memory": memory})
     if on_start:
@@ -321,11 +325,13 @@ def train(model_cfg: GPTConfig, tc: TrainConfig, *, on_log: Callable[[dict], Non
     bar = tqdm(total=tc.max_iters, initial=start, disable=not (tc.progress and main), unit="step", dynamic_ncols=True)
     t_begin = time.perf_counter()
     last_loss = math.nan
-    with stop_signals() as caught:
+    with stop_signals(sigterm=jax.process_count() == 1) as caught:
         for step in range(start, tc.max_iters):
             state, metrics = train_step(state, *batch(step), step)
             log.step()
             done = step + 1
+            if preempted(done):  # every host reaches this step together
+                caught.append(signal.SIGTERM)
             is_eval = done % tc.eval_interval == 0 or done == tc.max_iters
             if done % tc.log_interval == 0 or is_eval or step == start or caught:
                 log.add(done, metrics["loss"])

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from jaxgpt import paths
 from jaxgpt.checkpoint import Checkpointer, load_model, resolve
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT
@@ -32,7 +33,7 @@ KINDS = ("jaxgpt", "pt", "safetensors", "hf")
 
 def kind_of(path: str | Path) -> str:
     """'pt', 'safetensors', 'hf' (a folder with a config.json) or 'jaxgpt', from the path."""
-    path = Path(path)
+    path = paths.path(path)
     suffix = path.suffix.lower()
     if suffix in TORCH_SUFFIXES:
         return "pt"
@@ -127,10 +128,11 @@ def save_safetensors(model: GPT, path: Path, info: dict[str, Any]) -> None:
 
 def save_jaxgpt(model: GPT, out_dir: Path, info: dict[str, Any]) -> None:
     """A run folder whose checkpoint has params and meta but no optimizer state, with the
-    source's tokenizer.json when it has one."""
+    source's tokenizer.json when it has one. Locally the folder appears whole or not at all; on
+    gs:// orbax's commit marker makes an interrupted checkpoint unusable instead."""
     from flax import nnx
 
-    def write(tmp: Path) -> None:
+    def write(tmp: Any) -> None:
         step = int(info.get("step") or 0)
         val = info.get("val_loss")
         ckpt = Checkpointer(tmp, use_async=False)
@@ -141,11 +143,12 @@ def save_jaxgpt(model: GPT, out_dir: Path, info: dict[str, Any]) -> None:
         ckpt.close()
         tokenizer = info.get("tokenizer")
         if isinstance(tokenizer, HFTokenizer):
-            (tmp / TOKENIZER_FILE).write_bytes(tokenizer.raw)
+            paths.write_bytes(paths.path(tmp) / TOKENIZER_FILE, tokenizer.raw)
         identity = tokenizer.identity() if tokenizer is not None else ByteTokenizer().identity()
-        (tmp / "config.json").write_text(json.dumps({"model": model.config.to_dict(), "tokenizer": identity}, indent=2))
+        paths.write_text(paths.path(tmp) / "config.json",
+                         json.dumps({"model": model.config.to_dict(), "tokenizer": identity}, indent=2))
 
-    _atomic(out_dir, write, folder=True)
+    write(out_dir) if paths.is_remote(out_dir) else _atomic(out_dir, write, folder=True)
 
 
 def save_hf(model: GPT, out_dir: Path, info: dict[str, Any]) -> None:
@@ -163,18 +166,34 @@ def save_hf(model: GPT, out_dir: Path, info: dict[str, Any]) -> None:
 SAVERS = {"pt": save_pt, "safetensors": save_safetensors, "jaxgpt": save_jaxgpt, "hf": save_hf}
 
 
+def save_any(kind: str, model: GPT, dst: str | Path, info: dict[str, Any]) -> None:
+    """Write `model` as `kind` to a local path or gs:// (files and HF folders are written locally
+    first and uploaded whole; a run folder is written in place by orbax)."""
+    if not paths.is_remote(dst) or kind == "jaxgpt":
+        SAVERS[kind](model, paths.path(dst) if paths.is_remote(dst) else Path(dst), info)
+        return
+    paths.check_gcs(dst)
+    with tempfile.TemporaryDirectory(prefix="jaxgpt-convert-") as tmp:
+        local = Path(tmp) / paths.path(dst).name
+        SAVERS[kind](model, local, info)
+        paths.publish(local, dst)
+
+
 def load_any(path: str | Path, meta_path: str | None = None, which: str = "best") -> tuple[GPT, dict[str, Any]]:
-    """Any of the four formats -> (GPT in eval mode, info: step, val_loss, tokenizer). `which`:
-    the best or latest checkpoint of a jaxgpt run folder."""
-    path = Path(path)
-    if not path.exists():
+    """Any of the four formats, local or gs:// -> (GPT in eval mode, info: step, val_loss,
+    tokenizer). `which`: the best or latest checkpoint of a jaxgpt run folder."""
+    paths.check_gcs(path)
+    if not paths.path(path).exists():
         raise UserError(f"checkpoint {path} does not exist; pass a jaxgpt run folder, a .pt or .safetensors file, "
                         f"or a Hugging Face GPT-2 folder")
     kind = kind_of(path)
-    loader = {"pt": load_pt, "safetensors": load_safetensors, "hf": load_hf,
-              "jaxgpt": lambda p: load_model(p, which)}[kind]
-    model, info = loader(path)
-    info["tokenizer"] = tokenizer_for(model, path, kind, info, meta_path)
+    if kind == "jaxgpt":  # orbax reads gs:// itself
+        model, info = load_model(path, which)
+        info["tokenizer"] = tokenizer_for(model, paths.path(path), kind, info, meta_path)
+        return model, info
+    with paths.fetched(path) as local:
+        model, info = {"pt": load_pt, "safetensors": load_safetensors, "hf": load_hf}[kind](local)
+        info["tokenizer"] = tokenizer_for(model, local, kind, info, meta_path)
     return model, info
 
 

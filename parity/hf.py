@@ -25,8 +25,8 @@ EXPORTED_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
 SAFETENSORS, INDEX, BIN = "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"
 
 
-def is_hf_folder(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file() and not (path / "checkpoints").exists()
+def is_hf_folder(path: Any) -> bool:
+    return path.is_dir() and (path / "config.json").exists() and not (path / "checkpoints").exists()
 
 
 def config_from_hf(hf: dict[str, Any], where: Path) -> GPTConfig:

@@ -141,7 +141,6 @@ def check_checkpoint(path: str | Path, *, text: str | Path | None = None, tokens
     import torchref
     from parity.formats import kind_of, load_any
 
-    path = Path(path)
     model, info = load_any(path, which=which)
     check_finite(model)
     cfg = model.config
@@ -181,9 +180,11 @@ def check_checkpoint(path: str | Path, *, text: str | Path | None = None, tokens
     report.results.append(Result("roundtrip jax -> torch -> jax", f"{len(a)} tensors",
                                  max(max_diff(a[k], b[k]) for k in a), tol.ROUNDTRIP_ATOL))
     if kind_of(path) == "hf":
+        from jaxgpt.paths import fetched
         from parity.hf_checks import missing
         if (why := missing()) is None:
-            report.results += _hf_rows(path, model, idx, limit)
+            with fetched(path) as local:
+                report.results += _hf_rows(local, model, idx, limit)
         else:
             report.notes.append(f"transformers rows skipped: {why}")
     return report

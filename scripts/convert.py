@@ -16,14 +16,13 @@ no other format needs torch. An existing destination is never overwritten unless
 folder never is); a failed conversion leaves nothing behind.
 """
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
-from jaxgpt import cli
+from jaxgpt import cli, paths
 from jaxgpt.config import CliParser
 from jaxgpt.errors import UserError
-from parity.formats import KINDS, SAVERS, kind_of, load_any
+from parity.formats import KINDS, kind_of, load_any, save_any
 
 
 def main(argv: list[str]) -> int:
@@ -37,26 +36,27 @@ def main(argv: list[str]) -> int:
                    help="after writing, compare the destination's logits and greedy decoding with the source's; "
                         "on a mismatch remove the destination (only what this run wrote) and exit 1")
     args = p.parse_args(argv)
-    src, dst = Path(args.src), Path(args.dst)
+    src, dst = paths.path(args.src), paths.path(args.dst)
+    paths.check_gcs(dst)
     kind = args.to or ("jaxgpt" if kind_of(dst) == "hf" else kind_of(dst))
     folder = kind in ("jaxgpt", "hf")
     if folder and dst.suffix.lower() in (".pt", ".pth", ".ckpt", ".bin", ".safetensors"):
         raise UserError(f"--to={kind} writes a folder, but {dst} looks like a file name; choose a folder name")
     if dst.exists() and (dst.is_dir() and any(dst.iterdir()) or not dst.is_dir() and (folder or not args.force)):
         raise UserError(f"{dst} already exists; choose a new destination" + ("" if folder else " or pass --force"))
-    if dst.resolve() == src.resolve():
+    if str(dst) == str(src) or not paths.is_remote(dst) and Path(dst).resolve() == Path(src).resolve():
         raise UserError("source and destination are the same path")
     model, info = load_any(src, args.meta)
     info["source"] = str(src)
     existed = dst.exists()
-    SAVERS[kind](model, dst, info)
+    save_any(kind, model, dst, info)
     if args.verify:
         from parity.report import verify_conversion
         report = verify_conversion(src, dst)
         print(report.table())
         if not report.passed:
             if not existed:  # never remove what was there before (a --force overwrite stays)
-                shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+                paths.remove(dst)
             print(f"error: {dst} does not reproduce {src} (see the table); "
                   f"{'removed it' if not existed else 'left the overwritten file in place'}", file=sys.stderr)
             return 1

@@ -9,9 +9,10 @@ by default; --tokenizer=PATH (a tokenizer.json or a model folder holding one) en
   python scripts/prepare.py shakespeare --tokenizer=HF_DIR  # GPT-2 BPE ids, for fine-tuning an imported model
 """
 import argparse
+import tempfile
 from pathlib import Path
 
-from jaxgpt import cli
+from jaxgpt import cli, paths
 from jaxgpt.config import CliParser
 from jaxgpt.data import prepare_shakespeare, prepare_text, prepare_tinystories
 from jaxgpt.errors import UserError
@@ -35,6 +36,11 @@ def main(argv: list[str]) -> int:
             raise UserError(f"--tokenizer {args.tokenizer}: no {TOKENIZER_FILE} there; pass the file or a model folder "
                             f"that holds one")
         tokenizer = HFTokenizer(path)
+    target = args.data_dir
+    if paths.is_remote(target):  # prepare locally, then upload the finished folder
+        paths.check_gcs(target)
+        staging = tempfile.TemporaryDirectory(prefix="jaxgpt-prepare-")
+        args.data_dir = staging.name
     if args.dataset == "shakespeare":
         if args.input and len(args.input) > 1:
             raise UserError("shakespeare takes one --input file")
@@ -52,8 +58,11 @@ def main(argv: list[str]) -> int:
             raise UserError(f"input file {path} does not exist; pass an existing UTF-8 text file")
         meta, name = prepare_text(path.read_bytes(), Path(args.data_dir) / args.name, str(path), tokenizer=tokenizer), args.name
     state = "already prepared, unchanged" if meta.get("unchanged") else "written"
+    if paths.is_remote(target):
+        paths.publish(Path(args.data_dir) / name, paths.path(target) / name)
+        staging.cleanup()
     print(f"{name}: train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens "
-          f"({meta['tokenizer']}, vocab {meta['vocab_size']}) -> {Path(args.data_dir) / name} [{state}]")
+          f"({meta['tokenizer']}, vocab {meta['vocab_size']}) -> {paths.path(target) / name} [{state}]")
     return 0
 
 

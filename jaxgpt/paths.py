@@ -1,0 +1,207 @@
+"""One path layer for everything a run reads and writes: a local folder and a `gs://` bucket
+are the same code path (etils.epath; gcsfs behind gs://, tensorstore for orbax's arrays).
+
+Whole-file writes are atomic in both places, differently: locally a temporary file is renamed
+over the target; on Cloud Storage an object upload is atomic by itself (there is no rename),
+so the object is written in one go. Appends (metrics.jsonl) rewrite the object on GCS.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from etils import epath
+
+from jaxgpt.errors import UserError
+
+GCS = "gs://"
+
+
+def path(p: str | os.PathLike) -> epath.Path:
+    """epath.Path for a local path or a gs:// URL (pathlib would fold `gs://` into `gs:/`)."""
+    return p if isinstance(p, epath.Path) else epath.Path(os.fspath(p) if not isinstance(p, str) else p)
+
+
+def is_remote(p: Any) -> bool:
+    return str(p).startswith(GCS)
+
+
+def write_bytes(p: Any, data: bytes) -> None:
+    """Write a whole file so that readers see the old or the new content, never a part."""
+    p = path(p)
+    if is_remote(p):
+        p.write_bytes(data)  # one object upload
+        return
+    Path(p).parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=Path(p).parent, prefix=f".{p.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(p: Any, text: str) -> None:
+    write_bytes(p, text.encode("utf-8"))
+
+
+def append_text(p: Any, text: str) -> None:
+    """Append locally; rewrite the object on GCS (objects cannot be appended to)."""
+    p = path(p)
+    if is_remote(p):
+        write_bytes(p, (p.read_bytes() if p.exists() else b"") + text.encode("utf-8"))
+    else:
+        with open(p, "a") as f:
+            f.write(text)
+
+
+def ensure_dir(p: Any) -> None:
+    """mkdir -p locally; nothing on GCS, where folders exist once an object is inside."""
+    if not is_remote(p):
+        Path(path(p)).mkdir(parents=True, exist_ok=True)
+
+
+def configure_gcs() -> bool:
+    """For the CLIs (importing jaxgpt never does this): with the standard STORAGE_EMULATOR_HOST
+    set, point every Cloud Storage client at that emulator — gcsfs follows the variable itself,
+    tensorstore reads TENSORSTORE_GCS_HTTP_URL, and a dummy GOOGLE_AUTH_TOKEN_FOR_TESTING stands in
+    for credentials. Always: no stale gcsfs directory listings (another host's writes must be
+    visible) and no per-call warnings from the Cloud Storage clients. Returns emulator or not."""
+    for name in ("gcsfs", "google.auth", "google.cloud", "fsspec"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.CRITICAL)
+        logger.propagate = False
+    warnings.filterwarnings("ignore", message="Append mode .* is not supported")
+    warnings.filterwarnings("ignore", module="google.auth")
+    try:
+        import fsspec.config
+        fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
+    except ImportError:
+        pass
+    host = os.environ.get("STORAGE_EMULATOR_HOST", "")
+    if not host or host == "default":
+        return False
+    host = (host if host.startswith(("http://", "https://")) else "http://" + host).rstrip("/")
+    os.environ["STORAGE_EMULATOR_HOST"] = host  # the python clients need the scheme, tensorstore no trailing /
+    os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", host)
+    os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # a bucket-type probe that needs credentials
+    os.environ.setdefault("NO_GCE_CHECK", "true")
+    _quiet_tensorstore_auth()
+    return True
+
+
+def _quiet_tensorstore_auth() -> None:
+    """tensorstore logs one C++ INFO line when it first builds its GCS credentials; build them
+    now, while the process's stderr (fd 2, which Python's logging cannot filter) is muted."""
+    try:
+        import tensorstore as ts
+    except ImportError:
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        ts.KvStore.open({"driver": "gcs", "bucket": "jaxgpt-credentials-warmup"}).result().read("warmup").result()
+    except Exception:  # the bucket need not exist: only the credential provider matters
+        pass
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def check_gcs(p: Any) -> None:
+    """One clear line instead of a traceback when gs:// cannot be used from here."""
+    if not is_remote(p):
+        return
+    try:
+        import gcsfs  # noqa: F401
+    except ImportError:
+        raise UserError(f"{p}: Cloud Storage paths need gcsfs; pip install 'jaxgpt[gcs]'") from None
+    try:
+        path(p).exists()
+    except Exception as e:  # auth, network, a bucket that does not exist
+        raise UserError(f"cannot reach {p} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); check the bucket "
+                        f"name and credentials (gcloud auth application-default login)") from None
+
+
+def sha256(p: Any) -> str:
+    digest = hashlib.sha256()
+    with path(p).open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def local_copy(folder: Any, cache: Path, names: list[str], expected: dict[str, str] | None = None) -> Path:
+    """A local copy of `names` from a gs:// folder, kept in `cache` and reused while every file
+    still has the sha256 in `expected` (or the remote file's own). Local folders are returned as
+    they are."""
+    if not is_remote(folder):
+        return Path(path(folder))
+    cache.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        src, dst = path(folder) / name, cache / name
+        if not src.exists():
+            continue
+        want = (expected or {}).get(name)
+        if dst.exists() and want and sha256(dst) == want:
+            continue
+        with src.open("rb") as r:
+            write_bytes(dst, r.read())
+        if want and sha256(dst) != want:
+            dst.unlink()
+            raise UserError(f"{src} does not match the sha256 recorded in its meta.json; prepare the data again")
+    return cache
+
+
+@contextlib.contextmanager
+def fetched(p: Any) -> Iterator[Path]:
+    """A local path for reading `p`: itself, or a temporary download of a gs:// file or folder."""
+    if not is_remote(p):
+        yield Path(path(p))
+        return
+    src = path(p)
+    if not src.exists():
+        raise UserError(f"{p} does not exist")
+    with tempfile.TemporaryDirectory(prefix="jaxgpt-fetch-") as tmp:
+        dst = Path(tmp) / src.name
+        if src.is_dir():
+            for f in src.rglob("*"):
+                if not f.is_dir():
+                    out = dst / str(f)[len(str(src)) + 1:]
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_bytes(f.read_bytes())
+        else:
+            dst.write_bytes(src.read_bytes())
+        yield dst
+
+
+def publish(local: Path, dst: Any) -> None:
+    """Upload a finished local file or folder to `dst` (gs://), file by file."""
+    target = path(dst)
+    if local.is_dir():
+        for f in sorted(local.rglob("*")):
+            if f.is_file():
+                write_bytes(target / str(f.relative_to(local)), f.read_bytes())
+    else:
+        write_bytes(target, local.read_bytes())
+
+
+def remove(p: Any) -> None:
+    p = path(p)
+    if p.is_dir():
+        p.rmtree()
+    elif p.exists():
+        p.unlink()

@@ -1,0 +1,204 @@
+"""Cloud TPU jobs, tested offline: run folders and data on gs:// against a local Cloud Storage
+emulator (only STORAGE_EMULATOR_HOST is set; the CLIs do the rest), SIGKILL and SIGTERM with
+--resume, two hosts that share no disk (each process its own working directory), preemption
+on both hosts, and resuming a 2-host run on 1 host."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxgpt.data import prepare_text
+from parity.rows import synthetic_corpus
+from tests.gcs_emulator import Emulator, available
+
+pytestmark = pytest.mark.skipif(available() is not None, reason=f"the Cloud Storage emulator needs it: {available()}")
+ROOT = Path(__file__).resolve().parents[1]
+FLAGS = ["--dataset=synth", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=8",
+         "--eval_iters=2", "--eval_interval=4", "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=16",
+         "--progress=false", "--keep_checkpoints=2", "--compile_cache=off"]
+
+
+@pytest.fixture(scope="module")
+def gcs():
+    emulator = Emulator()
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture(scope="module")
+def bucket(gcs) -> str:
+    return gcs.create_bucket("jaxgpt-test")
+
+
+def host_dir(root: Path, name: str) -> Path:
+    """A 'host': its own working directory with its own local copy of the data."""
+    d = root / name
+    prepare_text(synthetic_corpus(20_000).astype(np.uint8).tobytes(), d / "data" / "synth", "synthetic")
+    return d
+
+
+def env_for(gcs: Emulator, devices: int = 1) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TENSORSTORE", "GOOGLE_", "XLA_FLAGS"))}
+    env.update(STORAGE_EMULATOR_HOST=gcs.url, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return env
+
+
+def train(cwd: Path, gcs: Emulator, *args: str, devices: int = 1) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *FLAGS, *args], cwd=cwd,
+                            env=env_for(gcs, devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, code: int = 0, timeout: float = 300) -> str:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == code, f"exit {proc.returncode}, wanted {code}:\n{err[-3000:]}"
+    assert "Traceback" not in err, err[-3000:]
+    return err
+
+
+def metrics(gcs: Emulator, url: str) -> list[tuple]:
+    data = gcs.read(f"{url}/metrics.jsonl") or b""
+    rows = [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+    return [(r["step"], r["train_loss"], r.get("val_loss")) for r in rows]
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 180) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        assert proc.poll() is None, f"ended early: {proc.stderr.read()[-2000:]}"
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def committed(gcs: Emulator, url: str, step: int) -> bool:
+    return gcs.read(f"{url}/checkpoints/{step}/commit_success.txt") is not None
+
+
+def test_a_run_on_gcs_writes_resumes_after_sigkill_and_sigterm_and_is_used_from_gcs(gcs, bucket, tmp_path):
+    host = host_dir(tmp_path, "host")
+    finish(train(host, gcs, "--max_iters=16", "--out_dir=out/reference"))
+    reference = [tuple(json.loads(l)[k] if k != "val_loss" else json.loads(l).get(k) for k in ("step", "train_loss", "val_loss"))
+                 for l in (host / "out" / "reference" / "metrics.jsonl").read_text().splitlines()]
+    run = f"{bucket}/single"
+    proc = train(host, gcs, "--max_iters=16", f"--out_dir={run}")
+    wait_for(lambda: committed(gcs, run, 4) and any(s >= 6 for s, *_ in metrics(gcs, run)), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc = train(host, gcs, "--max_iters=16", f"--out_dir={run}", "--resume")
+    wait_for(lambda: any(s >= 10 for s, *_ in metrics(gcs, run)), proc)
+    proc.send_signal(signal.SIGTERM)
+    err = finish(proc, 143)
+    assert "checkpoint saved in gs://jaxgpt-test/single/checkpoints/" in err
+    finish(train(host, gcs, "--max_iters=16", f"--out_dir={run}", "--resume"))
+    assert metrics(gcs, run) == reference, "the interrupted run on gs:// differs from the uninterrupted one"
+    assert {"config.json", "loss.png", "metrics.jsonl"} <= set(gcs.names(run))
+    assert not list(host.glob("gs*")), "a local folder named after the bucket was created"
+    env = env_for(gcs)
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), f"--checkpoint={run}", "--prompt=the",
+                          "--max_new_tokens=20", "--temperature=0"], cwd=host, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.startswith("the") and out.stderr.startswith("# gs://"), out.stderr[-2000:]
+    assert len([l for l in out.stderr.splitlines() if l.strip()]) == 1, f"noise on stderr: {out.stderr}"
+    conv = subprocess.run([sys.executable, str(ROOT / "scripts" / "convert.py"), run, f"{bucket}/single.safetensors",
+                           "--verify"], cwd=host, env=env, capture_output=True, text=True, timeout=300)
+    assert conv.returncode == 0, conv.stderr[-2000:]
+    check = subprocess.run([sys.executable, "-m", "parity", f"--checkpoint={bucket}/single.safetensors", "--tokens=20",
+                            "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0 and json.loads(check.stdout)["passed"], check.stderr[-2000:]
+
+
+def test_data_on_gcs_is_copied_once_and_checked_by_hash(gcs, bucket, tmp_path):
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "corpus.txt").write_bytes(synthetic_corpus(20_000).astype(np.uint8).tobytes())
+    env = {**env_for(gcs), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    prep = subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare.py"), "text", "--input", "corpus.txt",
+                           "--name", "synth", f"--data_dir={bucket}/data"], cwd=host, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert prep.returncode == 0, prep.stderr[-2000:]
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), *FLAGS, "--max_iters=4", f"--data_dir={bucket}/data"]
+    for run in ("a", "b"):
+        proc = subprocess.run([*cmd, f"--out_dir=out/{run}"], cwd=host, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        [cached] = list((tmp_path / "cache" / "jaxgpt" / "data").glob("*/synth/train.bin"))
+        if run == "a":  # damage the cached copy: the next run must notice and fetch it again
+            cached.write_bytes(b"\0" * cached.stat().st_size)
+    meta = json.loads(gcs.read(f"{bucket}/data/synth/meta.json"))
+    import hashlib
+    assert hashlib.sha256(cached.read_bytes()).hexdigest() == meta["files"]["train.bin"]
+    a, b = ((host / "out" / r / "metrics.jsonl").read_text() for r in ("a", "b"))
+    assert [json.loads(l)["train_loss"] for l in a.splitlines()] == [json.loads(l)["train_loss"] for l in b.splitlines()]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_hosts(hosts: list[Path], gcs: Emulator, *args: str) -> list[subprocess.Popen]:
+    coordinator = f"127.0.0.1:{_free_port()}"
+    return [train(h, gcs, *args, f"--coordinator_address={coordinator}", "--num_processes=2", f"--process_id={i}",
+                  devices=2) for i, h in enumerate(hosts)]
+
+
+def test_two_hosts_without_a_shared_disk_refuse_a_local_out_dir(gcs, tmp_path):
+    hosts = [host_dir(tmp_path, f"host{i}") for i in range(2)]
+    procs = two_hosts(hosts, gcs, "--max_iters=4", "--out_dir=out/run")
+    for p in procs:
+        err = finish(p, 2)
+        lines = [l for l in err.splitlines() if l.strip() and not l.startswith(("[Gloo]", "I1", "W1"))]
+        assert len(lines) == 1 and "multi-host runs need a shared path" in lines[0], err[-2000:]
+    assert not [p for h in hosts for p in (h / "out" / "run").rglob("*") if p.is_file()], "nothing is written"
+
+
+def test_two_hosts_on_gcs_survive_sigkill_and_resume_on_two_and_on_one(gcs, bucket, tmp_path):
+    hosts = [host_dir(tmp_path, f"host{i}") for i in range(2)]
+    finish(train(hosts[0], gcs, "--max_iters=12", "--out_dir=out/reference"))
+    reference = [json.loads(l)["train_loss"] for l in (hosts[0] / "out" / "reference" / "metrics.jsonl").read_text().splitlines()]
+    run = f"{bucket}/two-hosts"
+    procs = two_hosts(hosts, gcs, "--max_iters=12", f"--out_dir={run}")
+    wait_for(lambda: committed(gcs, run, 4) and any(s >= 5 for s, *_ in metrics(gcs, run)), procs[0])
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    for p in two_hosts(hosts, gcs, "--max_iters=8", f"--out_dir={run}", "--resume"):
+        finish(p)
+    finish(train(hosts[1], gcs, "--max_iters=12", f"--out_dir={run}", "--resume"))  # one host, one device
+    got = [loss for _, loss, _ in metrics(gcs, run)]
+    assert len(got) == 12
+    assert max(abs(a - b) / b for a, b in zip(got, reference)) <= 1e-5, (got, reference)
+
+
+def test_preemption_sigterm_on_both_hosts_saves_one_step_and_resumes_bit_identically(gcs, bucket, tmp_path):
+    """SIGTERM reaches the hosts 0.1 s apart (JAX notices it up to ~0.6 s late, so the run is long
+    enough to still be going); both must stop at the same step, save it and exit 143."""
+    hosts = [host_dir(tmp_path, f"host{i}") for i in range(2)]
+    same = ["--max_iters=300", "--eval_interval=1000"]
+    for p in two_hosts(hosts, gcs, *same, f"--out_dir={bucket}/straight"):
+        finish(p)
+    run = f"{bucket}/preempted"
+    procs = two_hosts(hosts, gcs, *same, f"--out_dir={run}")
+    wait_for(lambda: any(s >= 3 for s, *_ in metrics(gcs, run)), procs[0])
+    procs[0].send_signal(signal.SIGTERM)
+    time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)
+    errs = [finish(p, 143) for p in procs]
+    steps = {int(e.split(" at step ")[1].split(";")[0]) for e in errs}
+    assert len(steps) == 1, f"the hosts stopped at different steps: {errs}"
+    step = steps.pop()
+    assert committed(gcs, run, step) and 3 <= step < 300
+    for p in two_hosts(hosts, gcs, *same, f"--out_dir={run}", "--resume"):
+        finish(p)
+    straight = [(s, loss) for s, loss, _ in metrics(gcs, f"{bucket}/straight")]
+    assert [(s, loss) for s, loss, _ in metrics(gcs, run)] == straight, "resume after preemption is not bit-identical"
