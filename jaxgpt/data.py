@@ -211,15 +211,15 @@ def prepare_tinystories(data_dir: str | Path, inputs: list[str] | None = None,
     without one, every 20th story is held out), or from Hugging Face when no files are given."""
     out_dir = Path(data_dir) / "tinystories"
     if inputs:
-        paths = [Path(p) for p in inputs]
-        for p in paths:
+        files = [Path(p) for p in inputs]
+        for p in files:
             if not p.is_file():
                 raise UserError(f"input file {p} does not exist; pass TinyStories .txt/.json/.jsonl files")
             if p.suffix not in (".txt", ".json", ".jsonl"):
                 raise UserError(f"{p}: expected a .txt, .json or .jsonl file")
         read = lambda p: _stories_from_txt(p) if p.suffix == ".txt" else _stories_from_json(p)  # noqa: E731
-        val_paths = [p for p in paths if "valid" in p.name.lower()]
-        train_paths = [p for p in paths if p not in val_paths]
+        val_paths = [p for p in files if "valid" in p.name.lower()]
+        train_paths = [p for p in files if p not in val_paths]
 
         def split_stories(which: str) -> Iterator[str]:
             if val_paths:

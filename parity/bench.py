@@ -23,6 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from jaxgpt.config import GPTConfig, TrainConfig
 
@@ -170,9 +171,34 @@ def generation_figures(cfg: GPTConfig, gen: dict, processes: int, recompute: boo
     return out
 
 
-def whole_process(train_args: list[str], processes: int, log=print) -> list[Figure]:
+def _time_commands(commands: dict[str, Callable[[int], list[str]]], processes: int, env: dict,
+                   log: Callable[[str], None]) -> dict[str, list[float]]:
+    """Wall time of each command (given the round number) in fresh processes, the contenders in
+    alternation, the one going first rotating every round."""
+    times: dict[str, list[float]] = {k: [] for k in commands}
+    for r in range(processes):
+        for name in list(commands)[r % 2:] + list(commands)[:r % 2]:
+            t = time.perf_counter()
+            proc = subprocess.run(commands[name](r), capture_output=True, text=True, cwd=ROOT, env=env, timeout=7200)
+            times[name].append(time.perf_counter() - t)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{name} run failed:\n{proc.stderr[-3000:]}")
+            log(f"  round {r + 1}/{processes} {name}: {times[name][-1]:.1f} s")
+    return times
+
+
+def _wall_figures(section: str, times: dict[str, list[float]], note: str) -> list[Figure]:
+    (a, ta), (b, tb) = times.items()
+    out = [_figure(section, f"{k} wall time", v, "s", note) for k, v in times.items()]
+    out.append(_figure(section, f"{a} / {b} wall time", [x / y for x, y in zip(ta, tb)], "x",
+                       f"{len(ta)} rounds, per-round"))
+    return out
+
+
+def whole_process(train_args: list[str], processes: int, log: Callable[[str], None] = print) -> list[Figure]:
     """`scripts/train.py ARGS` against `python -m torchref.train ARGS` (plain PyTorch eager, the
     same training), as whole processes: wall time including start-up, compilation and evals.
+    jaxgpt's compilation cache starts empty, so its first round compiles and later ones reuse.
     Without --data_dir in ARGS, Tiny Shakespeare is prepared in a temporary folder first."""
     from jaxgpt.data import prepare_shakespeare
 
@@ -182,27 +208,43 @@ def whole_process(train_args: list[str], processes: int, log=print) -> list[Figu
             prepare_shakespeare(work / "data")
             train_args = [*train_args, f"--data_dir={work / 'data'}"]
         env = {**os.environ, "XDG_CACHE_HOME": str(work / "cache")}
-        commands = {"jaxgpt": [sys.executable, str(ROOT / "scripts" / "train.py"), "--progress=false", "--plot=false"],
-                    "pytorch": [sys.executable, "-m", "torchref.train"]}
-        times: dict[str, list[float]] = {k: [] for k in commands}
-        for r in range(processes):
-            for name in list(commands)[r % 2:] + list(commands)[:r % 2]:
-                out = work / f"out-{name}-{r}"
-                cmd = commands[name] + [*train_args, f"--out_dir={out}"]
-                t = time.perf_counter()
-                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=7200)
-                times[name].append(time.perf_counter() - t)
-                if proc.returncode != 0:
-                    raise RuntimeError(f"{name} run failed:\n{proc.stderr[-3000:]}")
-                log(f"  round {r + 1}/{processes} {name}: {times[name][-1]:.1f} s")
-                shutil.rmtree(out, ignore_errors=True)
+        jax_cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--progress=false", "--plot=false", *train_args]
+        torch_cmd = [sys.executable, "-m", "torchref.train", *train_args]
+        times = _time_commands({"jaxgpt": lambda r: [*jax_cmd, f"--out_dir={work / f'out-jaxgpt-{r}'}"],
+                                "pytorch": lambda r: [*torch_cmd, f"--out_dir={work / f'out-pytorch-{r}'}"]},
+                               processes, env, log)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    note = "scripts/train.py " + " ".join(train_args)
-    out = [_figure("whole process", f"{k} wall time", v, "s", note) for k, v in times.items()]
-    out.append(_figure("whole process", "jaxgpt / pytorch wall time",
-                       [a / b for a, b in zip(times["jaxgpt"], times["pytorch"])], "x", f"{processes} rounds, per-round"))
-    return out
+    return _wall_figures("whole process", times, "scripts/train.py " + " ".join(train_args))
+
+
+def whole_process_generation(cfg: GPTConfig, gen: dict, processes: int,
+                             log: Callable[[str], None] = print) -> list[Figure]:
+    """`scripts/generate.py` (its compilation cache warmed by one untimed run) against
+    nanoGPT-style sampling (`python -m torchref.sample`: PyTorch eager, one sample at a time, the
+    cropped context recomputed every token) as whole processes, on the same random-init ckpt.pt."""
+    from flax import nnx
+
+    from jaxgpt.model import GPT
+    from parity.formats import save_pt
+
+    work = Path(tempfile.mkdtemp(prefix="jaxgpt-bench-"))
+    try:
+        ckpt = work / "ckpt.pt"
+        save_pt(GPT(cfg, rngs=nnx.Rngs(0)), ckpt, {})
+        env = {**os.environ, "XDG_CACHE_HOME": str(work / "cache")}
+        sampling = [f"--num_samples={gen['num_samples']}", f"--max_new_tokens={gen['new_tokens']}",
+                    "--prompt=" + ("KING RICHARD III:" * 8)[:gen["prompt_len"]]]
+        jax_cmd = [sys.executable, str(ROOT / "scripts" / "generate.py"), f"--checkpoint={ckpt}", *sampling,
+                   "--no-stream", "--progress=false"]
+        subprocess.run(jax_cmd, capture_output=True, cwd=ROOT, env=env, timeout=3600, check=True)  # warm the cache
+        times = _time_commands({"jaxgpt": lambda r: jax_cmd,
+                                "pytorch": lambda r: [sys.executable, "-m", "torchref.sample", str(ckpt), *sampling]},
+                               processes, env, log)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    note = f"block {cfg.block_size}, {gen['num_samples']} x {gen['new_tokens']} new tokens, warm cache"
+    return _wall_figures(f"whole-process generation, block {cfg.block_size}", times, note)
 
 
 def markdown(figures: list[Figure]) -> str:

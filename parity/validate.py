@@ -88,6 +88,6 @@ def validate(cfg: GPTConfig, tc: TrainConfig, parity_groups: list[str], log: Cal
     figures += step_rows(cfg, tc, log)
     figures += training_rows(cfg, tc, log)
     gen = {"num_samples": 10, "new_tokens": 500, "prompt_len": 12}
-    r = generation({"side": "jax", "model": dataclasses.asdict(cfg), "generate": gen})
+    r = generation({"side": "jax", "model": dataclasses.asdict(cfg), "train": {}, "generate": gen})
     figures.append(Figure("generate", "tokens/s (10 x 500, KV cache)", r["tokens"] / min(r["times"]), "tok/s"))
     return figures

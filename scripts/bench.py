@@ -4,7 +4,8 @@ contender runs in fresh processes, alternating; figures are min / median / max o
 
   python scripts/bench.py --preset=cpu                            # train step, memory, generation
   python scripts/bench.py --preset=cpu --sections=train --remat=none --processes=7
-  python scripts/bench.py --preset=cpu --whole_process --max_iters=600   # scripts/train.py vs PyTorch eager
+  python scripts/bench.py --preset=cpu --whole_process --max_iters=600 --sections=train     # train.py vs PyTorch eager
+  python scripts/bench.py --preset=cpu --whole_process --sections=generate   # generate.py vs nanoGPT-style sampling
   python scripts/bench.py --validate                              # on a GPU/TPU host: the checklist
   python scripts/bench.py --threads=4                             # both frameworks on 4 cores
 """
@@ -18,6 +19,13 @@ from jaxgpt.config import PRESETS, build, explicit_flags, make_parser
 from jaxgpt.errors import UserError
 
 SECTIONS = ("train", "memory", "generate")
+
+
+def generation_configs(cfg: GPTConfig, gen: dict) -> list[GPTConfig]:
+    """Generation is timed twice: with a context that holds prompt and every new token (the KV
+    cache all the way), and at the model's own block_size (past it, every step recomputes)."""
+    fit = dataclasses.replace(cfg, block_size=max(cfg.block_size, gen["prompt_len"] + gen["new_tokens"]))
+    return [fit, cfg] if fit != cfg else [cfg]
 
 
 def main(argv: list[str]) -> int:
@@ -35,7 +43,8 @@ def main(argv: list[str]) -> int:
     b.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
                    help="time nanoGPT's recomputing sampler too (slow)")
     b.add_argument("--whole_process", action="store_true",
-                   help="time scripts/train.py against the same training in plain PyTorch eager, as whole processes")
+                   help="whole processes instead: scripts/train.py against the same training in PyTorch eager "
+                        "(section train), scripts/generate.py against nanoGPT-style sampling (section generate)")
     b.add_argument("--validate", action="store_true", help="the accelerator checklist (see parity/validate.py)")
     b.add_argument("--validate_parity", default="model,generation,training,bf16",
                    help="--validate: parity groups to run on the device")
@@ -49,6 +58,7 @@ def main(argv: list[str]) -> int:
     cfg = dataclasses.replace(build(GPTConfig, args, base), dropout=0.0)  # dropout off: the same math on both sides
     tc = build(TrainConfig, args, base)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    gen = dict(num_samples=args.num_samples, new_tokens=args.new_tokens, prompt_len=args.prompt_len)
 
     from parity import bench  # heavy imports after argument checks
     info = bench.machine()
@@ -56,9 +66,15 @@ def main(argv: list[str]) -> int:
         from parity.validate import validate
         figures = validate(build(GPTConfig, args, base), tc, args.validate_parity.split(","), log)
     elif args.whole_process:
-        flags = [f"--preset={args.preset}"] + [f"--{k}={v}" for k, v in {**explicit_flags(args, GPTConfig),
-                                                                           **explicit_flags(args, TrainConfig)}.items()]
-        figures = bench.whole_process(flags, args.processes, log)
+        figures = []
+        if "train" in sections:
+            flags = [f"--preset={args.preset}"] + [f"--{k}={v}" for k, v in {**explicit_flags(args, GPTConfig),
+                                                                               **explicit_flags(args, TrainConfig)}.items()]
+            figures += bench.whole_process(flags, args.processes, log)
+        if "generate" in sections:
+            for gen_cfg in generation_configs(cfg, gen):
+                log(f"whole-process generation, block {gen_cfg.block_size}:")
+                figures += bench.whole_process_generation(gen_cfg, gen, args.processes, log)
     else:
         from jaxgpt.perf import device_peak_flops
         peak, how = device_peak_flops()
@@ -76,9 +92,7 @@ def main(argv: list[str]) -> int:
             figures += bench.memory_figures(cfg, tc, max(1, args.warmup // 2), max(3, args.iters // 2),
                                             args.processes, args.threads, log)
         if "generate" in sections:
-            gen = dict(num_samples=args.num_samples, new_tokens=args.new_tokens, prompt_len=args.prompt_len)
-            fit = dataclasses.replace(cfg, block_size=max(cfg.block_size, args.prompt_len + args.new_tokens))
-            for gen_cfg in ([fit, cfg] if fit != cfg else [cfg]):
+            for gen_cfg in generation_configs(cfg, gen):
                 log(f"generation, block {gen_cfg.block_size}:")
                 figures += bench.generation_figures(gen_cfg, gen, args.processes, args.recompute, args.threads, log)
     context = {**info, "model": cfg.to_dict(), "batch_size": tc.batch_size, "accum": tc.gradient_accumulation_steps,
@@ -89,7 +103,10 @@ def main(argv: list[str]) -> int:
     print(json.dumps({"context": context}))
     for f in figures:
         print(json.dumps(dataclasses.asdict(f)))
-    return 0
+    failed = [f.name for f in figures if "FAIL" in f.note]
+    if failed:
+        print(f"error: {len(failed)} check(s) failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

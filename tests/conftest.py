@@ -2,17 +2,27 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import pytest
 from flax import nnx
 
 from jaxgpt import GPT, GPTConfig
+from jaxgpt.platform import use_compile_cache
 
 # The CLIs keep JAX's compilation cache under $XDG_CACHE_HOME; give the test session its own (the
-# CLI subprocesses inherit it), so tests neither read nor fill the user's cache.
-os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="jaxgpt-test-cache-")
+# CLI subprocesses and pytest-xdist workers inherit it), so tests neither read nor fill the user's
+# cache. The test processes use it too: tests rebuild the same tiny programs many times over.
+_OWN_CACHE = "JAXGPT_TEST_CACHE" not in os.environ  # this process made it (not an xdist worker)
+os.environ.setdefault("JAXGPT_TEST_CACHE", tempfile.mkdtemp(prefix="jaxgpt-test-cache-"))
+os.environ["XDG_CACHE_HOME"] = os.environ["JAXGPT_TEST_CACHE"]
+use_compile_cache(None)
 
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["JAXGPT_TEST_CACHE"], ignore_errors=True)
 
 
 def pytest_report_header() -> str:

@@ -26,10 +26,12 @@ import numpy as np  # noqa: E402
 
 from jaxgpt import GPTConfig, TrainConfig  # noqa: E402
 from jaxgpt.checkpoint import load_model  # noqa: E402
+from jaxgpt.platform import use_compile_cache  # noqa: E402
 from jaxgpt.sharding import init_distributed  # noqa: E402
 from jaxgpt.train import train  # noqa: E402
 from parity.convert import flat_params  # noqa: E402
 
+use_compile_cache(None)  # the test session's cache ($XDG_CACHE_HOME, set by conftest)
 if args.coordinator:
     init_distributed(args.coordinator, args.num_processes, args.process_id)
 model = GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True)

@@ -15,6 +15,7 @@ import sysconfig
 from pathlib import Path
 
 from jaxgpt.data import SHAKESPEARE_SHA256
+from jaxgpt.platform import default_compile_cache
 from tests.test_repo import quick_start
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +48,10 @@ def test_quick_start_command_1_trains_plots_and_samples_offline(tmp_path):
            "PYTHONPATH": str(_dependencies(tmp_path / "deps")),  # the dependencies, instead of the registry
            "PIP_NO_INDEX": "1", "PIP_NO_BUILD_ISOLATION": "0", "PIP_FIND_LINKS": "", "PIP_CONSTRAINT": "",
            "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+    # XLA's compiled programs are the one thing shared with the test session (its compilation
+    # cache): they change no output, and compiling them cold would cost CI a minute.
+    (tmp_path / "cache" / "jaxgpt").mkdir(parents=True)
+    (tmp_path / "cache" / "jaxgpt" / "xla").symlink_to(default_compile_cache(), target_is_directory=True)
     python_dir = str(Path(sys.executable).parent)
     env["PATH"] = ":".join(p for p in env["PATH"].split(":") if p != python_dir)  # not the test venv's python
     proc = subprocess.run(["bash", "-c", command.replace("--preset=cpu", SHORTER)], cwd=repo, env=env,

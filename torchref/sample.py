@@ -1,6 +1,15 @@
 """The PyTorch twin of jaxgpt/sample.py: the same filtering and inverse-CDF draw, a KV-cache
-loop, and (use_cache=False) nanoGPT's loop that recomputes the cropped context every step."""
+loop, and (use_cache=False) nanoGPT's loop that recomputes the cropped context every step.
+
+`python -m torchref.sample CKPT.pt --num_samples=10 --max_new_tokens=500` samples the way
+nanoGPT's sample.py does — one sample at a time, PyTorch eager, the cropped context recomputed
+every step — the baseline scripts/generate.py is timed against as a whole process.
+"""
 from __future__ import annotations
+
+import argparse
+import sys
+import time
 
 import torch
 
@@ -53,3 +62,34 @@ def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, *, temperatu
         tok = pick(logits[:, -1], uniforms[j], temperature, top_k, top_p)
         tokens = torch.cat([tokens, tok[:, None].to(tokens.dtype)], dim=1)
     return tokens
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a nanoGPT ckpt.pt (scripts/convert.py RUN ckpt.pt writes one)")
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--num_samples", type=int, default=10)
+    p.add_argument("--max_new_tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top_k", type=int, default=200)
+    p.add_argument("--seed", type=int, default=1337)
+    args = p.parse_args(argv)
+    from jaxgpt.config import GPTConfig
+
+    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    model = GPT(GPTConfig.from_dict({"bias": True, "dropout": 0.0, **ckpt["model_args"]}))
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+    torch.manual_seed(args.seed)
+    ids = torch.tensor([list(args.prompt.encode())])
+    t = time.perf_counter()
+    for _ in range(args.num_samples):  # one at a time, as nanoGPT's sample.py
+        out = generate(model, ids, args.max_new_tokens, temperature=args.temperature,
+                       top_k=min(args.top_k, model.config.vocab_size), use_cache=False)
+        print(bytes(out[0].tolist()).decode("utf-8", errors="replace"))
+        print("---------------")
+    print(f"{args.num_samples * args.max_new_tokens / (time.perf_counter() - t):.0f} tokens/s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
