@@ -88,26 +88,36 @@ def _start(graphdef: nnx.GraphDef, state: nnx.State, ctx: jax.Array, n: jax.Arra
     return ctx, n, cache
 
 
-@partial(jax.jit, static_argnames=("graphdef", "temperature", "top_k", "top_p", "on_token", "return_logits"),
+def chunk_mode(length: int, steps: int, block_size: int) -> str:
+    """Which program a chunk of `steps` tokens runs when the context holds `length` tokens:
+    'cache' (every step inside the context), 'window' (every step past it), or 'mixed' (the one
+    chunk that crosses block_size: cached steps, then windowed ones). A runtime branch in each
+    step instead (lax.cond) made XLA:CPU copy the whole KV cache per token."""
+    if length + steps - 1 <= block_size:
+        return "cache"
+    return "window" if length > block_size else "mixed"
+
+
+@partial(jax.jit, static_argnames=("graphdef", "temperature", "top_k", "top_p", "on_token", "return_logits", "mode"),
          donate_argnames=("carry",))
-def _chunk(graphdef: nnx.GraphDef, state: nnx.State, carry: Carry, uniforms: jax.Array, j0: jax.Array, *,
-           temperature: float, top_k: int | None, top_p: float, on_token: Callable | None,
-           return_logits: bool) -> tuple[Carry, jax.Array, jax.Array | None]:
-    """uniforms.shape[0] more tokens for every sequence. Inside the context each step feeds the
-    newest token through the KV cache; past it, the window of the last block_size tokens is
-    run again (exact crop, absolute positions) with the work only the next token needs."""
+def _chunk(graphdef: nnx.GraphDef, state: nnx.State, carry: Carry, uniforms: jax.Array, j0: jax.Array,
+           limit: jax.Array, *, temperature: float, top_k: int | None, top_p: float, on_token: Callable | None,
+           return_logits: bool, mode: str) -> tuple[Carry, jax.Array, jax.Array | None]:
+    """uniforms.shape[0] more tokens for every sequence (the first `limit` of them wanted).
+    Inside the context each step feeds the newest token through the KV cache; past it, the
+    window of the last block_size tokens is run again (exact crop, absolute positions) with the
+    work only the next token needs, and only for wanted tokens (such a step is a full forward)."""
     model = nnx.merge(graphdef, state)
     bs = model.config.block_size
 
-    def step(carry: Carry, xs: tuple[jax.Array, jax.Array]) -> tuple[Carry, tuple]:
+    def step(carry: Carry, xs: tuple[jax.Array, jax.Array], cached: bool) -> tuple[Carry, tuple]:
         ctx, n, cache = carry
         u, j = xs
-
-        def cached(cache):  # the token at position n - 1 attends to the cache
+        if cached:  # the token at position n - 1 attends to the cache
             logits, cache = model.decode(jax.lax.dynamic_slice_in_dim(ctx, n - 1, 1, axis=1), cache, n - 1)
-            return logits[:, 0], cache
-
-        logits, cache = jax.lax.cond(n <= bs, cached, lambda cache: (model.last_logits(ctx), cache), cache)
+            logits = logits[:, 0]
+        else:
+            logits = model.last_logits(ctx)
         tok = pick(logits, u, temperature, top_k, top_p)
         if on_token is not None:
             jax.debug.callback(on_token, tok, j, ordered=True)
@@ -116,7 +126,25 @@ def _chunk(graphdef: nnx.GraphDef, state: nnx.State, carry: Carry, uniforms: jax
         return (ctx, n + 1, cache), (tok, logits if return_logits else None)
 
     steps = jnp.arange(uniforms.shape[0]) + j0
-    carry, (tokens, logits) = jax.lax.scan(step, carry, (uniforms, steps))
+    if mode == "cache":  # cheap steps: a fixed-length scan, surplus steps included
+        carry, (tokens, logits) = jax.lax.scan(partial(step, cached=True), carry, (uniforms, steps))
+        return carry, tokens.T, logits
+    # Past block_size (from step k on; k is known at run time) loops stop at `limit`.
+    count, B, V = uniforms.shape[0], uniforms.shape[1], model.config.vocab_size
+    out = (jnp.zeros((count, B), jnp.int32), jnp.zeros((count, B, V), state_dtype(state)) if return_logits else None)
+
+    def body(cached: bool) -> Callable:
+        def run(i: jax.Array, loop: tuple) -> tuple:
+            carry, (toks, lgs) = loop
+            carry, (tok, lg) = step(carry, (uniforms[i], steps[i]), cached)
+            toks = toks.at[i].set(tok)
+            return carry, (toks, None if lg is None else lgs.at[i].set(lg))
+        return run
+
+    k = jnp.minimum(bs + 1 - carry[1], limit) if mode == "mixed" else jnp.int32(0)
+    if mode == "mixed":
+        carry, out = jax.lax.fori_loop(0, k, body(True), (carry, out))
+    carry, (tokens, logits) = jax.lax.fori_loop(k, limit, body(False), (carry, out))
     return carry, tokens.T, logits
 
 
@@ -174,10 +202,11 @@ def generate_chunks(model: GPT, prompt: np.ndarray | jax.Array, max_new_tokens: 
             u = np.zeros((chunk, B), np.float32)
             part = np.asarray(uniforms, np.float32)[j0:j0 + chunk]
             u[:len(part)] = part
-        carry, tokens, logits = _chunk(graphdef, state, carry, jnp.asarray(u), jnp.int32(j0),
-                                       temperature=float(temperature), top_k=top_k, top_p=float(top_p),
-                                       on_token=callback, return_logits=return_logits)
         keep = min(chunk, max_new_tokens - j0)
+        carry, tokens, logits = _chunk(graphdef, state, carry, jnp.asarray(u), jnp.int32(j0), jnp.int32(keep),
+                                       temperature=float(temperature), top_k=top_k, top_p=float(top_p),
+                                       on_token=callback, return_logits=return_logits,
+                                       mode=chunk_mode(P + j0, chunk, bs))
         tokens = np.asarray(tokens)[:, :keep]
         yield (tokens, np.asarray(logits)[:keep]) if return_logits else tokens
 
