@@ -24,7 +24,7 @@ from parity.hf_checks import hf_checks, missing
 
 
 def _table(results: list[Result]) -> str:
-    lines = ["| check | case | max abs diff | tolerance | result |", "|---|---|---|---|---|"]
+    lines = ["| check | case | value | tolerance | result |", "|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r.check} | {r.case} | {r.value:.3g} | {r.tolerance:.3g} | {'pass' if r.passed else 'FAIL'} |")
     return "\n".join(lines)

@@ -21,7 +21,7 @@ import torchref
 from jaxgpt.config import GPTConfig
 from jaxgpt.model import GPT
 from parity import tolerances as tol
-from parity.rows import Result, _jit_forward, jax_logits, max_diff, synthetic_corpus
+from parity.rows import Result, _jit_forward, jax_logits, logits_diff, max_diff, synthetic_corpus
 from parity.convert import flat_params, from_torch_state_dict, jax_to_torch_model, to_torch_state_dict
 
 
@@ -53,16 +53,16 @@ def check_logits_jax_to_torch(cfg: GPTConfig, T: int, case: str) -> list[Result]
     model = GPT(cfg, rngs=nnx.Rngs(1))
     model.eval()
     idx = _tokens(cfg, T)
-    diff = max_diff(jax_logits(model, idx), torch_logits(jax_to_torch_model(model), idx))
-    return [Result("logits jax->torch", case, diff, tol.LOGITS_ATOL)]
+    diff = logits_diff(jax_logits(model, idx), torch_logits(jax_to_torch_model(model), idx))
+    return [Result("logits jax->torch", case, diff, tol.LOGITS_TOL)]
 
 
 def check_logits_torch_to_jax(cfg: GPTConfig, T: int, case: str) -> list[Result]:
     torch.manual_seed(2)
     tmodel = torchref.GPT(cfg).eval()
     idx = _tokens(cfg, T, seed=1)
-    diff = max_diff(torch_logits(tmodel, idx), jax_logits(from_torch_state_dict(tmodel.state_dict(), cfg), idx))
-    return [Result("logits torch->jax", case, diff, tol.LOGITS_ATOL)]
+    diff = logits_diff(jax_logits(from_torch_state_dict(tmodel.state_dict(), cfg), idx), torch_logits(tmodel, idx))
+    return [Result("logits torch->jax", case, diff, tol.LOGITS_TOL)]
 
 
 def check_roundtrips(cfg: GPTConfig, case: str) -> list[Result]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from parity import tolerances as tol
-from parity.rows import Result, jax_logits, max_diff, synthetic_corpus
+from parity.rows import Result, jax_logits, logits_diff, max_diff, synthetic_corpus
 
 GREEDY_TOKENS = 100
 
@@ -93,7 +93,7 @@ def check_logits() -> list[Result]:
             model, _ = load_any(Path(tmp) / kind)
             idx = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, min(model.config.block_size, 128)))
             out.append(Result("logits vs transformers", f"{kind} T={idx.shape[1]}",
-                              max_diff(jax_logits(model, idx), _hf_logits(hf, idx)), tol.LOGITS_ATOL))
+                              logits_diff(jax_logits(model, idx), _hf_logits(hf, idx)), tol.LOGITS_TOL))
     return out
 
 
@@ -153,9 +153,8 @@ def check_export() -> list[Result]:
         tok = AutoTokenizer.from_pretrained(Path(tmp) / "out")
         idx = np.random.default_rng(1).integers(0, 256, (2, 64))
         ids_ok = tok.encode("KING") == [75, 73, 78, 71] and tok.decode(list(range(65, 70))) == "ABCDE"
-    return [Result("byte-level export: transformers logits", "2 layers, no bias", max_diff(jax_logits(model, idx),
-                                                                                          _hf_logits(hf, idx)),
-                   tol.LOGITS_ATOL),
+    return [Result("byte-level export: transformers logits", "2 layers, no bias",
+                   logits_diff(jax_logits(model, idx), _hf_logits(hf, idx)), tol.LOGITS_TOL),
             Result("byte-level export: tokenizer ids != bytes", "KING, ABCDE", float(not ids_ok), 0.0)]
 
 

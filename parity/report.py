@@ -26,7 +26,7 @@ import numpy as np
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT
 from parity import tolerances as tol
-from parity.rows import Result, jax_logits, max_diff
+from parity.rows import Result, jax_logits, logits_diff, max_diff
 from parity.convert import flat_params, from_torch_state_dict, to_torch_state_dict
 
 SAMPLING = dict(temperature=0.8, top_k=40, top_p=0.95)
@@ -76,7 +76,7 @@ def check_finite(model: GPT) -> None:
 def _logit_row(name: str, case: str, ours: np.ndarray, theirs: np.ndarray, limit: float) -> Result:
     if not (np.isfinite(ours).all() and np.isfinite(theirs).all()):
         raise NonFinite(f"{name} [{case}]: the logits are not finite (NaN/Inf) although the weights are")
-    return Result(name, case, max_diff(ours, theirs), limit)
+    return Result(name, case, logits_diff(ours, theirs), limit)
 
 
 def _decoding_rows(model: GPT, tmodel: Any, prompt: np.ndarray, tokens: int) -> list[Result]:
@@ -145,11 +145,11 @@ def check_checkpoint(path: str | Path, *, text: str | Path | None = None, tokens
     check_finite(model)
     cfg = model.config
     report = Report(str(path))
-    limit = tol.LOGITS_ATOL
+    limit = tol.LOGITS_TOL
     if tolerance is not None:
         if not tolerance > 0:
             raise UserError(f"--tolerance must be > 0, got {tolerance}")
-        report.notes.append(f"logits tolerance loosened from {tol.LOGITS_ATOL:g} to {tolerance:g} by --tolerance")
+        report.notes.append(f"logits tolerance loosened from {tol.LOGITS_TOL:g} to {tolerance:g} by --tolerance")
         limit = tolerance
     tmodel = torchref.GPT(cfg)
     tmodel.load_state_dict(to_torch_state_dict(model))

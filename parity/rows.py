@@ -29,6 +29,13 @@ def max_diff(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
+def logits_diff(ours, theirs) -> float:
+    """max|diff| / max(1, max|theirs|): a trained model's logits reach +-20, where 1e-5 absolute is a
+    few fp32 ulps and summation order alone exceeds it; at scales up to 1 this is max|diff|."""
+    theirs = np.asarray(theirs, np.float64)
+    return max_diff(ours, theirs) / max(1.0, float(np.max(np.abs(theirs))))
+
+
 @partial(jax.jit, static_argnums=0)
 def _jit_forward(graphdef: nnx.GraphDef, state: nnx.State, idx: jax.Array) -> jax.Array:
     return nnx.merge(graphdef, state)(idx)

@@ -107,3 +107,18 @@ def test_convert_verify_passes_and_a_corrupted_conversion_is_removed(work, tmp_p
         assert proc.returncode == 1 and "does not reproduce" in proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
         assert not (tmp_path / dst).exists(), f"{dst} was left behind"
     assert (tmp_path / "good.safetensors").is_file()
+
+
+def test_logits_rows_measure_per_unit_of_logit_scale():
+    """fp32 rounding grows with the logits: 1.5e-5 apart at +-20 is a few ulps and passes; the same
+    gap at scale 1 is beyond the tolerance; below scale 1 the measure is plain max|diff|."""
+    from parity.rows import logits_diff
+    from parity.tolerances import LOGITS_TOL
+
+    big = np.array([[20.0, -7.0, 3.0]])
+    assert logits_diff(big + [[1.5e-5, 0, 0]], big) == pytest.approx(1.5e-5 / 20)
+    assert 1.5e-5 / 20 < LOGITS_TOL < 1.5e-5
+    small = np.array([[1.0, -0.5, 0.2]])
+    assert logits_diff(small + [[1.5e-5, 0, 0]], small) == pytest.approx(1.5e-5)
+    tiny = small / 10
+    assert logits_diff(tiny + [[0, 2e-6, 0]], tiny) == pytest.approx(2e-6)
