@@ -4,7 +4,7 @@
       --n_head=6 --n_layer=6 --max_iters=5000          # the seed's GPU config (the defaults)
   python scripts/train.py --preset=cpu                  # nanoGPT's CPU config, minutes on 2 cores
   python scripts/train.py --out_dir=out/x --resume      # continue a run where it stopped
-  python scripts/train.py --preset=finetune --init_from=HF_DIR --dataset=shakespeare_gpt2   # fine-tune
+  python scripts/train.py --preset=finetune --init_from=HF_DIR --data_dir=data_gpt2   # fine-tune (prepare.py --tokenizer)
 """
 import json
 from pathlib import Path
