@@ -82,9 +82,10 @@ def export_eval_step(model_cfg: GPTConfig, tc: TrainConfig, platforms: tuple[str
 
 
 def export_decode_step(model_cfg: GPTConfig, batch: int, platforms: tuple[str, ...], dtype: str = "float32",
-                       chunk: int = 8) -> export.Exported:
+                       chunk: int = 8, mode: str = "mixed") -> export.Exported:
     """Generation's compiled chunk (sample._chunk): `chunk` tokens per sequence through the KV
-    cache or, past block_size, the window; top-k/top-p sampling inside."""
+    cache or, past block_size, the window; top-k/top-p sampling inside. The default 'mixed'
+    chunk holds both steps (the one crossing block_size); 'cache' and 'window' are the others."""
     from jaxgpt import sample
 
     model = nnx.eval_shape(lambda: GPT(model_cfg, rngs=nnx.Rngs(0)))
@@ -96,8 +97,8 @@ def export_decode_step(model_cfg: GPTConfig, batch: int, platforms: tuple[str, .
     carry = (jax.ShapeDtypeStruct((batch, model_cfg.block_size), jnp.int32), i32, cache)
     uniforms = jax.ShapeDtypeStruct((chunk, batch), jnp.float32)
     return export.export(sample._chunk, platforms=platforms)(
-        graphdef, params, carry, uniforms, i32, temperature=0.8, top_k=40, top_p=0.95, on_token=None,
-        return_logits=False)
+        graphdef, params, carry, uniforms, i32, i32, temperature=0.8, top_k=40, top_p=0.95, on_token=None,
+        return_logits=False, mode=mode)
 
 
 def custom_calls(exported: export.Exported) -> set[str]:

@@ -43,7 +43,8 @@ def test_train_step_exports_for_accelerators_on_a_data_fsdp_mesh(mesh, platform,
 def test_eval_and_decode_steps_export_for_accelerators(mesh, platform):
     tc = dataclasses.replace(TC, dtype="bfloat16")
     _assert_clean(ex.export_eval_step(SEED, tc, (platform,), mesh), f"eval step ({platform})")
-    _assert_clean(ex.export_decode_step(SEED, 4, (platform,), "bfloat16"), f"decode step ({platform})")
+    for mode in ("cache", "mixed"):  # inside the context; the crossing chunk (cached + windowed steps)
+        _assert_clean(ex.export_decode_step(SEED, 4, (platform,), "bfloat16", mode=mode), f"decode {mode} ({platform})")
 
 
 def test_attention_path_per_config_in_the_cuda_programs(monkeypatch):
