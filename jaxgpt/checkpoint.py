@@ -7,8 +7,8 @@ sampler state). Kept: the last `keep` steps and the best by val loss.
 """
 from __future__ import annotations
 
-import time
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -85,9 +85,9 @@ class Checkpointer:
         self.manager.close()
 
 
-def resolve(path: str | Path) -> tuple[Any, int | None]:
+def resolve(where: str | Path) -> tuple[Any, int | None]:
     """(out_dir, step) for a run folder (its best or latest step) or a checkpoints/<step> folder."""
-    path = paths.path(path)
+    path = paths.path(where)
     if path.name.isdigit() and path.parent.name == "checkpoints":
         return path.parent.parent, int(path.name)
     if not (path / "checkpoints").is_dir():

@@ -17,6 +17,7 @@ import urllib.request
 from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -184,9 +185,10 @@ def _write_stories(stories: Iterable[str], path: Path, desc: str, tokenizer: HFT
     (stories, tokens). Bytes end with EOT_BYTE; a tokenizer's stories with its <|endoftext|>."""
     counts = [0, 0]
     if tokenizer is not None:
-        eot = tokenizer.tok.token_to_id(EOT_TEXT)
-        if eot is None:
+        found = tokenizer.tok.token_to_id(EOT_TEXT)
+        if found is None:
             raise UserError(f"the tokenizer has no {EOT_TEXT} token to separate stories; use one that has")
+        eot: int = found
         dtype = token_dtype(tokenizer.vocab_size)
 
     def chunks() -> Iterator[bytes]:
@@ -233,8 +235,9 @@ def prepare_tinystories(data_dir: str | Path, inputs: list[str] | None = None,
     else:
         sources = {"train": _stories_from_hf("train"), "val": _stories_from_hf("validation")}
     identity = tokenizer.identity() if tokenizer else dict(BYTES_IDENTITY)
-    meta = {"tokenizer": tokenizer.name if tokenizer else "bytes", "tokenizer_identity": identity,
-            "vocab_size": identity["vocab_size"], "dtype": token_dtype(identity["vocab_size"]).name,
+    vocab = int(identity["vocab_size"])
+    meta: dict[str, Any] = {"tokenizer": tokenizer.name if tokenizer else "bytes", "tokenizer_identity": identity,
+            "vocab_size": vocab, "dtype": token_dtype(vocab).name,
             "source": [str(p) for p in inputs] if inputs else "roneneldan/TinyStories"}
     if tokenizer is None:
         meta["eot_byte"] = EOT_BYTE

@@ -1,7 +1,7 @@
 """The GPT model in Flax NNX — the whole model, top to bottom.
 
 It mirrors torchref/model.py class for class and attribute for attribute (nanoGPT's names),
-so parity/convert.py is a short table. One deliberate difference: the n_layer Blocks are
+so formats/table.py is a short table. One deliberate difference: the n_layer Blocks are
 created *stacked* (every parameter gets a leading layer axis) and run with `lax.scan`,
 which compiles one block body instead of n_layer copies — faster compiles everywhere and
 a faster step on CPU — and lets `jax.checkpoint` wrap that body with a named policy.

@@ -133,7 +133,7 @@ def tune_host_allocator() -> str:
         return "".join(_host_allocator)
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.gnu_get_libc_version  # glibc only (musl has no mallopt parameters like these)
+        _ = libc.gnu_get_libc_version  # glibc only (musl has no mallopt parameters like these)
     except (OSError, AttributeError):
         return ""
     done = [f"{name}={value}" for name, (param, value) in GLIBC_MALLOPT.items() if libc.mallopt(param, value) == 1]

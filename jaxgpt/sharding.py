@@ -12,7 +12,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxgpt.errors import UserError
@@ -24,7 +24,7 @@ def init_distributed(coordinator_address: str | None = None, num_processes: int 
                      process_id: int | None = None) -> None:
     """Join a multi-process run. With no arguments JAX auto-detects the cluster (Cloud TPU,
     SLURM, ...); on CPU, cross-process collectives go through gloo."""
-    if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+    if getattr(jax.config, "jax_cpu_collectives_implementation", None) in (None, "", "none"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
@@ -54,14 +54,14 @@ def _path(keypath: tuple) -> str:
     return jax.tree_util.keystr(keypath, simple=True, separator=".")
 
 
-def param_shardings(params: Any, mesh: Mesh) -> Any:
+def param_shardings(params: Any, mesh: Mesh | AbstractMesh) -> Any:
     """NamedShardings for a params tree (arrays or ShapeDtypeStructs)."""
     fsdp = mesh.shape["fsdp"]
     return jax.tree_util.tree_map_with_path(
         lambda kp, a: NamedSharding(mesh, param_spec(_path(kp), a.shape, fsdp)), params)
 
 
-def state_shardings(tree: Any, params: Any, mesh: Mesh) -> Any:
+def state_shardings(tree: Any, params: Any, mesh: Mesh | AbstractMesh) -> Any:
     """Shardings for a tree that holds copies of the params (optimizer moments): a leaf whose
     path ends with a parameter's path (e.g. `1.0.mu.h.mlp.c_fc.kernel`) is laid out like that
     parameter; anything else (step counts) is replicated."""
@@ -76,14 +76,14 @@ def state_shardings(tree: Any, params: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map_with_path(rule, tree)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
+def batch_sharding(mesh: Mesh | AbstractMesh) -> NamedSharding:
     """For (accum, batch, T) arrays: the batch axis over every device."""
     return NamedSharding(mesh, P(None, BATCH_AXES))
 
 
 def local_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> slice:
     """The contiguous rows (axis 1) of the global batch that this process's devices hold."""
-    spans = [idx[1] for idx in sharding.addressable_devices_indices_map(global_shape).values()]
+    spans = [idx[1] for idx in sharding.addressable_devices_indices_map(global_shape).values() if idx is not None]
     start = min(s.start or 0 for s in spans)
     stop = max(global_shape[1] if s.stop is None else s.stop for s in spans)
     return slice(start, stop)

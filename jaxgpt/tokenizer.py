@@ -163,7 +163,8 @@ class _HFStream:
     emits what is left, replacement characters included (like the byte decoder)."""
 
     def __init__(self, tok: HFTokenizer):
-        self.tok, self.ids, self.prefix, self.read = tok, [], 0, 0
+        self.tok, self.prefix, self.read = tok, 0, 0
+        self.ids: list[int] = []
 
     def push(self, token: int) -> str:
         return self.feed([token])

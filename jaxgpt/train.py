@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import signal
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -34,9 +32,18 @@ from jaxgpt.data import BatchSampler, dataset_dir, read_meta
 from jaxgpt.errors import Interrupted, UserError
 from jaxgpt.model import GPT
 from jaxgpt.platform import DTYPES, Platform
+from jaxgpt.sharding import (
+    batch_sharding,
+    check_shared_folder,
+    global_batch,
+    local_rows,
+    make_mesh,
+    param_shardings,
+    preempted,
+    state_shardings,
+)
 from jaxgpt.tokenizer import TOKENIZER_FILE, HFTokenizer, Tokenizer
-from jaxgpt.sharding import (batch_sharding, check_shared_folder, global_batch, local_rows, make_mesh, param_shardings,
-                             preempted, state_shardings)
+
 
 class TrainState(NamedTuple):
     params: nnx.State  # float32 master weights
@@ -237,7 +244,7 @@ class MetricsLog:
         now = time.perf_counter()
         rate = self.tokens_per_step * self.steps_since / max(now - self.t_last, 1e-9)
         records = [{"step": done, "train_loss": float(loss), "lr": float(self.schedule(done - 1)), "tokens_per_sec": rate}
-                   for (done, _), loss in zip(self.pending, losses)]
+                   for (done, _), loss in zip(self.pending, losses, strict=True)]
         self.pending, self.steps_since, self.t_last = [], 0, now
         return records
 

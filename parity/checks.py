@@ -1,15 +1,13 @@
 """The parity checks: each returns Results (parity/rows.py) that `python -m parity` tabulates
 and tests assert.
 
-Every check builds both models from the same weights (converted through parity/convert.py)
+Every check builds both models from the same weights (converted through formats/table.py)
 and compares in float32 on CPU, where both frameworks are deterministic.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -18,12 +16,12 @@ import torch
 from flax import nnx
 
 import torchref
+from formats.table import flat_params, from_torch_state_dict, to_torch_state_dict
 from jaxgpt.config import GPTConfig
 from jaxgpt.model import GPT
 from parity import tolerances as tol
 from parity.rows import Result, _jit_forward, jax_logits, logits_diff, max_diff, synthetic_corpus
-from parity.convert import flat_params, from_torch_state_dict, jax_to_torch_model, to_torch_state_dict
-
+from parity.twins import jax_to_torch_model
 
 # Small configs covering bias on/off, 1-4 layers; each is run at T < block_size and T == block_size.
 CONFIGS: dict[str, GPTConfig] = {
@@ -125,7 +123,8 @@ def train_twins(steps: int, accum: int = 1, dtype: str = "float32", torch_side: 
     per-step losses of each, both final models' state_dicts and a held-out loss of jaxgpt's."""
     from jaxgpt.config import TrainConfig
     from jaxgpt.train import init_state, loss_fn, lr_schedule, make_optimizer, make_train_step
-    from torchref.train import make_optimizer as torch_optimizer, train_step as torch_step
+    from torchref.train import make_optimizer as torch_optimizer
+    from torchref.train import train_step as torch_step
 
     cfg = TRAIN_CFG
     tc = TrainConfig(batch_size=batch_size, gradient_accumulation_steps=accum, max_iters=steps, warmup_iters=10,
@@ -154,7 +153,7 @@ def train_twins(steps: int, accum: int = 1, dtype: str = "float32", torch_side: 
 def check_training(steps: int = 60, accum: int = 2) -> list[Result]:
     """fp32: relative per-step loss difference and final parameter difference vs torchref."""
     jl, tl, jax_sd, torch_sd, _ = train_twins(steps, accum)
-    worst_loss = max(abs(a - b) / abs(b) for a, b in zip(jl, tl))
+    worst_loss = max(abs(a - b) / abs(b) for a, b in zip(jl, tl, strict=True))
     worst_param = max(max_diff(jax_sd[k], v.detach()) for k, v in torch_sd.items())
     return [Result(f"train loss rel. diff, {steps} steps", f"L2-bias accum={accum}", worst_loss, tol.TRAIN_LOSS_RTOL),
             Result(f"train params after {steps} steps", f"L2-bias accum={accum}", worst_param, tol.TRAIN_PARAM_ATOL)]
@@ -183,7 +182,7 @@ def check_bf16_logits() -> list[Result]:
 def check_bf16_training(steps: int = 100) -> list[Result]:
     """bf16 compute with fp32 master weights: per-step loss vs torchref's autocast twin."""
     jl, tl, _, _, _ = train_twins(steps, dtype="bfloat16")
-    worst = max(abs(a - b) / abs(b) for a, b in zip(jl, tl))
+    worst = max(abs(a - b) / abs(b) for a, b in zip(jl, tl, strict=True))
     return [Result(f"bf16 train loss rel. diff vs torch autocast, {steps} steps", "L2-bias", worst,
                    tol.BF16_TRAIN_LOSS_RTOL)]
 

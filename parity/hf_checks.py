@@ -1,7 +1,7 @@
 """Parity against `transformers` itself — the reference nobody here wrote. Tiny random GPT-2s
 are built with transformers in a temporary folder (gelu_new, biases, a BPE tokenizer.json
 trained on a small corpus; and one with GPT-2 124M's vocabulary and positions but one thin
-layer), imported through parity/hf.py and compared in float32 on CPU.
+layer), imported through formats/hf.py and compared in float32 on CPU.
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def _hf_logits(model: object, idx: np.ndarray) -> np.ndarray:
 
 
 def check_logits() -> list[Result]:
-    from parity.formats import load_any
+    from formats.io import load_any
 
     out = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,8 +101,8 @@ def check_greedy() -> list[Result]:
     """jaxgpt's greedy decoding (KV cache) vs transformers' generate(do_sample=False)."""
     import torch
 
+    from formats.io import load_any
     from jaxgpt.sample import generate
-    from parity.formats import load_any
 
     with tempfile.TemporaryDirectory() as tmp:
         hf = make_hf_model(Path(tmp) / "bpe", "bpe")
@@ -120,7 +120,7 @@ def check_roundtrip() -> list[Result]:
     """HF folder -> jaxgpt run folder -> HF folder: every tensor bit-exact (lm_head is tied)."""
     from safetensors.numpy import load_file
 
-    from parity.formats import load_any, save_hf, save_jaxgpt
+    from formats.io import load_any, save_hf, save_jaxgpt
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -141,8 +141,8 @@ def check_export() -> list[Result]:
     from flax import nnx
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
+    from formats.io import save_hf
     from jaxgpt import GPT, ByteTokenizer, GPTConfig
-    from parity.formats import save_hf
 
     cfg = GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=64, dropout=0.0, bias=False)
     model = GPT(cfg, rngs=nnx.Rngs(7))
@@ -160,11 +160,12 @@ def check_export() -> list[Result]:
 
 def check_finetune(steps: int = 30) -> list[Result]:
     """Fine-tuning an imported folder on new text lowers its held-out loss (relative drop)."""
+    from flax import nnx
+
+    from formats.io import load_any
     from jaxgpt.config import TrainConfig
     from jaxgpt.data import prepare_text
     from jaxgpt.train import train
-    from flax import nnx
-    from parity.formats import load_any
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

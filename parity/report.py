@@ -23,11 +23,11 @@ from typing import Any
 import jax
 import numpy as np
 
+from formats.table import flat_params, from_torch_state_dict, to_torch_state_dict
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT
 from parity import tolerances as tol
 from parity.rows import Result, jax_logits, logits_diff, max_diff
-from parity.convert import flat_params, from_torch_state_dict, to_torch_state_dict
 
 SAMPLING = dict(temperature=0.8, top_k=40, top_p=0.95)
 PAST_BLOCK = 32  # decoding rows run this many tokens past block_size by default
@@ -109,8 +109,8 @@ def _hf_rows(path: Path, model: GPT, idx: np.ndarray, limit: float) -> list[Resu
     from transformers import GPT2LMHeadModel
     from transformers.utils import logging
 
-    from parity.formats import load_any, save_hf, save_jaxgpt
-    from parity.hf import read_weights
+    from formats.hf import read_weights
+    from formats.io import load_any, save_hf, save_jaxgpt
 
     logging.disable_progress_bar()
     logging.set_verbosity_error()
@@ -139,7 +139,7 @@ def check_checkpoint(path: str | Path, *, text: str | Path | None = None, tokens
     PAST_BLOCK past block_size); `tolerance`: loosen the logits tolerance to this value.
     Raises UserError when the checkpoint cannot be read, NonFinite for NaN/Inf weights/logits."""
     import torchref
-    from parity.formats import kind_of, load_any
+    from formats.io import kind_of, load_any
 
     model, info = load_any(path, which=which)
     check_finite(model)
@@ -198,8 +198,8 @@ def _torch_logits(tmodel: Any, idx: np.ndarray) -> np.ndarray:
 
 def verify_conversion(src: str | Path, dst: str | Path, tokens: int | None = None) -> Report:
     """convert.py --verify: the logits and greedy rows of DST's model against SRC's."""
+    from formats.io import load_any
     from jaxgpt.sample import generate
-    from parity.formats import load_any
 
     a, _ = load_any(src)
     b, _ = load_any(dst)

@@ -45,7 +45,7 @@ def main(argv: list[str]) -> int:
     b.add_argument("--whole_process", action="store_true",
                    help="whole processes instead: scripts/train.py against the same training in PyTorch eager "
                         "(section train), scripts/generate.py against nanoGPT-style sampling (section generate)")
-    b.add_argument("--validate", action="store_true", help="the accelerator checklist (see parity/validate.py)")
+    b.add_argument("--validate", action="store_true", help="the accelerator checklist (see benchmarks/validate.py)")
     b.add_argument("--validate_parity", default="model,generation,training,bf16",
                    help="--validate: parity groups to run on the device")
     args = p.parse_args(argv)
@@ -60,10 +60,10 @@ def main(argv: list[str]) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     gen = dict(num_samples=args.num_samples, new_tokens=args.new_tokens, prompt_len=args.prompt_len)
 
-    from parity import bench  # heavy imports after argument checks
+    from benchmarks import harness as bench  # heavy imports after argument checks
     info = bench.machine()
     if args.validate:
-        from parity.validate import validate
+        from benchmarks.validate import validate
         figures = validate(build(GPTConfig, args, base), tc, args.validate_parity.split(","), log)
     elif args.whole_process:
         figures = []

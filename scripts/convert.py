@@ -19,10 +19,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from formats.io import KINDS, kind_of, load_any, save_any
 from jaxgpt import cli, paths
 from jaxgpt.config import CliParser
 from jaxgpt.errors import UserError
-from parity.formats import KINDS, kind_of, load_any, save_any
 
 
 def main(argv: list[str]) -> int:

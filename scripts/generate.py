@@ -24,8 +24,8 @@ MAX_NEW_TOKENS = 2**31 - 1  # token indices are int32 on the device
 
 def load(checkpoint: str, which: str, meta: str | None):
     """(model, tokenizer, info) from a jaxgpt run folder, nanoGPT .pt, .safetensors or a Hugging
-    Face GPT-2 folder (parity.formats; torch only for .pt)."""
-    from parity.formats import load_any, need_tokenizer
+    Face GPT-2 folder (formats.io; torch only for .pt)."""
+    from formats.io import load_any, need_tokenizer
     model, info = load_any(checkpoint, meta, which)
     return model, need_tokenizer(model, info, checkpoint), info
 
@@ -94,10 +94,10 @@ def main(argv: list[str]) -> int:
     with tqdm(total=args.max_new_tokens, unit="tok", delay=2, file=sys.stderr, disable=not args.progress,
               dynamic_ncols=True) as bar:
         for chunk in generate_chunks(model, ids, args.max_new_tokens, **sampling):
-            for text, decoder, row in zip(texts, decoders, chunk):
+            for text, decoder, row in zip(texts, decoders, chunk, strict=True):
                 text.write(decoder.feed(row))
             bar.update(chunk.shape[1])
-    for text, decoder in zip(texts, decoders):
+    for text, decoder in zip(texts, decoders, strict=True):
         text.write(decoder.flush())
         text.seek(0)
         shutil.copyfileobj(text, sys.stdout)

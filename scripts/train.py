@@ -17,8 +17,8 @@ from jaxgpt.config import PRESETS, explicit_flags, make_parser
 from jaxgpt.data import prepare_if_missing, read_meta
 from jaxgpt.model import crop_block_size
 from jaxgpt.platform import tune_host_allocator
-from jaxgpt.sharding import init_distributed
 from jaxgpt.rundir import resolve_configs
+from jaxgpt.sharding import init_distributed
 from jaxgpt.train import train
 
 
@@ -44,7 +44,7 @@ def main(argv: list[str]) -> int:
               f"({meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens)")
     init, tokenizer, init_cfg = None, None, None
     if train_flags.get("init_from"):  # weights (and tokenizer) from any format the converter reads
-        from parity.formats import load_any, need_tokenizer
+        from formats.io import load_any, need_tokenizer
         model, info = load_any(train_flags["init_from"])
         init_cfg, tokenizer = model.config, need_tokenizer(model, info, train_flags["init_from"])
     data_vocab = read_meta(f"{data_dir}/{dataset}")["vocab_size"] if Path(data_dir, dataset, "meta.json").is_file() else None

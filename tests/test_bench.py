@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses / emulators / transformers: the full suite only
+
 ROOT = Path(__file__).resolve().parents[1]
 # tiny, and a learning rate that lets it pass the 200-step loss check meant for the seed config
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=16", "--learning_rate=1e-2",

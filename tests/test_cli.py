@@ -15,6 +15,8 @@ import torch
 
 from parity.checks import synthetic_corpus
 
+pytestmark = pytest.mark.slow  # subprocesses / emulators / transformers: the full suite only
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--eval_iters=2",
         "--eval_interval=4", "--log_interval=2", "--progress=false", "--plot=false"]

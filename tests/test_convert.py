@@ -6,11 +6,11 @@ import torch
 from flax import nnx
 
 import torchref
+from formats.io import load_any, save_jaxgpt, save_pt, save_safetensors
+from formats.table import flat_params, from_torch_state_dict
 from jaxgpt import GPT, GPTConfig, UserError
 from jaxgpt.tokenizer import load_meta_pkl
 from parity.checks import jax_logits, torch_logits
-from parity.convert import flat_params, from_torch_state_dict
-from parity.formats import load_any, save_jaxgpt, save_pt, save_safetensors
 
 CFG = GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, bias=True)
 

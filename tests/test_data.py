@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 
 from jaxgpt import UserError
-from jaxgpt.data import (EOT_BYTE, BatchSampler, _stories_from_txt, dataset_dir, prepare_shakespeare,
-                         prepare_text, prepare_tinystories)
+from jaxgpt.data import (
+    EOT_BYTE,
+    BatchSampler,
+    _stories_from_txt,
+    dataset_dir,
+    prepare_shakespeare,
+    prepare_text,
+    prepare_tinystories,
+)
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 40).encode()
 
@@ -68,7 +75,7 @@ def test_batches_are_shifted_windows_reproducible_from_seed(train_bin):
     x, y = s.get(5)
     assert x.shape == y.shape == (2, 4, 16) and x.dtype == np.int32
     np.testing.assert_array_equal(x[..., 1:], y[..., :-1])
-    for start, row in zip(s.offsets(5).reshape(-1), x.reshape(-1, 16)):
+    for start, row in zip(s.offsets(5).reshape(-1), x.reshape(-1, 16), strict=True):
         np.testing.assert_array_equal(row, data[start:start + 16])
     np.testing.assert_array_equal(BatchSampler(train_bin, 16, 4, seed=1, accum=2).get(5)[0], x)
     assert not np.array_equal(s.get(6)[0], x)

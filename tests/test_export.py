@@ -12,6 +12,8 @@ from jaxgpt import GPTConfig, TrainConfig
 from jaxgpt import export as ex
 from jaxgpt.platform import resolve_attention
 
+pytestmark = pytest.mark.slow  # subprocesses / emulators / transformers: the full suite only
+
 SEED = GPTConfig()  # the seed config: 6 x 384, block 256, dropout 0.2
 TC = TrainConfig(batch_size=64)
 PLATFORMS = ("cuda", "tpu")

@@ -21,7 +21,7 @@ from jaxgpt.platform import default_compile_cache
 from parity.rows import synthetic_corpus
 from tests.gcs_emulator import Emulator, available
 
-pytestmark = pytest.mark.skipif(available() is not None, reason=f"the Cloud Storage emulator needs it: {available()}")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(available() is not None, reason=f"the Cloud Storage emulator needs it: {available()}")]
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ["--dataset=synth", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=8",
          "--eval_iters=2", "--eval_interval=4", "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=16",
@@ -199,4 +199,4 @@ def test_two_hosts_on_gcs_survive_sigkill_and_preemption_and_resume_on_two_and_o
     finish(train(hosts[1], gcs, *same, f"--out_dir={run}", "--resume"))  # one host, one device
     got = [loss for _, loss, _ in metrics(gcs, run)]
     assert len(got) == 120 and got[:step + 10] == [loss for _, loss in straight[:step + 10]]
-    assert max(abs(a - b) / b for a, (_, b) in zip(got, straight)) <= 1e-5
+    assert max(abs(a - b) / b for a, (_, b) in zip(got, straight, strict=True)) <= 1e-5

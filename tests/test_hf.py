@@ -15,7 +15,8 @@ import pytest
 
 from parity.hf_checks import hf_checks, make_hf_model, missing
 
-pytestmark = pytest.mark.skipif(missing() is not None, reason=f"Hugging Face checks need it: {missing()}")
+pytestmark = [pytest.mark.slow,  # transformers and subprocesses: the full suite only
+              pytest.mark.skipif(missing() is not None, reason=f"Hugging Face checks need it: {missing()}")]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -72,8 +73,8 @@ def test_sharded_safetensors_and_pytorch_model_bin_import_with_the_same_logits(w
     import torch
     from transformers import GPT2LMHeadModel
 
+    from formats.io import load_any
     from parity.checks import jax_logits
-    from parity.formats import load_any
 
     hf = GPT2LMHeadModel.from_pretrained(work / "bpe").eval()
     folder = tmp_path / layout

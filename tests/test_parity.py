@@ -12,18 +12,21 @@ def test_model_parity(check):
         assert r.passed, f"{r.check} [{r.case}]: {r.value:.3g} > tolerance {r.tolerance:.0e}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("check", list(training_checks()))
 def test_training_trajectory_matches_torch(check):
     for r in check():
         assert r.passed, f"{r.check} [{r.case}]: {r.value:.3g} > tolerance {r.tolerance:.0e}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("check", list(generation_checks()), ids=lambda c: c.__name__)
 def test_generation_matches_torch_and_full_forward(check):
     for r in check():
         assert r.passed, f"{r.check} [{r.case}]: {r.value:.3g} > tolerance {r.tolerance:.0e}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("check", list(bf16_checks()), ids=lambda c: c.__name__)
 def test_bf16_compute_matches_torch_autocast_and_fp32_training(check):
     for r in check():

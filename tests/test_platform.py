@@ -15,6 +15,7 @@ from jaxgpt.data import prepare_text
 from jaxgpt.train import train
 from parity.checks import synthetic_corpus
 
+pytestmark = pytest.mark.slow  # subprocesses / emulators / transformers: the full suite only
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
 

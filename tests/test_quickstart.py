@@ -14,9 +14,13 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
+
 from jaxgpt.data import SHAKESPEARE_SHA256
 from jaxgpt.platform import default_compile_cache
 from tests.test_repo import quick_start
+
+pytestmark = pytest.mark.slow  # subprocesses / emulators / transformers: the full suite only
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORTER = "--preset=cpu --max_iters=60 --eval_interval=30 --eval_iters=5"

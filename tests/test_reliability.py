@@ -14,12 +14,14 @@ import pytest
 import torch
 
 import torchref
+from formats.io import load_any
 from jaxgpt import GPTConfig, TrainConfig, UserError
 from jaxgpt.data import prepare_text
 from jaxgpt.rundir import read_metrics
 from jaxgpt.train import train
 from parity.checks import synthetic_corpus
-from parity.formats import load_any
+
+pytestmark = pytest.mark.slow  # subprocesses / emulators / transformers: the full suite only
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ["--dataset=synth", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",

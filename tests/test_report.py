@@ -17,6 +17,8 @@ from jaxgpt import GPTConfig
 from jaxgpt.data import prepare_text
 from parity.rows import synthetic_corpus
 
+pytestmark = pytest.mark.slow  # subprocesses / emulators / transformers: the full suite only
+
 ROOT = Path(__file__).resolve().parents[1]
 CFG = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32, bias=True, dropout=0.0)
 
@@ -93,7 +95,7 @@ def test_convert_verify_passes_and_a_corrupted_conversion_is_removed(work, tmp_p
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(  # every writer damages one weight on its way out
-        "import parity.formats as f\n"
+        "import formats.io as f\n"
         "def damaging(save):\n"
         "    def write(model, path, info):\n"
         "        kernel = model.h.mlp.c_fc.kernel\n"

@@ -4,8 +4,7 @@ import pytest
 import torch
 from flax import nnx
 
-from jaxgpt import GPT, GPTConfig, UserError
-from jaxgpt import sample
+from jaxgpt import GPT, GPTConfig, UserError, sample
 from jaxgpt.sample import filter_probs, generate, generate_chunks, pick
 from torchref.sample import filter_probs as torch_filter_probs
 
@@ -67,6 +66,7 @@ def test_compiled_once_per_prompt_bucket(model):
     assert (sample._start._cache_size(), sample._chunk._cache_size()) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_chunked_generation_equals_one_long_chunk_token_for_token(model, temperature):
     """Three chunk sizes, the same key: identical tokens, well past block_size (16)."""

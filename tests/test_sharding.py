@@ -15,6 +15,8 @@ import pytest
 from jaxgpt.data import prepare_text
 from parity.checks import synthetic_corpus
 
+pytestmark = pytest.mark.slow  # subprocesses / emulators / transformers: the full suite only
+
 WORKER = Path(__file__).with_name("mesh_worker.py")
 RTOL = 1e-5
 
@@ -40,7 +42,7 @@ def single(data_dir, tmp_path_factory) -> list[float]:
 
 
 def assert_close(got: list[float], want: list[float]) -> None:
-    rel = max(abs(a - b) / abs(b) for a, b in zip(got, want))
+    rel = max(abs(a - b) / abs(b) for a, b in zip(got, want, strict=True))
     assert len(got) == len(want) and rel <= RTOL, f"losses differ by {rel:.2e} relative:\n{got}\n{want}"
 
 
@@ -106,7 +108,7 @@ def test_two_processes_on_localhost_match_one_process(data_dir, tmp_path, single
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     assert sorted(r["process"] for r in results) == [0, 1] and all(r["devices"] == 8 for r in results)

@@ -33,6 +33,7 @@ def _rows(out_dir):
     return [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_accumulated_gradients_equal_one_big_batch():
     tc1 = TrainConfig(batch_size=4, gradient_accumulation_steps=1, seed=0)
     tc2 = dataclasses.replace(tc1, batch_size=2, gradient_accumulation_steps=2)
@@ -44,7 +45,7 @@ def test_accumulated_gradients_equal_one_big_batch():
         state, _ = make_train_step(graphdef, make_optimizer(tc), tc)(state, x.reshape(shape), y.reshape(shape), 0)
         state, _ = make_train_step(graphdef, make_optimizer(tc), tc)(state, x.reshape(shape), y.reshape(shape), 1)
         out.append(state.params)
-    worst = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(out[0]), jax.tree.leaves(out[1])))
+    worst = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(out[0]), jax.tree.leaves(out[1]), strict=True))
     assert worst <= 1e-6, f"accumulated update differs from the big-batch update by {worst}"
 
 
@@ -63,6 +64,7 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
     assert float(s(2000)) == pytest.approx(1e-4) and float(s(5000)) == pytest.approx(1e-4)
 
 
+@pytest.mark.slow
 def test_train_writes_metrics_plot_and_checkpoints(data_dir, tmp_path):
     out = tmp_path / "run"
     summary = train(MODEL, _tc(data_dir, out, plot=True))
@@ -76,21 +78,24 @@ def test_train_writes_metrics_plot_and_checkpoints(data_dir, tmp_path):
     assert summary["val_loss"] == rows[-1]["val_loss"]
 
 
+@pytest.mark.slow
 def test_resume_continues_bit_identically(data_dir, tmp_path):
     train(MODEL, _tc(data_dir, tmp_path / "straight"))
     train(MODEL, _tc(data_dir, tmp_path / "split", max_iters=8))
     summary = train(MODEL, _tc(data_dir, tmp_path / "split", resume=True))
     assert summary["start_step"] == 8
     assert _rows(tmp_path / "split") == [dict(r, tokens_per_sec=s["tokens_per_sec"]) for r, s in
-                                          zip(_rows(tmp_path / "straight"), _rows(tmp_path / "split"))]
+                                          zip(_rows(tmp_path / "straight"), _rows(tmp_path / "split"), strict=True)]
 
 
+@pytest.mark.slow
 def test_starting_over_an_existing_run_is_refused(data_dir, tmp_path):
     train(MODEL, _tc(data_dir, tmp_path / "r", max_iters=4))
     with pytest.raises(UserError, match="--resume"):
         train(MODEL, _tc(data_dir, tmp_path / "r", max_iters=4))
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_model_names_the_difference(data_dir, tmp_path):
     tc = _tc(data_dir, tmp_path / "r", max_iters=4)
     train(MODEL, tc)
@@ -100,6 +105,7 @@ def test_resume_with_a_different_model_names_the_difference(data_dir, tmp_path):
     assert model_cfg == MODEL and tc2.max_iters == 8 and tc2.batch_size == 4
 
 
+@pytest.mark.slow
 def test_divergence_stops_with_a_clear_error_and_keeps_the_checkpoint(data_dir, tmp_path):
     out = tmp_path / "nan"
     train(MODEL, _tc(data_dir, out, max_iters=4))
@@ -108,6 +114,7 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_checkpoint(data_dir, 
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["4"]
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_master_weights(data_dir, tmp_path):
     tc = _tc(data_dir, tmp_path / "bf16", dtype="bfloat16", max_iters=4)
     graphdef, _, state = init_state(MODEL, tc)

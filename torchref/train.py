@@ -36,7 +36,7 @@ def train_step(model: GPT, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch
     model.train()
     opt.zero_grad(set_to_none=True)
     total = 0.0
-    for xm, ym in zip(x, y):
+    for xm, ym in zip(x, y, strict=True):
         with torch.autocast(xm.device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = model(xm)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), ym.reshape(-1)) / x.shape[0]
@@ -62,7 +62,7 @@ def lr_at(step: int, tc: TrainConfig) -> float:
 
 
 def main(argv: list[str]) -> int:
-    from jaxgpt.config import GPTConfig, PRESETS, explicit_flags, make_parser
+    from jaxgpt.config import PRESETS, GPTConfig, explicit_flags, make_parser
     from jaxgpt.data import BatchSampler, dataset_dir
 
     p = make_parser(__doc__, GPTConfig, TrainConfig, presets=True)

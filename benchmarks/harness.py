@@ -1,7 +1,7 @@
 """The benchmark harness behind scripts/bench.py: jaxgpt against torchref on the same machine,
 same config, same weights and batch, as ratios from one run of the harness.
 
-Each contender runs in its own fresh process (parity/bench_workers.py), the contenders in
+Each contender runs in its own fresh process (benchmarks/workers.py), the contenders in
 alternation for several rounds, the starting one rotating; every figure is reported as min /
 median / max over processes, and a ratio as the per-round ratios' min / median / max. Each
 process also measures a numpy matmul probe before and after: a process whose probe falls below
@@ -69,7 +69,7 @@ def machine() -> dict:
 
 
 def worker(spec: dict, timeout: float = 3600) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "parity.bench_workers", json.dumps(spec)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.workers", json.dumps(spec)], capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark worker {spec['section']}/{spec['side']} failed:\n{proc.stderr[-3000:]}")
@@ -107,7 +107,7 @@ def _figure(section: str, name: str, values: list[float], unit: str, note: str =
 
 def compare(section: str, runs: dict[str, list[dict]], base: str, other: str, slow: set[int]) -> list[Figure]:
     """Per-round ratios base/other of the median step times, with and without slow processes."""
-    pairs = list(zip(runs[base], runs[other]))
+    pairs = list(zip(runs[base], runs[other], strict=True))
     out = [_figure(section, f"{base} / {other} time", [a["median_s"] / b["median_s"] for a, b in pairs], "x",
                    f"{len(pairs)} rounds, per-round ratio")]
     clean = [(a, b) for a, b in pairs if a["pid"] not in slow and b["pid"] not in slow]
@@ -190,7 +190,7 @@ def _time_commands(commands: dict[str, Callable[[int], list[str]]], processes: i
 def _wall_figures(section: str, times: dict[str, list[float]], note: str) -> list[Figure]:
     (a, ta), (b, tb) = times.items()
     out = [_figure(section, f"{k} wall time", v, "s", note) for k, v in times.items()]
-    out.append(_figure(section, f"{a} / {b} wall time", [x / y for x, y in zip(ta, tb)], "x",
+    out.append(_figure(section, f"{a} / {b} wall time", [x / y for x, y in zip(ta, tb, strict=True)], "x",
                        f"{len(ta)} rounds, per-round"))
     return out
 
@@ -225,8 +225,8 @@ def whole_process_generation(cfg: GPTConfig, gen: dict, processes: int,
     cropped context recomputed every token) as whole processes, on the same random-init ckpt.pt."""
     from flax import nnx
 
+    from formats.io import save_pt
     from jaxgpt.model import GPT
-    from parity.formats import save_pt
 
     work = Path(tempfile.mkdtemp(prefix="jaxgpt-bench-"))
     try:

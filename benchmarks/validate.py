@@ -19,11 +19,11 @@ from pathlib import Path
 
 import jax
 
+from benchmarks.harness import Figure, alternate, train_specs
+from benchmarks.workers import generation
 from jaxgpt import platform
 from jaxgpt.config import GPTConfig, TrainConfig
 from jaxgpt.perf import device_peak_flops
-from parity.bench import Figure, alternate, train_specs
-from parity.bench_workers import generation
 
 VALIDATE_STEPS = 200
 LOSS_FRACTION = 0.6  # val loss after VALIDATE_STEPS must be below this fraction of log(vocab_size)

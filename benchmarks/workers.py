@@ -1,5 +1,5 @@
-"""One benchmark contender, measured inside a fresh process: `python -m parity.bench_workers JSON`
-prints one JSON line. parity/bench.py starts these processes in alternation, so that no two
+"""One benchmark contender, measured inside a fresh process: `python -m benchmarks.workers JSON`
+prints one JSON line. benchmarks/harness.py starts these processes in alternation, so that no two
 contenders share a process (XLA's and torch's thread pools would compete for the cores) and a
 machine whose speed drifts hits every contender alike.
 
@@ -96,8 +96,8 @@ def torch_train(spec: dict) -> dict:
     from flax import nnx
 
     import torchref
+    from formats.table import to_torch_state_dict
     from jaxgpt.train import init_state, lr_schedule
-    from parity.convert import to_torch_state_dict
     from torchref.train import make_optimizer, train_step
 
     cfg, tc = _configs(spec)

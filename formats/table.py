@@ -166,7 +166,7 @@ def from_state_dict(sd: Mapping[str, Any], cfg: GPTConfig, layout: str = "linear
     return model
 
 
-# --- torch (imported here only): torchref models and torch state_dicts ---
+# --- torch state_dicts (torch imported here only; torchref models are parity's: parity/twins.py) ---
 
 def to_torch_state_dict(model: GPT) -> dict[str, Any]:
     """jaxgpt model -> nanoGPT-named state_dict of CPU torch tensors (lm_head shares wte)."""
@@ -180,16 +180,3 @@ def to_torch_state_dict(model: GPT) -> dict[str, Any]:
 def from_torch_state_dict(sd: Mapping[str, Any], cfg: GPTConfig) -> GPT:
     """nanoGPT/torchref state_dict (torch tensors, nn.Linear layout) -> jaxgpt GPT."""
     return from_state_dict(sd, cfg, "linear")
-
-
-def jax_to_torch_model(model: GPT) -> Any:
-    """A torchref.GPT (eval mode) holding the same weights as `model`."""
-    import torchref
-
-    tmodel = torchref.GPT(model.config)
-    tmodel.load_state_dict(to_torch_state_dict(model))
-    return tmodel.eval()
-
-
-def torch_to_jax_model(tmodel: Any) -> GPT:
-    return from_torch_state_dict(tmodel.state_dict(), tmodel.config)

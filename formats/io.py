@@ -1,11 +1,11 @@
-"""Checkpoint files in four formats, all through the one table in parity/convert.py:
+"""Checkpoint files in four formats, all through the one table in formats/table.py:
 
 - jaxgpt: a run folder with orbax checkpoints (jaxgpt/checkpoint.py), plus its tokenizer.json
   when it is not byte-level;
 - nanoGPT `ckpt.pt`: {'model', 'model_args', 'iter_num', 'best_val_loss', 'config'}, read only
   with `torch.load(weights_only=True)`, so a crafted pickle cannot run code;
 - `.safetensors`: nanoGPT names (lm_head omitted, it is tied), config in the header metadata;
-- a Hugging Face GPT-2 folder (parity/hf.py).
+- a Hugging Face GPT-2 folder (formats/hf.py).
 torch is imported only for .pt/.bin files: everything else works without it installed.
 """
 from __future__ import annotations
@@ -19,21 +19,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from formats.hf import is_hf_folder, load_hf, write_hf
+from formats.table import TIED_HEAD, config_from_model_args, from_state_dict, model_args_from_config, to_state_dict
 from jaxgpt import paths
 from jaxgpt.checkpoint import Checkpointer, load_model, resolve
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT
 from jaxgpt.tokenizer import TOKENIZER_FILE, ByteTokenizer, CharTokenizer, HFTokenizer, load_meta_pkl, load_tokenizer
-from parity.convert import TIED_HEAD, config_from_model_args, from_state_dict, model_args_from_config, to_state_dict
-from parity.hf import is_hf_folder, load_hf, write_hf
 
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 KINDS = ("jaxgpt", "pt", "safetensors", "hf")
 
 
-def kind_of(path: str | Path) -> str:
+def kind_of(where: str | Path) -> str:
     """'pt', 'safetensors', 'hf' (a folder with a config.json) or 'jaxgpt', from the path."""
-    path = paths.path(path)
+    path = paths.path(where)
     suffix = path.suffix.lower()
     if suffix in TORCH_SUFFIXES:
         return "pt"
@@ -80,7 +80,7 @@ def load_pt(path: Path) -> tuple[GPT, dict[str, Any]]:
                         f"'model_args')")
     model = from_state_dict(obj["model"], config_from_model_args(obj["model_args"]))
     best = obj.get("best_val_loss")
-    info = {"step": int(obj.get("iter_num", 0)), "val_loss": float(best) if best is not None else None,
+    info: dict[str, Any] = {"step": int(obj.get("iter_num", 0)), "val_loss": float(best) if best is not None else None,
             "config": obj.get("config") if isinstance(obj.get("config"), dict) else {}}
     return model, info
 
@@ -99,7 +99,7 @@ def save_pt(model: GPT, path: Path, info: dict[str, Any]) -> None:
 def load_safetensors(path: Path) -> tuple[GPT, dict[str, Any]]:
     from safetensors import SafetensorError, safe_open
 
-    from parity.hf import _read_safetensors
+    from formats.hf import _read_safetensors
     try:
         with safe_open(str(path), framework="np") as f:
             header = f.metadata() or {}

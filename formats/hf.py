@@ -1,7 +1,7 @@
 """Hugging Face GPT-2 folders (`save_pretrained`: config.json, model.safetensors — or a sharded
 model.safetensors.index.json, or pytorch_model.bin — and tokenizer.json), in and out.
 
-The weights go through the one table in parity/convert.py with layout="conv1d" (GPT-2's Conv1D
+The weights go through the one table in formats/table.py with layout="conv1d" (GPT-2's Conv1D
 stores (in, out), as Flax does). Safetensors are read with the numpy API: importing a
 safetensors folder needs no torch; only pytorch_model.bin does. The written folder loads with
 GPT2LMHeadModel.from_pretrained and AutoTokenizer.from_pretrained, no custom code.
@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from formats.table import TIED_HEAD, from_state_dict, to_state_dict
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT
 from jaxgpt.tokenizer import TOKENIZER_FILE
-from parity.convert import TIED_HEAD, from_state_dict, to_state_dict
 
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}  # HF name -> ours
 EXPORTED_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
