@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from formats.table import TIED_HEAD, from_state_dict, to_state_dict
+from formats.table import TIED_HEAD, check_representable, from_state_dict, to_state_dict
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT
@@ -151,6 +151,7 @@ def write_hf(model: GPT, folder: Path, tokenizer_json: str | None) -> None:
     except ImportError:
         raise UserError("exporting to a Hugging Face folder needs the `tokenizers` package; pip install 'jaxgpt[hf]'") from None
     cfg = model.config
+    check_representable(cfg, "a Hugging Face GPT-2 folder", "a .safetensors file or a jaxgpt run folder")
     sd = {k: v for k, v in to_state_dict(model, layout="conv1d", zero_biases=True).items() if k != TIED_HEAD}
     save_file(sd, str(folder / SAFETENSORS), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2))

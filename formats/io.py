@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from formats.hf import is_hf_folder, load_hf, write_hf
-from formats.table import TIED_HEAD, config_from_model_args, from_state_dict, model_args_from_config, to_state_dict
+from formats.table import (
+    TIED_HEAD,
+    check_representable,
+    config_from_model_args,
+    from_state_dict,
+    model_args_from_config,
+    to_state_dict,
+    to_torch_state_dict,
+)
 from jaxgpt import paths
 from jaxgpt.checkpoint import Checkpointer, load_model, resolve
 from jaxgpt.errors import UserError
@@ -87,9 +95,9 @@ def load_pt(path: Path) -> tuple[GPT, dict[str, Any]]:
 
 def save_pt(model: GPT, path: Path, info: dict[str, Any]) -> None:
     """nanoGPT's format, loadable by its sample.py (whose decoder needs a meta.pkl for non-GPT-2 vocabularies)."""
+    check_representable(model.config, "nanoGPT's ckpt.pt", "a .safetensors file or a jaxgpt run folder")
     torch = _torch()
-    sd = {k: torch.tensor(v) for k, v in to_state_dict(model).items() if k != TIED_HEAD}
-    sd[TIED_HEAD] = sd["transformer.wte.weight"]
+    sd = to_torch_state_dict(model)
     obj = {"model": sd, "model_args": model_args_from_config(model.config),
            "iter_num": int(info.get("step") or 0), "best_val_loss": float(info.get("val_loss") or float("nan")),
            "config": {**model_args_from_config(model.config), "tokenizer": "bytes", "source": "jaxgpt"}}
@@ -120,7 +128,9 @@ def load_safetensors(path: Path) -> tuple[GPT, dict[str, Any]]:
 def save_safetensors(model: GPT, path: Path, info: dict[str, Any]) -> None:
     from safetensors.numpy import save_file
 
-    sd = {k: v for k, v in to_state_dict(model).items() if k != TIED_HEAD}  # no shared tensors
+    sd = to_state_dict(model)
+    if model.config.tie_embeddings:
+        del sd[TIED_HEAD]  # no shared tensors in safetensors: it is wte
     metadata = {"model_args": json.dumps(model_args_from_config(model.config)), "step": str(int(info.get("step") or 0)),
                 "val_loss": json.dumps(info.get("val_loss")), "tokenizer": "bytes", "format": "nanogpt-names"}
     _atomic(path, lambda tmp: save_file(sd, str(tmp), metadata=metadata))

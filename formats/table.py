@@ -6,12 +6,15 @@ folders), so a name can only be wrong in one place. Four facts cover it:
 - Linear kernels are (in, out) in Flax and in GPT-2's Conv1D, (out, in) in torch's nn.Linear:
   the `layout` argument says which one a state_dict uses ("linear" transposes, "conv1d" does not);
 - jaxgpt stacks the n_layer blocks (leading layer axis); the others number them h.0, h.1, ...;
-- lm_head.weight is tied to transformer.wte.weight everywhere.
+- lm_head.weight is tied to transformer.wte.weight, unless the model unties it (tie_embeddings=False).
+The table lists every parameter any recipe has; a model's entries are the rows its parameters
+match (a RoPE model has no wpe, an RMSNorm has no bias, qk_norm adds q_norm/k_norm).
 It works on numpy arrays: torch is imported only by the torch helpers at the end.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -20,16 +23,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgpt.config import GPTConfig
+from jaxgpt.config import RECIPE_FIELDS, GPTConfig
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT
 
-# (jaxgpt path, name, is a Linear kernel?) — names below are prefixed with "transformer."
+# (jaxgpt path, name, is a Linear kernel?)
 TOP_TABLE = [
-    ("wte.embedding", "wte.weight", False),
-    ("wpe.embedding", "wpe.weight", False),
-    ("ln_f.scale", "ln_f.weight", False),
-    ("ln_f.bias", "ln_f.bias", False),
+    ("wte.embedding", "transformer.wte.weight", False),
+    ("wpe.embedding", "transformer.wpe.weight", False),
+    ("ln_f.scale", "transformer.ln_f.weight", False),
+    ("ln_f.bias", "transformer.ln_f.bias", False),
+    ("lm_head.kernel", "lm_head.weight", True),  # untied models only
 ]
 # per block: jaxgpt's h.<path>[i] <-> transformer.h.<i>.<name>
 LAYER_TABLE = [
@@ -37,6 +41,8 @@ LAYER_TABLE = [
     ("ln_1.bias", "ln_1.bias", False),
     ("attn.c_attn.kernel", "attn.c_attn.weight", True),
     ("attn.c_attn.bias", "attn.c_attn.bias", False),
+    ("attn.q_norm.scale", "attn.q_norm.weight", False),
+    ("attn.k_norm.scale", "attn.k_norm.weight", False),
     ("attn.c_proj.kernel", "attn.c_proj.weight", True),
     ("attn.c_proj.bias", "attn.c_proj.bias", False),
     ("ln_2.scale", "ln_2.weight", False),
@@ -47,22 +53,24 @@ LAYER_TABLE = [
     ("mlp.c_proj.bias", "mlp.c_proj.bias", False),
 ]
 LAYOUTS = ("linear", "conv1d")  # nanoGPT/torchref nn.Linear (out, in); GPT-2 Conv1D (in, out)
-TIED_HEAD = "lm_head.weight"  # == transformer.wte.weight
+TIED_HEAD = "lm_head.weight"  # == transformer.wte.weight when tied
 COMPILE_PREFIX = "_orig_mod."  # torch.compile wraps the module and prefixes every key
 # causal-mask buffers: nanoGPT without flash attention, and transformers before v5
 _MASK_BUFFER = re.compile(r"^transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
 
 
 def _entries(cfg: GPTConfig, with_bias: bool | None = None) -> list[tuple[str, int | None, str, bool]]:
-    """Every parameter as (jax path, layer index or None, name, is a Linear kernel?)."""
+    """Every parameter of a `cfg` model as (jax path, layer index or None, name, is a Linear kernel?);
+    with_bias=True lists the biases a bias=False model would have (GPT-2 export writes zeros)."""
     with_bias = cfg.bias if with_bias is None else with_bias
-    keep = (lambda name: with_bias or not name.endswith(".bias"))
-    out = [(jp, None, "transformer." + tn, t) for jp, tn, t in TOP_TABLE if keep(tn)]
+    present = _shapes(dataclasses.replace(cfg, bias=with_bias))
+    out: list[tuple[str, int | None, str, bool]] = [(jp, None, tn, t) for jp, tn, t in TOP_TABLE if jp in present]
     for i in range(cfg.n_layer):
-        out += [("h." + jp, i, f"transformer.h.{i}.{tn}", t) for jp, tn, t in LAYER_TABLE if keep(tn)]
+        out += [("h." + jp, i, f"transformer.h.{i}.{tn}", t) for jp, tn, t in LAYER_TABLE if "h." + jp in present]
     return out
 
 
+@functools.lru_cache(maxsize=64)
 def _shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
     """Parameter shapes by jaxgpt path, without creating the arrays."""
     state = nnx.state(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))
@@ -75,8 +83,19 @@ def flat_params(model: GPT) -> dict[str, np.ndarray]:
 
 
 def model_args_from_config(cfg: GPTConfig) -> dict[str, Any]:
-    """GPTConfig -> nanoGPT's `model_args` dict (the field names are the same by design)."""
-    return cfg.to_dict()
+    """GPTConfig -> nanoGPT's `model_args` dict (the field names are the same by design). The
+    recipe's fields appear only where set (rope_base with RoPE), so nanoGPT models convert as before."""
+    defaults = GPTConfig()
+    args = {k: v for k, v in cfg.to_dict().items() if k not in RECIPE_FIELDS or v != getattr(defaults, k)}
+    return {**args, "rope_base": cfg.rope_base} if cfg.pos_embedding == "rope" else args
+
+
+def check_representable(cfg: GPTConfig, fmt: str, instead: str) -> None:
+    """UserError naming the switches `fmt` (nanoGPT's or GPT-2's fixed architecture) cannot hold."""
+    if switches := cfg.modern_fields():
+        fields = ", ".join(f"{k}={v!r}" for k, v in switches.items())
+        raise UserError(f"{fmt} cannot hold this model ({fields}: nanoGPT's architecture has no such switch); "
+                        f"convert it to {instead} instead")
 
 
 def config_from_model_args(model_args: dict[str, Any]) -> GPTConfig:
@@ -88,7 +107,7 @@ def config_from_model_args(model_args: dict[str, Any]) -> GPTConfig:
 
 
 def to_state_dict(model: GPT, layout: str = "linear", zero_biases: bool = False) -> dict[str, np.ndarray]:
-    """jaxgpt model -> {name: float32 array} with lm_head.weight (the same array as wte).
+    """jaxgpt model -> {name: float32 array} with lm_head.weight (the same array as wte when tied).
     zero_biases: write explicit zero biases for a bias=False model (GPT-2 always has biases;
     zeros compute the same function)."""
     flat = flat_params(model)
@@ -101,7 +120,8 @@ def to_state_dict(model: GPT, layout: str = "linear", zero_biases: bool = False)
         else:  # a bias the model does not have
             value = np.zeros(biased[jax_path][1:] if layer is not None else biased[jax_path], np.float32)
         sd[name] = np.ascontiguousarray(value.T if kernel and layout == "linear" else value)
-    sd[TIED_HEAD] = sd["transformer.wte.weight"]
+    if cfg.tie_embeddings:
+        sd[TIED_HEAD] = sd["transformer.wte.weight"]
     return sd
 
 
@@ -132,11 +152,12 @@ def from_state_dict(sd: Mapping[str, Any], cfg: GPTConfig, layout: str = "linear
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     sd = _clean(sd)
     entries = _entries(cfg)
-    expected = {name for _, _, name, _ in entries} | {TIED_HEAD}
+    tied = {TIED_HEAD} if cfg.tie_embeddings else set()  # optional in a tied state_dict (nanoGPT has it)
+    expected = {name for _, _, name, _ in entries} | tied
     graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))
     shapes = _shapes(cfg)
     problems = []
-    if missing := sorted(expected - {TIED_HEAD} - sd.keys()):
+    if missing := sorted(expected - tied - sd.keys()):
         problems.append(f"missing tensors {missing}")
     if unexpected := sorted(sd.keys() - expected):
         problems.append(f"unexpected tensors {unexpected}")
@@ -154,7 +175,7 @@ def from_state_dict(sd: Mapping[str, Any], cfg: GPTConfig, layout: str = "linear
         if arr.shape != want:
             problems.append(f"{name} has shape {tuple(np.shape(sd[name]))}, expected {want[::-1] if transpose else want}")
         values.setdefault(jax_path, []).append(arr)
-    if TIED_HEAD in sd and "transformer.wte.weight" in sd and not problems:
+    if tied and TIED_HEAD in sd and "transformer.wte.weight" in sd and not problems:
         if not np.array_equal(_as_numpy(sd[TIED_HEAD]), _as_numpy(sd["transformer.wte.weight"])):
             problems.append(f"{TIED_HEAD} differs from transformer.wte.weight; jaxgpt ties them")
     if problems:
@@ -169,11 +190,13 @@ def from_state_dict(sd: Mapping[str, Any], cfg: GPTConfig, layout: str = "linear
 # --- torch state_dicts (torch imported here only; torchref models are parity's: parity/twins.py) ---
 
 def to_torch_state_dict(model: GPT) -> dict[str, Any]:
-    """jaxgpt model -> nanoGPT-named state_dict of CPU torch tensors (lm_head shares wte)."""
+    """jaxgpt model -> nanoGPT-named state_dict of CPU torch tensors (a tied lm_head shares wte)."""
     import torch
 
-    sd = {k: torch.tensor(v) for k, v in to_state_dict(model).items() if k != TIED_HEAD}  # copies torch owns
-    sd[TIED_HEAD] = sd["transformer.wte.weight"]
+    tied = model.config.tie_embeddings
+    sd = {k: torch.tensor(v) for k, v in to_state_dict(model).items() if not (tied and k == TIED_HEAD)}  # copies torch owns
+    if tied:
+        sd[TIED_HEAD] = sd["transformer.wte.weight"]
     return sd
 
 

@@ -15,7 +15,10 @@ from jaxgpt.errors import UserError
 
 REMAT_CHOICES = ("auto", "none", "full", "dots")  # auto: jaxgpt.platform decides per backend
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
-ACTIVATIONS = ("gelu", "gelu_tanh")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu2")
+POS_EMBEDDINGS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+OPTIMIZERS = ("adamw", "muon")
 
 
 def _require(ok: bool, msg: str) -> None:
@@ -34,8 +37,16 @@ class GPTConfig:
     n_embd: int = 384
     dropout: float = 0.2
     bias: bool = False  # nanoGPT train.py's default (its shakespeare_char run has no biases)
-    activation: Literal["gelu", "gelu_tanh"] = "gelu"  # exact erf GELU (nanoGPT); gelu_tanh = GPT-2's gelu_new
-    layer_norm_epsilon: float = 1e-5
+    activation: Literal["gelu", "gelu_tanh", "relu2"] = "gelu"  # exact erf GELU (nanoGPT); gelu_tanh = GPT-2's gelu_new
+    layer_norm_epsilon: float = 1e-5  # every norm's epsilon, LayerNorm or RMSNorm, passed explicitly on both sides
+    # The modern recipe's switches; these defaults are nanoGPT's model (jaxgpt/layers.py has each one).
+    pos_embedding: Literal["learned", "rope"] = "learned"  # rope: rotary q/k (half-split, NeoX/Gemma), no wpe
+    rope_base: float = 10000.0
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # rmsnorm: learnable scale, no bias
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k (learnable scale), before RoPE
+    tie_embeddings: bool = True  # False: a separate lm_head
+    zero_init_proj: bool = False  # zero-init both residual projections (and an untied lm_head)
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap); 0 = off
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -52,6 +63,23 @@ class GPTConfig:
                                                  f"got {self.activation!r}")
         _require(isinstance(self.layer_norm_epsilon, (int, float)) and 0 < self.layer_norm_epsilon < 1,
                  f"GPTConfig.layer_norm_epsilon must be in (0, 1), got {self.layer_norm_epsilon!r}")
+        _require(self.pos_embedding in POS_EMBEDDINGS,
+                 f"GPTConfig.pos_embedding must be one of {POS_EMBEDDINGS}, got {self.pos_embedding!r}")
+        _require(self.norm in NORMS, f"GPTConfig.norm must be one of {NORMS}, got {self.norm!r}")
+        _require(isinstance(self.rope_base, (int, float)) and self.rope_base > 1,
+                 f"GPTConfig.rope_base must be > 1, got {self.rope_base!r}")
+        _require(self.pos_embedding != "rope" or self.head_dim % 2 == 0,
+                 f"RoPE rotates pairs of dimensions: head size n_embd/n_head = {self.head_dim} must be even")
+        for name in ("qk_norm", "tie_embeddings", "zero_init_proj"):
+            _require(isinstance(getattr(self, name), bool), f"GPTConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        _require(isinstance(self.logit_softcap, (int, float)) and self.logit_softcap >= 0,
+                 f"GPTConfig.logit_softcap must be >= 0 (0 = off), got {self.logit_softcap!r}")
+
+    def modern_fields(self) -> dict[str, Any]:
+        """The switches set away from nanoGPT's model that change what it computes (zero_init_proj
+        only changes the init): what a nanoGPT ckpt.pt or a GPT-2 folder cannot hold."""
+        out = {k: getattr(self, k) for k, v in NANOGPT_MODEL.items() if getattr(self, k) != v}
+        return {**out, "activation": self.activation} if self.activation == "relu2" else out
 
     @property
     def head_dim(self) -> int:
@@ -64,6 +92,13 @@ class GPTConfig:
     def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
         """Build from a dict that may hold extra keys (nanoGPT's model_args, a run config)."""
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+# the fields GPTConfig gained with the modern recipe (nanoGPT's model_args have none of them) ...
+RECIPE_FIELDS = ("pos_embedding", "rope_base", "norm", "qk_norm", "tie_embeddings", "zero_init_proj", "logit_softcap")
+# ... and the values of those that change the function, in nanoGPT's model
+NANOGPT_MODEL = {"pos_embedding": "learned", "norm": "layernorm", "qk_norm": False, "tie_embeddings": True,
+                 "logit_softcap": 0.0}
 
 
 @dataclass(frozen=True)
@@ -97,6 +132,14 @@ class TrainConfig:
     init_from: str = ""  # fine-tune: start from this checkpoint's weights (run folder, .pt, .safetensors, HF folder)
     plot: bool = True
     progress: bool = True
+    # the recipe (--recipe): optimizer and its groups' learning rates; one schedule multiplies every group
+    recipe: Literal["nanogpt", "modern"] = "nanogpt"
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon on the blocks' matrices, AdamW on the rest
+    muon_lr: float = 0.02  # Muon's peak learning rate (spectral norm per step); learning_rate stays AdamW's
+    muon_momentum: float = 0.95
+    # evaluation
+    eval_full: bool = False  # evaluate on the whole val split (deterministic windows) instead of eval_iters batches
+    stop_loss: float = 0.0  # > 0: stop at the first evaluation whose val loss is <= this (time-to-loss runs)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_iters", "gradient_accumulation_steps", "eval_interval",
@@ -113,6 +156,11 @@ class TrainConfig:
             _require(0.0 <= getattr(self, name) < 1.0, f"--{name} must be in [0, 1), got {getattr(self, name)!r}")
         _require(self.dtype in DTYPE_CHOICES, f"--dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
         _require(self.remat in REMAT_CHOICES, f"--remat must be one of {REMAT_CHOICES}, got {self.remat!r}")
+        _require(self.recipe in RECIPES, f"--recipe must be one of {tuple(RECIPES)}, got {self.recipe!r}")
+        _require(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        _require(self.muon_lr >= 0, f"--muon_lr must be >= 0, got {self.muon_lr!r}")
+        _require(0.0 <= self.muon_momentum < 1.0, f"--muon_momentum must be in [0, 1), got {self.muon_momentum!r}")
+        _require(self.stop_loss >= 0, f"--stop_loss must be >= 0 (0 = off), got {self.stop_loss!r}")
         _require(bool(self.dataset) and "/" not in self.dataset and self.dataset not in (".", ".."),
                  f"--dataset must be a plain name like 'shakespeare', got {self.dataset!r}")
         if not self.out_dir:
@@ -137,6 +185,30 @@ PRESETS: dict[str, dict[str, Any]] = {
     "finetune": dict(eval_interval=5, eval_iters=40, batch_size=1, gradient_accumulation_steps=32, max_iters=20,
                      learning_rate=3e-5, min_lr=3e-5, warmup_iters=0, dropout=0.0),
 }
+
+# --recipe: how to train, on top of a size preset (--preset=cpu --recipe=modern). `nanogpt` changes nothing;
+# `modern` is the speedrun's architecture and optimizer (KellerJordan/modded-nanogpt) at the learning
+# rates and schedule measured best at the CPU preset's scale (BENCHMARKS.md, "Time to quality").
+RECIPES: dict[str, dict[str, Any]] = {
+    "nanogpt": {},
+    "modern": dict(pos_embedding="rope", norm="rmsnorm", qk_norm=True, activation="relu2", tie_embeddings=False,
+                   zero_init_proj=True, logit_softcap=15.0, optimizer="muon", muon_lr=0.02, muon_momentum=0.95,
+                   learning_rate=3e-3, min_lr=3e-4, weight_decay=0.0),
+}
+# what a recipe changes for one preset: its own iteration count and schedule
+RECIPE_FOR_PRESET: dict[tuple[str, str], dict[str, Any]] = {
+    ("modern", "cpu"): dict(max_iters=800, lr_decay_iters=800, warmup_iters=50),
+}
+
+
+def base_values(preset: str = "gpu", recipe: str = "nanogpt") -> dict[str, Any]:
+    """The values a run starts from before explicit flags: the size preset, then the recipe."""
+    if preset not in PRESETS:
+        raise UserError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    if recipe not in RECIPES:
+        raise UserError(f"--recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
+    extra = {"recipe": recipe} if recipe != "nanogpt" else {}
+    return {**PRESETS[preset], **RECIPES[recipe], **RECIPE_FOR_PRESET.get((recipe, preset), {}), **extra}
 
 
 def parse_bool(text: str) -> bool:

@@ -96,7 +96,7 @@ def resolve_dtype(requested: str, platform: str) -> str:
 def resolve_attention(cfg: GPTConfig, dtype: str, platform: str) -> str:
     """cuDNN's fused (flash) attention on GPU where it applies: half-precision inputs and a
     head size it supports. Attention with dropout is spelled out whatever this says, because
-    jax.nn.dot_product_attention has no dropout (model.attention_path)."""
+    jax.nn.dot_product_attention has no dropout (layers.attention_path)."""
     if platform == "gpu" and dtype == "bfloat16" and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128:
         return "cudnn"
     return "xla"

@@ -10,6 +10,11 @@ Past block_size the model sees only the last block_size tokens, exactly like nan
 crop. With learned absolute position embeddings every cached key is then stale (each token
 moves to a new position), so those steps run the window again — all layers but the last over
 every position, the last layer, ln_f and the head for the newest position only (GPT.last_logits).
+RoPE models do the same by default. They can also decode with a rolling KV cache
+(past_context="slide", layers.CausalSelfAttention._cached): every step stays a cached step, but
+the result is sliding-window attention over the whole text, not the crop — a cached key of layer
+l > 0 was computed when its token still saw the tokens that have since left the window. With one
+layer the two agree; with more they differ (tests/test_sample.py shows both), so it is opt-in.
 """
 from __future__ import annotations
 
@@ -88,12 +93,13 @@ def _start(graphdef: nnx.GraphDef, state: nnx.State, ctx: jax.Array, n: jax.Arra
     return ctx, n, cache
 
 
-def chunk_mode(length: int, steps: int, block_size: int) -> str:
+def chunk_mode(length: int, steps: int, block_size: int, rolling: bool = False) -> str:
     """Which program a chunk of `steps` tokens runs when the context holds `length` tokens:
-    'cache' (every step inside the context), 'window' (every step past it), or 'mixed' (the one
-    chunk that crosses block_size: cached steps, then windowed ones). A runtime branch in each
-    step instead (lax.cond) made XLA:CPU copy the whole KV cache per token."""
-    if length + steps - 1 <= block_size:
+    'cache' (every step inside the context, or any step with a rolling RoPE cache), 'window'
+    (every step past it), or 'mixed' (the one chunk that crosses block_size: cached steps, then
+    windowed ones). A runtime branch in each step instead (lax.cond) made XLA:CPU copy the whole
+    KV cache per token."""
+    if rolling or length + steps - 1 <= block_size:
         return "cache"
     return "window" if length > block_size else "mixed"
 
@@ -113,8 +119,9 @@ def _chunk(graphdef: nnx.GraphDef, state: nnx.State, carry: Carry, uniforms: jax
     def step(carry: Carry, xs: tuple[jax.Array, jax.Array], cached: bool) -> tuple[Carry, tuple]:
         ctx, n, cache = carry
         u, j = xs
-        if cached:  # the token at position n - 1 attends to the cache
-            logits, cache = model.decode(jax.lax.dynamic_slice_in_dim(ctx, n - 1, 1, axis=1), cache, n - 1)
+        if cached:  # the token at position n - 1 (the window's newest) attends to the cache
+            newest = jax.lax.dynamic_slice_in_dim(ctx, jnp.minimum(n, bs) - 1, 1, axis=1)
+            logits, cache = model.decode(newest, cache, n - 1)
             logits = logits[:, 0]
         else:
             logits = model.last_logits(ctx)
@@ -159,17 +166,23 @@ def state_dtype(state: nnx.State) -> jnp.dtype:
     return jax.tree.leaves(state)[0].dtype
 
 
+PAST_CONTEXT = ("crop", "slide")  # past block_size: nanoGPT's exact crop, or a rolling cache (RoPE only)
+
+
 def generate_chunks(model: GPT, prompt: np.ndarray | jax.Array, max_new_tokens: int, *, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float = 1.0, key: jax.Array | None = None,
                     uniforms: np.ndarray | jax.Array | None = None, on_token: Callable[[np.ndarray], None] | None = None,
-                    return_logits: bool = False, chunk: int = CHUNK) -> Iterator[np.ndarray | tuple[np.ndarray, np.ndarray]]:
+                    return_logits: bool = False, chunk: int = CHUNK,
+                    past_context: str = "crop") -> Iterator[np.ndarray | tuple[np.ndarray, np.ndarray]]:
     """Continue `prompt` (B, P) int, yielding the new tokens as (B, k) arrays, k <= chunk, in
     order until max_new_tokens; only the last block_size tokens are ever held, so memory does
     not grow with max_new_tokens.
 
     Draws come from `uniforms` (max_new_tokens, B) if given, else from `key` (token j uses
     fold_in(key, j)). `on_token(tokens (B,))` is called as each token is produced (streaming).
-    With return_logits, yields (tokens, logits (k, B, V)) pairs: the logits each token was drawn from."""
+    With return_logits, yields (tokens, logits (k, B, V)) pairs: the logits each token was drawn from.
+    past_context: 'crop' (nanoGPT: the model sees exactly the last block_size tokens) or, for RoPE
+    models, 'slide' (a rolling cache: sliding-window attention, no recomputation; see the module doc)."""
     prompt = np.asarray(prompt)
     if prompt.ndim != 2:
         raise UserError(f"prompt must be a (batch, length) array, got shape {prompt.shape}")
@@ -182,6 +195,11 @@ def generate_chunks(model: GPT, prompt: np.ndarray | jax.Array, max_new_tokens: 
     if uniforms is not None and np.shape(uniforms) != (max_new_tokens, B):
         raise UserError(f"uniforms must have shape {(max_new_tokens, B)}, got {np.shape(uniforms)}")
     bs = model.config.block_size
+    if past_context not in PAST_CONTEXT:
+        raise UserError(f"--past_context must be one of {PAST_CONTEXT}, got {past_context!r}")
+    rolling = past_context == "slide"
+    if rolling and model.config.pos_embedding != "rope":
+        raise UserError("--past_context=slide needs a RoPE model (pos_embedding=rope): learned positions cannot roll")
     model.eval()
     model.check_input(prompt[:, -bs:])
     graphdef, state = nnx.split(model)
@@ -189,7 +207,9 @@ def generate_chunks(model: GPT, prompt: np.ndarray | jax.Array, max_new_tokens: 
     chunk = min(chunk, 1 << (max_new_tokens - 1).bit_length())  # short requests compile short loops
     ctx = np.zeros((B, bs), np.int32)
     ctx[:, :min(P, bs)] = prompt[:, -bs:]
-    carry = _start(graphdef, state, jnp.asarray(ctx), jnp.int32(P), prompt_bucket(P - 1, bs) if P <= bs else 0)
+    # an overlong prompt is cropped; a rolling cache prefills its window as positions 0.. (only differences count)
+    n = min(P, bs) if rolling else P
+    carry = _start(graphdef, state, jnp.asarray(ctx), jnp.int32(n), prompt_bucket(n - 1, bs) if n <= bs else 0)
     callback = None
     if on_token is not None:
         def callback(tok: np.ndarray, j: np.ndarray) -> None:  # the last chunk's extra tokens are not emitted
@@ -206,7 +226,7 @@ def generate_chunks(model: GPT, prompt: np.ndarray | jax.Array, max_new_tokens: 
         carry, tokens, logits = _chunk(graphdef, state, carry, jnp.asarray(u), jnp.int32(j0), jnp.int32(keep),
                                        temperature=float(temperature), top_k=top_k, top_p=float(top_p),
                                        on_token=callback, return_logits=return_logits,
-                                       mode=chunk_mode(P + j0, chunk, bs))
+                                       mode=chunk_mode(P + j0, chunk, bs, rolling))
         tokens = np.asarray(tokens)[:, :keep]
         yield (tokens, np.asarray(logits)[:keep]) if return_logits else tokens
 
@@ -214,11 +234,12 @@ def generate_chunks(model: GPT, prompt: np.ndarray | jax.Array, max_new_tokens: 
 def generate(model: GPT, prompt: np.ndarray | jax.Array, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float = 1.0, key: jax.Array | None = None,
              uniforms: np.ndarray | jax.Array | None = None, on_token: Callable[[np.ndarray], None] | None = None,
-             return_logits: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+             return_logits: bool = False, past_context: str = "crop") -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """`prompt` (B, P) continued by max_new_tokens tokens -> (B, P + max_new_tokens), held in
     memory (use generate_chunks for unbounded lengths). Arguments as generate_chunks; with
     return_logits also returns the (max_new_tokens, B, V) logits each token was drawn from."""
     parts = list(generate_chunks(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 key=key, uniforms=uniforms, on_token=on_token, return_logits=return_logits))
+                                 key=key, uniforms=uniforms, on_token=on_token, return_logits=return_logits,
+                                 past_context=past_context))
     tokens = np.concatenate([np.asarray(prompt, np.int64)] + [p[0] if return_logits else p for p in parts], axis=1)
     return (tokens, np.concatenate([p[1] for p in parts])) if return_logits else tokens

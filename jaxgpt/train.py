@@ -31,6 +31,7 @@ from jaxgpt.config import GPTConfig, TrainConfig
 from jaxgpt.data import BatchSampler, dataset_dir, read_meta
 from jaxgpt.errors import Interrupted, UserError
 from jaxgpt.model import GPT
+from jaxgpt.optim import lr_schedule, make_optimizer
 from jaxgpt.platform import DTYPES, Platform
 from jaxgpt.sharding import (
     batch_sharding,
@@ -48,30 +49,6 @@ from jaxgpt.tokenizer import TOKENIZER_FILE, HFTokenizer, Tokenizer
 class TrainState(NamedTuple):
     params: nnx.State  # float32 master weights
     opt_state: optax.OptState
-
-
-def lr_schedule(tc: TrainConfig) -> optax.Schedule:
-    """Linear warmup from 0 to learning_rate, cosine decay to min_lr at decay_iters, then flat."""
-    warmup = min(tc.warmup_iters, tc.decay_iters - 1)  # leave the cosine at least one step in tiny runs
-    return optax.warmup_cosine_decay_schedule(0.0, tc.learning_rate, warmup, tc.decay_iters, tc.min_lr)
-
-
-def decays(path: str) -> bool:
-    """Weight decay on matrices and embeddings only (nanoGPT's rule: dim >= 2). Decided by
-    name, because the stacked layers make LayerNorm scales 2-D too."""
-    return path.removesuffix(".value").rsplit(".", 1)[-1] in ("kernel", "embedding")
-
-
-def decay_mask(params: Any) -> Any:
-    """A tree of bools matching `params`: True where weight decay applies."""
-    return jax.tree_util.tree_map_with_path(
-        lambda p, _: decays(jax.tree_util.keystr(p, simple=True, separator=".")), params)
-
-
-def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    adamw = optax.adamw(lr_schedule(tc), b1=tc.beta1, b2=tc.beta2, eps=1e-8, weight_decay=tc.weight_decay,
-                        mask=decay_mask)
-    return optax.chain(optax.clip_by_global_norm(tc.grad_clip), adamw) if tc.grad_clip > 0 else adamw
 
 
 def loss_fn(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, y: jax.Array,

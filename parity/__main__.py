@@ -21,6 +21,7 @@ from jaxgpt.config import CliParser
 from jaxgpt.errors import UserError
 from parity.checks import Result, bf16_checks, generation_checks, model_checks, training_checks
 from parity.hf_checks import hf_checks, missing
+from parity.recipe_checks import recipe_checks
 
 
 def _table(results: list[Result]) -> str:
@@ -31,7 +32,7 @@ def _table(results: list[Result]) -> str:
 
 
 GROUPS = {"model": model_checks, "generation": generation_checks, "training": training_checks, "bf16": bf16_checks,
-          "hf": hf_checks}
+          "recipe": recipe_checks, "hf": hf_checks}
 
 
 def check_user_checkpoint(args: argparse.Namespace) -> int:

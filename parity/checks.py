@@ -117,18 +117,20 @@ def _windows(data: np.ndarray, rng: np.random.Generator, accum: int, batch: int,
     return win[..., :-1], win[..., 1:]
 
 
-def train_twins(steps: int, accum: int = 1, dtype: str = "float32", torch_side: bool = True, batch_size: int = 4):
+def train_twins(steps: int, accum: int = 1, dtype: str = "float32", torch_side: bool = True, batch_size: int = 4,
+                cfg: GPTConfig = TRAIN_CFG, **train: object):
     """Same initial weights, same batches, dropout 0: jaxgpt's jitted optax step (computing in
-    `dtype`) and torchref's AdamW step (under torch.autocast for bfloat16). Returns the
-    per-step losses of each, both final models' state_dicts and a held-out loss of jaxgpt's."""
+    `dtype`) and torchref's step (under torch.autocast for bfloat16), AdamW unless `train` says
+    otherwise (optimizer='muon', ...). Returns the per-step losses of each, both final models'
+    state_dicts and a held-out loss of jaxgpt's."""
     from jaxgpt.config import TrainConfig
     from jaxgpt.train import init_state, loss_fn, lr_schedule, make_optimizer, make_train_step
     from torchref.train import make_optimizer as torch_optimizer
     from torchref.train import train_step as torch_step
 
-    cfg = TRAIN_CFG
-    tc = TrainConfig(batch_size=batch_size, gradient_accumulation_steps=accum, max_iters=steps, warmup_iters=10,
-                     learning_rate=1e-3, min_lr=1e-4, seed=7, weight_decay=0.1, grad_clip=1.0, dtype=dtype, remat="none")
+    tc = TrainConfig(**{**dict(batch_size=batch_size, gradient_accumulation_steps=accum, max_iters=steps, warmup_iters=10,
+                               learning_rate=1e-3, min_lr=1e-4, seed=7, weight_decay=0.1, grad_clip=1.0, dtype=dtype,
+                               remat="none"), **train})  # type: ignore[arg-type]
     graphdef, eval_graphdef, state = init_state(cfg, tc)
     tmodel = torchref.GPT(cfg)
     tmodel.load_state_dict(to_torch_state_dict(nnx.merge(graphdef, state.params)))
@@ -142,7 +144,7 @@ def train_twins(steps: int, accum: int = 1, dtype: str = "float32", torch_side: 
         jax_losses.append(metrics["loss"])
         if torch_side:
             torch_losses.append(torch_step(tmodel, topt, torch.from_numpy(x), torch.from_numpy(y), float(schedule(step)),
-                                           tc.grad_clip, autocast=dtype == "bfloat16"))
+                                           tc, autocast=dtype == "bfloat16"))
     held_out = _windows(synthetic_corpus(20_000, seed=1), np.random.default_rng(1), 1, 32, cfg.block_size)
     eval_loss = float(jax.jit(loss_fn, static_argnums=(0, 5))(
         eval_graphdef, state.params, *(jnp.asarray(a[0], jnp.int32) for a in held_out), None, jnp.float32))

@@ -2,6 +2,7 @@
 import pytest
 
 from parity.checks import bf16_checks, generation_checks, model_checks, training_checks
+from parity.recipe_checks import SWITCHES, recipe_run_checks, switch_model_checks
 
 MODEL_CHECKS = list(model_checks())
 
@@ -29,5 +30,22 @@ def test_generation_matches_torch_and_full_forward(check):
 @pytest.mark.slow
 @pytest.mark.parametrize("check", list(bf16_checks()), ids=lambda c: c.__name__)
 def test_bf16_compute_matches_torch_autocast_and_fp32_training(check):
+    for r in check():
+        assert r.passed, f"{r.check} [{r.case}]: {r.value:.3g} > tolerance {r.tolerance:.0e}"
+
+
+SWITCH_CHECKS = list(switch_model_checks())
+
+
+@pytest.mark.parametrize("check", SWITCH_CHECKS, ids=list(SWITCHES))
+def test_each_recipe_switch_matches_its_torch_twin(check):
+    for r in check():
+        assert r.passed, f"{r.check} [{r.case}]: {r.value:.3g} > tolerance {r.tolerance:.0e}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("check", list(recipe_run_checks()),
+                         ids=[f"decoding-{n}" for n in SWITCHES] + ["rope_past_block", "muon_training", "bf16"])
+def test_recipe_decoding_training_and_bf16_match_torch(check):
     for r in check():
         assert r.passed, f"{r.check} [{r.case}]: {r.value:.3g} > tolerance {r.tolerance:.0e}"

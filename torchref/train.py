@@ -19,19 +19,13 @@ import torch.nn.functional as F
 
 from jaxgpt.config import TrainConfig
 from torchref.model import GPT
+from torchref.optim import MuonAdamW, make_optimizer, set_lr
 
 
-def make_optimizer(model: GPT, tc: TrainConfig) -> torch.optim.AdamW:
-    """Decay matrices and embeddings (dim >= 2), not biases or LayerNorm weights — nanoGPT's rule."""
-    params = [p for p in model.parameters() if p.requires_grad]  # the tied wte/lm_head appears once
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=tc.learning_rate, betas=(tc.beta1, tc.beta2), eps=1e-8)
-
-
-def train_step(model: GPT, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, lr: float,
-               grad_clip: float, autocast: bool = False) -> float:
-    """One optimizer step over micro-batches x, y of shape (accum, B, T); returns the mean loss.
+def train_step(model: GPT, opt: torch.optim.Optimizer | MuonAdamW, x: torch.Tensor, y: torch.Tensor, lr: float,
+               tc: TrainConfig, autocast: bool = False) -> float:
+    """One optimizer step over micro-batches x, y of shape (accum, B, T) at AdamW learning rate `lr`
+    (Muon's from the same schedule); returns the mean loss.
     autocast: the forward under torch.autocast(bfloat16), fp32 weights and optimizer (mixed precision)."""
     model.train()
     opt.zero_grad(set_to_none=True)
@@ -42,10 +36,9 @@ def train_step(model: GPT, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), ym.reshape(-1)) / x.shape[0]
         loss.backward()
         total += loss.item()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    for group in opt.param_groups:
-        group["lr"] = lr
+    if tc.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+    set_lr(opt, lr, tc)
     opt.step()
     return total
 
@@ -83,7 +76,7 @@ def main(argv: list[str]) -> int:
     best, t0 = math.inf, time.perf_counter()
     for step in range(tc.max_iters):
         x, y = samplers["train"].get(step)
-        loss = train_step(model, opt, as_torch(x), as_torch(y), lr_at(step, tc), tc.grad_clip)  # .item(): a sync
+        loss = train_step(model, opt, as_torch(x), as_torch(y), lr_at(step, tc), tc)  # .item(): a sync
         done = step + 1
         if done % tc.log_interval == 0:
             print(f"step {done}: loss {loss:.4f}")

@@ -1,0 +1,202 @@
+"""The GPT's layers — attention, MLP, block — and the recipe's switches, each in one place.
+
+`norm()` picks the normalisation, `activation()` the MLP's nonlinearity, `rope()` rotates q and k;
+each is chosen once from GPTConfig when a module is built, so the forward pass reads the same for
+nanoGPT's model and the modern recipe. jaxgpt/model.py assembles these into the GPT;
+torchref/layers.py mirrors this file class for class and switch for switch.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxgpt.config import GPTConfig
+
+# GELU written with erf like torch: jax.nn.gelu(approximate=False) goes through erfc, whose
+# XLA:CPU expansion made the train step 4% slower; the two agree to float32 rounding.
+_SQRT_HALF = 1 / math.sqrt(2)
+
+ATTENTION_KERNELS = ("xla", "cudnn")  # for dropout-free attention; jaxgpt.platform picks one per backend
+
+LayerCache = tuple[jax.Array, jax.Array, jax.Array]  # (k, v, index of the layer being run)
+
+
+def _linear(d_in: int, d_out: int, std: float, cfg: GPTConfig, rngs: nnx.Rngs, zero: bool = False) -> nnx.Linear:
+    init = nnx.initializers.zeros if zero else nnx.initializers.normal(std)
+    return nnx.Linear(d_in, d_out, use_bias=cfg.bias, kernel_init=init, bias_init=nnx.initializers.zeros, rngs=rngs)
+
+
+def _flat(f: Any, x: jax.Array) -> jax.Array:
+    """Apply a matmul to (..., C) as a 2-D (tokens, C) matmul. Measured on XLA:CPU: the
+    backward of a 3-D dot contracts over two axes (B, T) and ran the step ~1.35x slower."""
+    return f(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
+
+def norm(cfg: GPTConfig, dim: int, rngs: nnx.Rngs) -> nnx.LayerNorm | nnx.RMSNorm:
+    """The one normalisation factory: nanoGPT's LayerNorm (bias as cfg.bias) or RMSNorm (scale only)."""
+    if cfg.norm == "rmsnorm":
+        return nnx.RMSNorm(dim, epsilon=cfg.layer_norm_epsilon, rngs=rngs)
+    # two-pass variance like torch, so fp32 logits match torchref to ~1e-6
+    return nnx.LayerNorm(dim, epsilon=cfg.layer_norm_epsilon, use_bias=cfg.bias, use_fast_variance=False, rngs=rngs)
+
+
+def activation(h: jax.Array, name: str) -> jax.Array:
+    """The MLP's nonlinearity by name (GPTConfig.activation)."""
+    if name == "relu2":  # ReLU squared (modded-nanogpt)
+        return jnp.square(jax.nn.relu(h))
+    if name == "gelu_tanh":  # GPT-2's gelu_new: 0.5 h (1 + tanh(sqrt(2/pi) (h + 0.044715 h^3)))
+        return jax.nn.gelu(h, approximate=True)
+    return 0.5 * h * (1.0 + jax.lax.erf(h * _SQRT_HALF))  # exact GELU, as torch's nn.GELU(); see _SQRT_HALF
+
+
+def rope(x: jax.Array, positions: jax.Array, base: float, axis: int) -> jax.Array:
+    """Rotary position embedding, half-split layout (GPT-NeoX, Gemma): the pairs (x[i], x[i + D/2])
+    are rotated by positions * base^(-2i/D). `positions` (N,) run along `axis` of x (..., D).
+    cos/sin and the rotation are float32 whatever x's dtype, then cast back."""
+    D = x.shape[-1]
+    inv_freq = 1.0 / (base ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # (N, D/2)
+    shape = [1] * x.ndim
+    shape[axis], shape[-1] = angles.shape
+    cos, sin = jnp.cos(angles).reshape(shape), jnp.sin(angles).reshape(shape)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attention_path(dropout_active: bool, kernel: str) -> str:
+    """How a training or inference forward computes attention: 'explicit' (softmax written out)
+    when attention dropout is active, since jax.nn.dot_product_attention has no dropout and the
+    seed config drops attention weights like nanoGPT; otherwise the fused op with `kernel`
+    ('xla', or 'cudnn' = cuDNN flash attention on GPU). tests/test_export.py asserts which path
+    each config takes in the programs exported for cuda."""
+    return "explicit" if dropout_active else kernel
+
+
+class CausalSelfAttention(nnx.Module):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, attention: str = "xla"):
+        resid_std = 0.02 / math.sqrt(2 * cfg.n_layer)  # GPT-2: scale the residual projections
+        self.c_attn = _linear(cfg.n_embd, 3 * cfg.n_embd, 0.02, cfg, rngs)  # q, k, v in one matmul
+        self.q_norm = nnx.RMSNorm(cfg.head_dim, epsilon=cfg.layer_norm_epsilon, rngs=rngs) if cfg.qk_norm else None
+        self.k_norm = nnx.RMSNorm(cfg.head_dim, epsilon=cfg.layer_norm_epsilon, rngs=rngs) if cfg.qk_norm else None
+        self.c_proj = _linear(cfg.n_embd, cfg.n_embd, resid_std, cfg, rngs, zero=cfg.zero_init_proj)
+        self.attn_dropout = nnx.Dropout(cfg.dropout)
+        self.resid_dropout = nnx.Dropout(cfg.dropout)
+        self.n_head = cfg.n_head
+        self.rope_base = cfg.rope_base if cfg.pos_embedding == "rope" else 0.0  # static; 0 = learned positions
+        self.attention = attention  # static: the fused kernel, see attention_path
+
+    def _qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(B, T, C) -> q, k, v (B, T, H, D), q and k normalised when qk_norm is on (before RoPE)."""
+        B, T, C = x.shape
+        q, k, v = jnp.split(_flat(self.c_attn, x), 3, axis=-1)
+        q, k, v = (t.reshape(B, T, self.n_head, C // self.n_head) for t in (q, k, v))  # dot_product_attention's layout
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def __call__(self, x: jax.Array, *, key: jax.Array | None = None, cache: LayerCache | None = None,
+                 pos: jax.Array | int = 0) -> tuple[jax.Array, LayerCache | None]:
+        """x (B, T, C) -> (y (B, T, C), cache). With a cache (the stacked k, v of all layers
+        and this layer's index) the T new tokens sit at absolute positions pos..pos+T-1."""
+        B, T, C = x.shape
+        D = C // self.n_head
+        q, k, v = self._qkv(x)
+        key_attn, key_resid = jax.random.split(key) if key is not None else (None, None)
+        if cache is not None:
+            y, cache = self._cached(q, k, v, cache, pos)
+        else:
+            if self.rope_base:
+                q, k = (rope(t, jnp.arange(T), self.rope_base, axis=1) for t in (q, k))
+            if (path := attention_path(not self.attn_dropout.deterministic and self.attn_dropout.rate > 0,
+                                       self.attention)) != "explicit":
+                y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=path)  # type: ignore[call-overload]
+            else:
+                att = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D)
+                att = jnp.where(jnp.tril(jnp.ones((T, T), bool)), att, -jnp.inf)
+                att = self.attn_dropout(jax.nn.softmax(att, axis=-1), rngs=key_attn)
+                y = jnp.einsum("bhqk,bkhd->bqhd", att, v)
+        return self.resid_dropout(_flat(self.c_proj, y.reshape(B, T, C)), rngs=key_resid), cache
+
+    def _cached(self, q: jax.Array, k: jax.Array, v: jax.Array, cache: LayerCache,
+                pos: jax.Array | int) -> tuple[jax.Array, LayerCache]:
+        """Attention of the new tokens over the cache. The cache is head-major (B, H, S, D), the
+        layout of the attention matmuls, written in place in the stacked array: a (B, S, H, D)
+        cache cost a transpose of every layer's k/v per token, 70% of decode time on CPU.
+
+        Learned positions: slot s holds position s (pos + T <= block_size). RoPE: a rolling cache —
+        slot s holds the newest position = s mod S, keys are stored unrotated and rotated at their
+        place in the window of the last S positions on every read, so a step past block_size
+        computes exactly nanoGPT's crop (attention depends only on relative positions) without
+        recomputing the window, and no angle ever exceeds the context. T > 1 only from pos 0."""
+        k_all, v_all, layer = cache
+        T, D, S = q.shape[1], q.shape[3], k_all.shape[3]
+        kh, vh = (t.transpose(0, 2, 1, 3).astype(k_all.dtype)[None] for t in (k, v))  # (1, B, H, T, D)
+        query = pos + jnp.arange(T)  # absolute positions of the new tokens
+        if self.rope_base:
+            last = pos + T - 1
+            held = last - (last - jnp.arange(S)) % S  # the position each slot holds (< 0: not yet written)
+            start = jnp.maximum(last - S + 1, 0)  # the window's first position
+            slot = pos % S
+            visible = (held[None, :] >= 0) & (held[None, :] <= query[:, None])  # (T, S)
+        else:
+            slot = pos
+            visible = jnp.arange(S)[None, :] <= query[:, None]  # (T, S)
+        k_all = jax.lax.dynamic_update_slice(k_all, kh, (layer, 0, 0, slot, 0))
+        v_all = jax.lax.dynamic_update_slice(v_all, vh, (layer, 0, 0, slot, 0))
+        keys = k_all[layer]
+        if self.rope_base:
+            keys = rope(keys, held - start, self.rope_base, axis=2)
+            q = rope(q, query - start, self.rope_base, axis=1)
+        att = jnp.einsum("bthd,bhsd->bhts", q, keys) / math.sqrt(D)
+        att = jax.nn.softmax(jnp.where(visible, att, -jnp.inf), axis=-1)
+        y = jnp.einsum("bhts,bhsd->bthd", att.astype(q.dtype), v_all[layer])
+        return y, (k_all, v_all, layer)
+
+    def last(self, x: jax.Array) -> jax.Array:
+        """Attention output (B, 1, C) of the last position only; every position's keys and
+        values still enter (inference, no dropout)."""
+        B, T, C = x.shape
+        q, k, v = self._qkv(x)
+        q = q[:, -1:]
+        if self.rope_base:
+            q, k = rope(q, jnp.arange(T - 1, T), self.rope_base, axis=1), rope(k, jnp.arange(T), self.rope_base, axis=1)
+        y = jax.nn.dot_product_attention(q, k, v)  # the last query sees every key: no mask
+        return _flat(self.c_proj, y.reshape(B, 1, C))
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        self.c_fc = _linear(cfg.n_embd, 4 * cfg.n_embd, 0.02, cfg, rngs)
+        self.c_proj = _linear(4 * cfg.n_embd, cfg.n_embd, 0.02 / math.sqrt(2 * cfg.n_layer), cfg, rngs,
+                              zero=cfg.zero_init_proj)
+        self.dropout = nnx.Dropout(cfg.dropout)
+        self.activation = cfg.activation
+
+    def __call__(self, x: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
+        h = activation(_flat(self.c_fc, x), self.activation)
+        return self.dropout(_flat(self.c_proj, h), rngs=key)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, attention: str = "xla"):
+        self.ln_1 = norm(cfg, cfg.n_embd, rngs)
+        self.attn = CausalSelfAttention(cfg, rngs=rngs, attention=attention)
+        self.ln_2 = norm(cfg, cfg.n_embd, rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, key: jax.Array | None = None, cache: LayerCache | None = None,
+                 pos: jax.Array | int = 0) -> tuple[jax.Array, LayerCache | None]:
+        key_attn, key_mlp = jax.random.split(key) if key is not None else (None, None)
+        a, cache = self.attn(self.ln_1(x), key=key_attn, cache=cache, pos=pos)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x), key=key_mlp)
+        return x, cache
+
+    def last(self, x: jax.Array) -> jax.Array:
+        """The block's output (B, 1, C) at the last position of x (B, T, C) only."""
+        h = x[:, -1:] + self.attn.last(self.ln_1(x))
+        return h + self.mlp(self.ln_2(h))

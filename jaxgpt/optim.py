@@ -1,0 +1,128 @@
+"""The optimizers: nanoGPT's AdamW (the default), and Muon for the blocks' matrices beside an AdamW
+group for the rest (--optimizer=muon), composed from optax pieces.
+
+Muon follows Keller Jordan's published formulation (github.com/KellerJordan/Muon, muon.py),
+written in float32 here and in torchref/optim.py alike: momentum buf = lerp(buf, g, 1 - beta),
+Nesterov u = lerp(g, buf, beta), a quintic Newton-Schulz iteration (5 steps) on
+u / (||u||_F + eps) that orthogonalises it, the update scaled by sqrt(max(1, fan_out / fan_in)),
+and decoupled weight decay. optax.contrib.muon (bias-corrected Nesterov) and torch.optim.Muon
+(bfloat16 Newton-Schulz) are different enough that neither could carry a 1e-5 parity claim.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxgpt.config import TrainConfig
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz, Keller Jordan's coefficients
+NS_STEPS = 5
+NS_EPS = 1e-7
+
+
+def lr_schedule(tc: TrainConfig) -> optax.Schedule:
+    """Linear warmup from 0 to learning_rate, cosine decay to min_lr at decay_iters, then flat."""
+    warmup = min(tc.warmup_iters, tc.decay_iters - 1)  # leave the cosine at least one step in tiny runs
+    return optax.warmup_cosine_decay_schedule(0.0, tc.learning_rate, warmup, tc.decay_iters, tc.min_lr)
+
+
+def lr_multiplier(tc: TrainConfig) -> optax.Schedule:
+    """The schedule's shape, 0 .. 1: with Muon it multiplies every group's peak learning rate."""
+    warmup = min(tc.warmup_iters, tc.decay_iters - 1)
+    floor = tc.min_lr / tc.learning_rate if tc.learning_rate else 1.0
+    return optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup, tc.decay_iters, floor)
+
+
+def _path(keypath: tuple) -> str:
+    return jax.tree_util.keystr(keypath, simple=True, separator=".").removesuffix(".value")
+
+
+def decays(path: str) -> bool:
+    """Weight decay on matrices and embeddings only (nanoGPT's rule: dim >= 2). Decided by
+    name, because the stacked layers make LayerNorm scales 2-D too."""
+    return path.removesuffix(".value").rsplit(".", 1)[-1] in ("kernel", "embedding")
+
+
+def decay_mask(params: Any) -> Any:
+    """A tree of bools matching `params`: True where weight decay applies."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: decays(_path(p)), params)
+
+
+def is_muon(path: str) -> bool:
+    """Muon takes the 2-D matrices inside the blocks (stacked: h.<...>.kernel); embeddings, the
+    head, gains and biases stay with AdamW, as Muon's authors prescribe."""
+    return path.startswith("h.") and path.endswith(".kernel")
+
+
+def muon_labels(params: Any) -> Any:
+    return jax.tree_util.tree_map_with_path(lambda p, _: "muon" if is_muon(_path(p)) else "adamw", params)
+
+
+def newton_schulz(G: jax.Array, steps: int = NS_STEPS) -> jax.Array:
+    """Orthogonalise the last two axes of G (..., rows, cols) in float32: X / (||X||_F + eps), then
+    X <- aX + (bA + cA^2)X with A = X X^T, on the wide orientation (transposed when rows > cols)."""
+    a, b, c = NS_COEFFS
+    X = G.astype(jnp.float32)
+    tall = X.shape[-2] > X.shape[-1]
+    if tall:
+        X = jnp.swapaxes(X, -1, -2)
+    X = X / (jnp.sqrt(jnp.sum(X * X, axis=(-2, -1), keepdims=True)) + NS_EPS)
+    for _ in range(steps):
+        A = X @ jnp.swapaxes(X, -1, -2)
+        B = b * A + (c * A) @ A
+        X = a * X + B @ X
+    return jnp.swapaxes(X, -1, -2) if tall else X
+
+
+def orthogonalize(path: str, u: jax.Array) -> jax.Array:
+    """Muon's update for one (stacked) Flax kernel u (L, in, out), in torch's (out, in) orientation
+    so both frameworks run the same arithmetic; c_attn's fused q, k, v are three matrices."""
+    G = jnp.swapaxes(u, -1, -2)  # (L, out, in), torch's nn.Linear layout
+    if path.endswith("attn.c_attn.kernel"):
+        L, out3, fan_in = G.shape
+        O = newton_schulz(G.reshape(L, 3, out3 // 3, fan_in)).reshape(G.shape)
+        fan_out = out3 // 3
+    else:
+        O = newton_schulz(G)
+        fan_out, fan_in = G.shape[-2:]
+    return jnp.swapaxes(O, -1, -2) * max(1.0, fan_out / fan_in) ** 0.5
+
+
+class MuonState(NamedTuple):
+    count: jax.Array
+    momentum: Any
+
+
+def muon(tc: TrainConfig) -> optax.GradientTransformation:
+    """Muon for the stacked block kernels: momentum, Newton-Schulz, decoupled weight decay, all
+    scaled by muon_lr times the schedule's multiplier."""
+    beta, schedule = tc.muon_momentum, lr_multiplier(tc)
+
+    def init(params: Any) -> MuonState:
+        return MuonState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params))
+
+    def update(grads: Any, state: MuonState, params: Any = None) -> tuple[Any, MuonState]:
+        lr = tc.muon_lr * schedule(state.count)
+        buf = jax.tree.map(lambda m, g: m + (1 - beta) * (g - m), state.momentum, grads)  # lerp(buf, g, 1 - beta)
+        nesterov = jax.tree.map(lambda g, m: g + beta * (m - g), grads, buf)  # lerp(g, buf, beta)
+        updates = jax.tree_util.tree_map_with_path(
+            lambda kp, u, p: -lr * (orthogonalize(_path(kp), u) + tc.weight_decay * p), nesterov, params)
+        return updates, MuonState(optax.safe_increment(state.count), buf)
+
+    return optax.GradientTransformation(init, update)  # type: ignore[arg-type]
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    """nanoGPT's AdamW (decay on matrices and embeddings) or, with --optimizer=muon, Muon on the
+    blocks' matrices beside that AdamW on the rest; gradient clipping over every parameter first."""
+    if tc.optimizer == "muon":
+        adamw = optax.adamw(lambda count: tc.learning_rate * lr_multiplier(tc)(count), b1=tc.beta1, b2=tc.beta2,
+                            eps=1e-8, weight_decay=tc.weight_decay, mask=decay_mask)
+        tx = optax.multi_transform({"adamw": adamw, "muon": muon(tc)}, muon_labels)
+    else:
+        tx = optax.adamw(lr_schedule(tc), b1=tc.beta1, b2=tc.beta2, eps=1e-8, weight_decay=tc.weight_decay,
+                         mask=decay_mask)
+    return optax.chain(optax.clip_by_global_norm(tc.grad_clip), tx) if tc.grad_clip > 0 else tx

@@ -1,0 +1,115 @@
+"""The PyTorch twin of jaxgpt/layers.py: attention, MLP, block and the recipe's switches —
+`norm()`, `activation()`, `rope()` — with the same names in the same places.
+
+One difference by design: the KV cache. jaxgpt's rotary models keep a rolling cache past
+block_size; torchref's cache only ever holds positions < block_size (past it, torchref.sample
+recomputes the cropped window like nanoGPT), so it stores keys already rotated at their positions.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from jaxgpt.config import GPTConfig
+
+LayerCache = tuple[torch.Tensor, torch.Tensor, int]  # (k, v, index of the layer being run)
+
+
+def norm(cfg: GPTConfig, dim: int) -> nn.Module:
+    """nanoGPT's LayerNorm (bias as cfg.bias) or RMSNorm (weight only); the epsilon is explicit."""
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=cfg.layer_norm_epsilon)
+    return nn.LayerNorm(dim, eps=cfg.layer_norm_epsilon, bias=cfg.bias)
+
+
+def activation(h: torch.Tensor, name: str) -> torch.Tensor:
+    if name == "relu2":
+        return torch.square(F.relu(h))
+    return F.gelu(h, approximate="tanh" if name == "gelu_tanh" else "none")  # tanh = GPT-2's gelu_new
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, base: float, dim: int) -> torch.Tensor:
+    """Half-split rotary embedding of x (..., D) at `positions` (N,) along `dim`, in float32 (jaxgpt.layers.rope)."""
+    D = x.shape[-1]
+    inv_freq = 1.0 / (base ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (N, D/2)
+    shape = [1] * x.dim()
+    shape[dim], shape[-1] = angles.shape
+    cos, sin = torch.cos(angles).reshape(shape), torch.sin(angles).reshape(shape)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.layer_norm_epsilon) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.layer_norm_epsilon) if cfg.qk_norm else None
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.attn_dropout = cfg.dropout  # applied inside scaled_dot_product_attention
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.n_head = cfg.n_head
+        self.rope_base = cfg.rope_base if cfg.pos_embedding == "rope" else 0.0
+
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None, pos: int = 0,
+                window: int | None = None) -> tuple[torch.Tensor, LayerCache | None]:
+        """x (B, T, C) -> (y (B, T, C), cache); with a cache (the stacked k, v and this layer's
+        index) the T new tokens sit at absolute positions pos..pos+T-1 (written in place).
+        window: each position attends to the last `window` positions only (sliding-window attention:
+        what jaxgpt's rolling RoPE cache computes past block_size)."""
+        B, T, C = x.shape
+        H, D = self.n_head, C // self.n_head
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, H, D) for t in (q, k, v))  # (B, T, H, D), as in jaxgpt
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope_base:
+            positions = torch.arange(pos, pos + T)
+            q, k = rope(q, positions, self.rope_base, 1), rope(k, positions, self.rope_base, 1)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D) for SDPA and the cache
+        if cache is not None:
+            k_all, v_all, layer = cache
+            k_all[layer, :, :, pos:pos + T] = k
+            v_all[layer, :, :, pos:pos + T] = v
+            k, v = k_all[layer, :, :, :pos + T], v_all[layer, :, :, :pos + T]
+            visible = torch.arange(pos + T)[None, :] <= (pos + torch.arange(T))[:, None]  # (T, S)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        elif window is not None:
+            i = torch.arange(T)
+            band = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)  # (T, T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=band)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0,
+                                               is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y)), cache
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.activation = cfg.activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(activation(self.c_fc(x), self.activation)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = norm(cfg, cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = norm(cfg, cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None, pos: int = 0,
+                window: int | None = None) -> tuple[torch.Tensor, LayerCache | None]:
+        a, cache = self.attn(self.ln_1(x), cache=cache, pos=pos, window=window)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, cache
