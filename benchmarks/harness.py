@@ -100,7 +100,7 @@ def spread(values: list[float]) -> tuple[float, float, float]:
     return min(values), statistics.median(values), max(values)
 
 
-def _figure(section: str, name: str, values: list[float], unit: str, note: str = "", scale: float = 1.0) -> Figure:
+def figure(section: str, name: str, values: list[float], unit: str, note: str = "", scale: float = 1.0) -> Figure:
     lo, mid, hi = spread([v * scale for v in values])
     return Figure(section, name, mid, unit, note, lo, hi)
 
@@ -108,11 +108,11 @@ def _figure(section: str, name: str, values: list[float], unit: str, note: str =
 def compare(section: str, runs: dict[str, list[dict]], base: str, other: str, slow: set[int]) -> list[Figure]:
     """Per-round ratios base/other of the median step times, with and without slow processes."""
     pairs = list(zip(runs[base], runs[other], strict=True))
-    out = [_figure(section, f"{base} / {other} time", [a["median_s"] / b["median_s"] for a, b in pairs], "x",
+    out = [figure(section, f"{base} / {other} time", [a["median_s"] / b["median_s"] for a, b in pairs], "x",
                    f"{len(pairs)} rounds, per-round ratio")]
     clean = [(a, b) for a, b in pairs if a["pid"] not in slow and b["pid"] not in slow]
     if slow and clean:
-        out.append(_figure(section, f"{base} / {other} time, without slow processes",
+        out.append(figure(section, f"{base} / {other} time, without slow processes",
                            [a["median_s"] / b["median_s"] for a, b in clean], "x", f"{len(clean)} rounds"))
     return out
 
@@ -128,12 +128,12 @@ def train_specs(cfg: GPTConfig, tc: TrainConfig, warmup: int, iters: int, thread
 def train_figures(runs: dict[str, list[dict]], slow: set[int], peak: float | None) -> list[Figure]:
     out = []
     for name, rs in runs.items():
-        out.append(_figure("train", f"{name} step", [r["median_s"] for r in rs], "ms", scale=1e3))
-        out.append(_figure("train", f"{name} compile / first step", [r["compile_s"] for r in rs], "s"))
-        out.append(_figure("train", f"{name} page faults per step", [r["page_faults_per_step"] for r in rs], ""))
+        out.append(figure("train", f"{name} step", [r["median_s"] for r in rs], "ms", scale=1e3))
+        out.append(figure("train", f"{name} compile / first step", [r["compile_s"] for r in rs], "s"))
+        out.append(figure("train", f"{name} page faults per step", [r["page_faults_per_step"] for r in rs], ""))
     jax_runs = runs["jax"]
     if peak:
-        out.append(_figure("train", "jaxgpt MFU", [r["flops_per_step"] / r["median_s"] / peak for r in jax_runs], "%",
+        out.append(figure("train", "jaxgpt MFU", [r["flops_per_step"] / r["median_s"] / peak for r in jax_runs], "%",
                            f"of {peak / 1e12:.3g} TFLOP/s", scale=100))
     out.append(Figure("train", "jaxgpt resolved remat / dtype", 0, "", f"{jax_runs[0]['remat']} / {jax_runs[0]['dtype']}"))
     for other in [n for n in runs if n != "jax"]:
@@ -150,7 +150,7 @@ def memory_figures(cfg: GPTConfig, tc: TrainConfig, warmup: int, iters: int, pro
     out = []
     for r, rs in runs.items():
         out.append(Figure("memory", f"remat={r} temp memory", rs[0]["temp_bytes"] / 2**20, "MiB"))
-        out.append(_figure("memory", f"remat={r} step", [x["median_s"] for x in rs], "ms", scale=1e3))
+        out.append(figure("memory", f"remat={r} step", [x["median_s"] for x in rs], "ms", scale=1e3))
     out.append(Figure("memory", "none/full temp memory", runs["none"][0]["temp_bytes"] / runs["full"][0]["temp_bytes"], "x"))
     out += compare("memory", runs, "none", "full", slow_processes(runs))
     return out
@@ -163,9 +163,9 @@ def generation_figures(cfg: GPTConfig, gen: dict, processes: int, recompute: boo
     runs = alternate({s: {**base, "side": s} for s in sides}, processes, log)
     where = (f"block {cfg.block_size}, {gen['num_samples']} x {gen['new_tokens']} tokens, prompt {gen['prompt_len']}"
              + (" (past block_size)" if gen["prompt_len"] + gen["new_tokens"] > cfg.block_size else ""))
-    out = [_figure("generate", f"{s} tokens/s", [r["tokens"] / r["median_s"] for r in rs], "tok/s", where)
+    out = [figure("generate", f"{s} tokens/s", [r["tokens"] / r["median_s"] for r in rs], "tok/s", where)
            for s, rs in runs.items()]
-    out.append(_figure("generate", "jax first call (compile + run)", [r["compile_s"] for r in runs["jax"]], "s", where))
+    out.append(figure("generate", "jax first call (compile + run)", [r["compile_s"] for r in runs["jax"]], "s", where))
     for other in sides[1:]:
         out += [dataclasses.replace(f, name=f"{other} / jax time") for f in compare("generate", runs, other, "jax", set())]
     return out
@@ -189,8 +189,8 @@ def _time_commands(commands: dict[str, Callable[[int], list[str]]], processes: i
 
 def _wall_figures(section: str, times: dict[str, list[float]], note: str) -> list[Figure]:
     (a, ta), (b, tb) = times.items()
-    out = [_figure(section, f"{k} wall time", v, "s", note) for k, v in times.items()]
-    out.append(_figure(section, f"{a} / {b} wall time", [x / y for x, y in zip(ta, tb, strict=True)], "x",
+    out = [figure(section, f"{k} wall time", v, "s", note) for k, v in times.items()]
+    out.append(figure(section, f"{a} / {b} wall time", [x / y for x, y in zip(ta, tb, strict=True)], "x",
                        f"{len(ta)} rounds, per-round"))
     return out
 

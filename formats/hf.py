@@ -50,7 +50,7 @@ def config_from_hf(hf: dict[str, Any], where: Path) -> GPTConfig:
         raise UserError(f"{where}: activation_function={activation!r} is not supported; use one of {sorted(ACTIVATIONS)}")
     return GPTConfig(block_size=hf.get("n_positions", 1024), vocab_size=hf.get("vocab_size", 50257),
                      n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=n_embd,
-                     dropout=0.0, bias=True, activation=ACTIVATIONS[activation],
+                     dropout=0.0, bias=True, activation=ACTIVATIONS[activation],  # type: ignore[arg-type]
                      layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)))
 
 

@@ -79,17 +79,22 @@ def load_pt(path: Path) -> tuple[GPT, dict[str, Any]]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():  # a damaged file, not a refused object
+            raise UserError(f"cannot read {path} as a torch checkpoint ({paths.describe(e)})") from None
         raise UserError(f"refusing {path}: it holds objects other than tensors and plain data "
                         f"({str(e).splitlines()[0][:160]}); only weights-only checkpoints are loaded") from None
-    except (OSError, RuntimeError, EOFError) as e:
-        raise UserError(f"cannot read {path} as a torch checkpoint ({type(e).__name__}: {str(e)[:160]})") from None
+    except Exception as e:  # torch.load on a truncated or damaged file raises many kinds (zip, pickle, index, ...)
+        raise UserError(f"cannot read {path} as a torch checkpoint ({paths.describe(e)})") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict) or not isinstance(obj.get("model_args"), dict):
         raise UserError(f"{path} is not a nanoGPT checkpoint (expected a dict with 'model' state_dict and "
                         f"'model_args')")
     model = from_state_dict(obj["model"], config_from_model_args(obj["model_args"]))
     best = obj.get("best_val_loss")
-    info: dict[str, Any] = {"step": int(obj.get("iter_num", 0)), "val_loss": float(best) if best is not None else None,
-            "config": obj.get("config") if isinstance(obj.get("config"), dict) else {}}
+    try:
+        info: dict[str, Any] = {"step": int(obj.get("iter_num", 0)), "val_loss": float(best) if best is not None else None,
+                                "config": obj.get("config") if isinstance(obj.get("config"), dict) else {}}
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: iter_num/best_val_loss are not numbers ({paths.describe(e)})") from None
     return model, info
 
 

@@ -23,9 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgpt.config import RECIPE_FIELDS, GPTConfig
+from jaxgpt.config import GPTConfig
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT
+from jaxgpt.platform import check_model_fits
 
 # (jaxgpt path, name, is a Linear kernel?)
 TOP_TABLE = [
@@ -82,12 +83,16 @@ def flat_params(model: GPT) -> dict[str, np.ndarray]:
     return {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
+NANOGPT_ARGS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias")  # nanoGPT's GPTConfig
+
+
 def model_args_from_config(cfg: GPTConfig) -> dict[str, Any]:
-    """GPTConfig -> nanoGPT's `model_args` dict (the field names are the same by design). The
-    recipe's fields appear only where set (rope_base with RoPE), so nanoGPT models convert as before."""
+    """GPTConfig -> nanoGPT's `model_args` dict (the field names are the same by design): nanoGPT's
+    own keys, then only the fields set away from nanoGPT's model (rope_base with RoPE), so a nanoGPT
+    model's ckpt.pt loads in nanoGPT's sample.py (GPTConfig(**model_args) takes no other key)."""
     defaults = GPTConfig()
-    args = {k: v for k, v in cfg.to_dict().items() if k not in RECIPE_FIELDS or v != getattr(defaults, k)}
-    return {**args, "rope_base": cfg.rope_base} if cfg.pos_embedding == "rope" else args
+    args = {k: v for k, v in cfg.to_dict().items() if k in NANOGPT_ARGS or v != getattr(defaults, k) or k == "rope_base"}
+    return args if cfg.pos_embedding == "rope" else {k: v for k, v in args.items() if k != "rope_base"}
 
 
 def check_representable(cfg: GPTConfig, fmt: str, instead: str) -> None:
@@ -150,6 +155,7 @@ def from_state_dict(sd: Mapping[str, Any], cfg: GPTConfig, layout: str = "linear
     Raises UserError listing every missing, unexpected and mis-shaped key."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    check_model_fits(cfg, "the checkpoint")
     sd = _clean(sd)
     entries = _entries(cfg)
     tied = {TIED_HEAD} if cfg.tie_embeddings else set()  # optional in a tied state_dict (nanoGPT has it)
@@ -176,7 +182,8 @@ def from_state_dict(sd: Mapping[str, Any], cfg: GPTConfig, layout: str = "linear
             problems.append(f"{name} has shape {tuple(np.shape(sd[name]))}, expected {want[::-1] if transpose else want}")
         values.setdefault(jax_path, []).append(arr)
     if tied and TIED_HEAD in sd and "transformer.wte.weight" in sd and not problems:
-        if not np.array_equal(_as_numpy(sd[TIED_HEAD]), _as_numpy(sd["transformer.wte.weight"])):
+        head, wte = _as_numpy(sd[TIED_HEAD]), _as_numpy(sd["transformer.wte.weight"])
+        if head is None or wte is None or not np.array_equal(head, wte):
             problems.append(f"{TIED_HEAD} differs from transformer.wte.weight; jaxgpt ties them")
     if problems:
         raise UserError("weights do not match the model config " + str(cfg.to_dict()) + ": " + "; ".join(problems))

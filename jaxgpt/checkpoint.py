@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers as cm
 
-from jaxgpt import paths
+from jaxgpt import paths, platform
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT
@@ -40,11 +40,30 @@ class Checkpointer:
                                              item_names=("params", "opt_state", "meta"))
 
     def save(self, step: int, params: Any, opt_state: Any | None, meta: dict[str, Any]) -> None:
-        """Start writing checkpoint `step` (asynchronously); meta['val_loss'] ranks it."""
+        """Start writing checkpoint `step` (asynchronously); meta['val_loss'] ranks it. A write that
+        fails (after the storage clients' own retries) is one UserError saying which checkpoint is intact."""
         items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
-        self.manager.save(step, args=ocp.args.Composite(**items), metrics={"val_loss": float(meta["val_loss"])})
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**items), metrics={"val_loss": float(meta["val_loss"])})
+        except Exception as e:  # this save, or the previous asynchronous one, could not be written
+            raise self._failed(step, e) from None
+
+    def intact(self) -> str:
+        """Which checkpoint a failed write left usable, for error messages."""
+        try:
+            self.manager.reload()
+            last = self.manager.latest_step()
+        except Exception:  # the storage may still be down: say what is known
+            return "committed checkpoints are kept; --resume=auto continues from the last once the storage answers"
+        if last is None:
+            return "no checkpoint was committed yet; --resume=auto starts the run again"
+        return f"the last committed checkpoint (step {last}) is intact; --resume=auto continues from it"
+
+    def _failed(self, step: int | None, e: Exception) -> UserError:
+        return UserError(f"a checkpoint{f' (step {step})' if step is not None else ''} could not be written to "
+                         f"{self.directory} ({paths.describe(e)}); {self.intact()}")
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -79,10 +98,29 @@ class Checkpointer:
         return bad
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._failed(None, e) from None
 
     def close(self) -> None:
         self.manager.close()
+
+    def abandon(self) -> None:
+        """On the way out after an error: let an in-flight asynchronous save end (its own failure is
+        already reported or moot) so no background write dies mid-way with the process."""
+        import absl.logging
+
+        level = absl.logging.get_verbosity()
+        absl.logging.set_verbosity(absl.logging.FATAL)  # orbax logs the failed write's traceback; it is reported
+        try:
+            for step in (self.manager.wait_until_finished, self.manager.close):
+                try:
+                    step()
+                except Exception:
+                    pass
+        finally:
+            absl.logging.set_verbosity(level)
 
 
 def resolve(where: str | Path) -> tuple[Any, int | None]:
@@ -106,6 +144,7 @@ def load_model(path: str | Path, which: str = "best") -> tuple[GPT, dict[str, An
         if step is None or step not in ckpt.steps():
             raise UserError(f"no complete checkpoint found in {out_dir}/checkpoints; train first")
         cfg = GPTConfig.from_dict(ckpt.meta(step)["model"])
+        platform.check_model_fits(cfg, f"checkpoint {out_dir}")
         graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))
         # onto this process's first device, whatever mesh wrote the checkpoint
         here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
 from collections.abc import Callable
 
 from jaxgpt.errors import Interrupted, UserError
@@ -21,15 +22,32 @@ def _show_notices() -> None:
         logger.propagate = False
 
 
+def _quiet_background_failures() -> None:
+    """A checkpoint write that failed leaves orbax tasks whose exception nobody retrieves and tensorstore
+    callbacks aimed at orbax's closed event loop; each would print a traceback at exit. The failure
+    itself is reported in one line (Checkpointer.save/wait)."""
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    def benign(exc: BaseException | None) -> bool:
+        return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+    thread_hook, unraisable_hook = threading.excepthook, sys.unraisablehook
+    threading.excepthook = lambda args: None if benign(args.exc_value) else thread_hook(args)
+    sys.unraisablehook = lambda args: None if benign(args.exc_value) else unraisable_hook(args)
+
+
 def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
     """Call main(argv); a UserError prints `error: ...` (traceback only with --debug) and exits 2."""
-    import absl.logging  # orbax logs routine notices as absl warnings; keep the terminal for our output
-    absl.logging.set_verbosity(absl.logging.ERROR)
-    _show_notices()
-    from jaxgpt.paths import configure_gcs
-    configure_gcs()  # STORAGE_EMULATOR_HOST -> every Cloud Storage client; quiet clients
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    # orbax logs routine notices as absl warnings, and a failed background write as an absl error with its
+    # traceback, which jaxgpt reports itself in one line: keep the terminal for our output (--debug shows all)
+    import absl.logging
+    absl.logging.set_verbosity(absl.logging.INFO if debug else absl.logging.FATAL)
+    _show_notices()
+    if not debug:
+        _quiet_background_failures()
+    from jaxgpt.paths import configure_gcs
+    configure_gcs()  # STORAGE_EMULATOR_HOST -> every Cloud Storage client; quiet clients
     argv = [a for a in argv if a != "--debug"]
     try:
         code = main(argv)
@@ -44,6 +62,19 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:  # the last line of defence: the device's memory or the storage, after all
+        from jaxgpt.paths import describe, is_transient
+        if debug:
+            raise
+        if "RESOURCE_EXHAUSTED" in str(e):
+            print(f"error: the device ran out of memory ({describe(e, 200)}); use a smaller model or batch, --remat=full, "
+                  f"or shard with --mesh_fsdp", file=sys.stderr)
+        elif is_transient(e):
+            print(f"error: the storage did not answer ({describe(e, 200)}); committed checkpoints are kept: run "
+                  f"the same command with --resume=auto once it answers", file=sys.stderr)
+        else:
+            raise
+        sys.exit(2)
     sys.exit(code or 0)
 
 

@@ -19,6 +19,10 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "relu2")
 POS_EMBEDDINGS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
 OPTIMIZERS = ("adamw", "muon")
+# Muon's Newton-Schulz iteration (jaxgpt/optim.py and torchref/optim.py): Keller Jordan's quintic coefficients
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 5
+NS_EPS = 1e-7
 
 
 def _require(ok: bool, msg: str) -> None:
@@ -94,9 +98,7 @@ class GPTConfig:
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
-# the fields GPTConfig gained with the modern recipe (nanoGPT's model_args have none of them) ...
-RECIPE_FIELDS = ("pos_embedding", "rope_base", "norm", "qk_norm", "tie_embeddings", "zero_init_proj", "logit_softcap")
-# ... and the values of those that change the function, in nanoGPT's model
+# the recipe's switches that change the function, at nanoGPT's values
 NANOGPT_MODEL = {"pos_embedding": "learned", "norm": "layernorm", "qk_norm": False, "tie_embeddings": True,
                  "logit_softcap": 0.0}
 
@@ -128,7 +130,7 @@ class TrainConfig:
     mesh_data: int = 0  # data-parallel mesh axis; 0 = every device not used by fsdp
     mesh_fsdp: int = 1  # parameter-sharding mesh axis
     keep_checkpoints: int = 3
-    resume: bool = False
+    resume: bool | Literal["auto"] = False  # auto: continue if out_dir holds a committed checkpoint, else start
     init_from: str = ""  # fine-tune: start from this checkpoint's weights (run folder, .pt, .safetensors, HF folder)
     plot: bool = True
     progress: bool = True
@@ -156,6 +158,7 @@ class TrainConfig:
             _require(0.0 <= getattr(self, name) < 1.0, f"--{name} must be in [0, 1), got {getattr(self, name)!r}")
         _require(self.dtype in DTYPE_CHOICES, f"--dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
         _require(self.remat in REMAT_CHOICES, f"--remat must be one of {REMAT_CHOICES}, got {self.remat!r}")
+        _require(self.resume in (True, False, "auto"), f"--resume must be true, false or auto, got {self.resume!r}")
         _require(self.recipe in RECIPES, f"--recipe must be one of {tuple(RECIPES)}, got {self.recipe!r}")
         _require(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         _require(self.muon_lr >= 0, f"--muon_lr must be >= 0, got {self.muon_lr!r}")
@@ -229,6 +232,10 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         kwargs: dict[str, Any] = {"default": None, "help": f"(default: {f.default!r})"}
         if hint is bool:
             kwargs.update(type=parse_bool, nargs="?", const=True, metavar="BOOL")
+        elif bool in get_args(hint):  # bool | Literal[...]: true/false or one of the words
+            words = [w for a in get_args(hint) if getattr(a, "__origin__", None) is Literal for w in get_args(a)]
+            kwargs.update(type=lambda t, words=words: t.strip().lower() if t.strip().lower() in words else parse_bool(t),
+                          nargs="?", const=True, metavar="BOOL|" + "|".join(words))
         elif getattr(hint, "__origin__", None) is Literal:
             kwargs.update(type=str, choices=get_args(hint))
         else:
@@ -249,6 +256,9 @@ def make_parser(description: str, *classes: type, presets: bool = False) -> argp
         parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu",
                             help="base values; explicit flags override them (default: 'gpu' = the seed config; "
                                  "'cpu' = " + ", ".join(f"{k}={v}" for k, v in PRESETS["cpu"].items()) + ")")
+        parser.epilog = "--recipe=modern sets, before explicit flags: " + ", ".join(
+            f"{k}={v}" for k, v in RECIPES["modern"].items()) + "; with --preset=cpu also " + ", ".join(
+            f"{k}={v}" for k, v in RECIPE_FOR_PRESET[("modern", "cpu")].items())
     for cls in classes:
         add_dataclass_flags(parser, cls)
     return parser

@@ -11,6 +11,7 @@ from __future__ import annotations
 import bz2
 import hashlib
 import json
+import math
 import os
 import tempfile
 import urllib.request
@@ -86,9 +87,24 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def read_meta(folder: str | Path) -> dict:
     """A prepared dataset's meta.json, with the defaults of byte-level data written before
     tokenizers were recorded."""
-    meta = json.loads((Path(folder) / "meta.json").read_text())
+    path = Path(folder) / "meta.json"
+    again = f"prepare the data again (python scripts/prepare.py ... --data_dir {Path(folder).parent})"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path} cannot be read ({paths.describe(e, 80)}); {again}") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} is not a JSON object; {again}")
     meta.setdefault("tokenizer_identity", dict(BYTES_IDENTITY))
     meta.setdefault("dtype", "uint8")
+    counts = {k: meta.get(k) for k in ("vocab_size", "train_tokens", "val_tokens") if k in meta}
+    bad = [k for k, v in counts.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0]
+    if meta.get("dtype") not in ("uint8", "uint16", "uint32"):
+        bad.append("dtype")
+    if not isinstance(meta["tokenizer_identity"], dict) or not isinstance(meta.get("files", {}), dict):
+        bad.append("tokenizer_identity/files")
+    if bad or "vocab_size" not in meta:
+        raise UserError(f"{path} is damaged ({', '.join(bad) or 'vocab_size missing'} not what prepare.py writes); {again}")
     return meta
 
 
@@ -235,7 +251,7 @@ def prepare_tinystories(data_dir: str | Path, inputs: list[str] | None = None,
     else:
         sources = {"train": _stories_from_hf("train"), "val": _stories_from_hf("validation")}
     identity = tokenizer.identity() if tokenizer else dict(BYTES_IDENTITY)
-    vocab = int(identity["vocab_size"])
+    vocab = int(identity["vocab_size"])  # type: ignore[call-overload]
     meta: dict[str, Any] = {"tokenizer": tokenizer.name if tokenizer else "bytes", "tokenizer_identity": identity,
             "vocab_size": vocab, "dtype": token_dtype(vocab).name,
             "source": [str(p) for p in inputs] if inputs else "roneneldan/TinyStories"}
@@ -284,6 +300,56 @@ def dataset_dir(data_dir: str | Path, dataset: str) -> Path:
     return path
 
 
+VERIFIED_FILE = ".verified.json"  # the folder's hash verdicts, keyed by file size and mtime
+
+
+def _verdict_cache(folder: Path) -> Path:
+    """Where a folder's verdicts are kept: in it, or (read-only data) in the user's cache."""
+    if os.access(folder, os.W_OK):
+        return folder / VERIFIED_FILE
+    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxgpt" / "verified"
+    return home / (hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16] + ".json")
+
+
+def check_dataset(folder: str | Path, meta: dict) -> None:
+    """Refuse data that is not what prepare.py wrote, with one line naming the file and the remedy.
+    Every time: each split's size against meta.json's token count (cheap). Once per file version:
+    its sha256 against meta.json's, the verdict cached by (size, mtime), so a large dataset is hashed
+    once, not at every start."""
+    folder = Path(folder)
+    itemsize = np.dtype(meta.get("dtype", "uint8")).itemsize
+    again = f"prepare the data again (python scripts/prepare.py ... --data_dir {folder.parent})"
+    for split in SPLITS:
+        path, tokens = folder / f"{split}.bin", meta.get(f"{split}_tokens")
+        if tokens is not None and path.stat().st_size != tokens * itemsize:
+            raise UserError(f"{path} holds {path.stat().st_size:,} bytes but meta.json says {tokens:,} tokens "
+                            f"({tokens * itemsize:,} bytes): the file is truncated or replaced; {again}")
+    expected = meta.get("files") or {}
+    cache = _verdict_cache(folder)
+    try:
+        verdicts = json.loads(cache.read_text()) if cache.exists() else {}
+    except (OSError, ValueError):
+        verdicts = {}
+    changed = False
+    for name, want in expected.items():
+        path = folder / name
+        if not path.exists():
+            continue
+        stat = path.stat()
+        key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": want}
+        if verdicts.get(name) == key:
+            continue
+        if paths.sha256(path) != want:
+            raise UserError(f"{path} does not match the sha256 in its meta.json (changed since it was prepared); {again}")
+        verdicts[name], changed = key, True
+    if changed:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(cache, json.dumps(verdicts, indent=2).encode())
+        except OSError:  # a cache that cannot be written only costs hashing again next time
+            pass
+
+
 class BatchSampler:
     """nanoGPT's get_batch over a uint8 memmap, reproducible from (seed, split, step).
 
@@ -318,3 +384,30 @@ class BatchSampler:
     def state(self, step: int) -> dict:
         """What a checkpoint needs to continue the batch stream exactly."""
         return {"seed": self.seed, "step": step, "batch_size": self.batch_size, "accum": self.accum}
+
+
+# --- evaluation windows (jaxgpt/evaluate.py): every token of a split scored once, no sampling ---
+
+def num_windows(n_tokens: int, block_size: int) -> int:
+    return max(0, math.ceil((n_tokens - 1) / block_size))
+
+
+def eval_windows(tokens: np.ndarray, block_size: int, first: int = 0, count: int | None = None
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Windows first .. first+count-1 as (x, y, mask), each (count, block_size); padding is masked out."""
+    total = num_windows(len(tokens), block_size)
+    count = total - first if count is None else count
+    x = np.zeros((count, block_size), np.int32)
+    y = np.zeros((count, block_size), np.int32)
+    mask = np.zeros((count, block_size), bool)
+    for row, w in enumerate(range(first, min(first + count, total))):
+        seg = np.asarray(tokens[w * block_size:(w + 1) * block_size + 1], np.int64)
+        n = len(seg) - 1
+        x[row, :n], y[row, :n], mask[row, :n] = seg[:-1], seg[1:], True
+    return x, y, mask
+
+
+def eval_batches(tokens: np.ndarray, block_size: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Every window in batches of exactly batch_size (the last padded and masked: one compiled shape)."""
+    for first in range(0, num_windows(len(tokens), block_size), batch_size):
+        yield eval_windows(tokens, block_size, first, batch_size)

@@ -9,8 +9,6 @@ inserts the collectives there).
 """
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -21,8 +19,8 @@ from jax.sharding import PartitionSpec as P
 from jaxgpt.config import GPTConfig, TrainConfig
 from jaxgpt.model import GPT
 from jaxgpt.platform import DTYPES
-from jaxgpt.sharding import BATCH_AXES, batch_sharding, param_shardings, state_shardings
-from jaxgpt.train import TrainState, graphdefs, loss_fn, make_optimizer, make_train_step
+from jaxgpt.sharding import BATCH_AXES, batch_sharding
+from jaxgpt.train import abstract_train_state, graphdefs, loss_fn, make_optimizer, make_train_step
 
 # Custom calls that run Python on the host: never acceptable inside a step for an accelerator.
 HOST_CALLBACKS = ("xla_python_cpu_callback", "xla_python_gpu_callback", "xla_ffi_python_cpu_callback",
@@ -40,21 +38,6 @@ def _allowed(attention: str) -> list[export.DisabledSafetyCheck]:
 
 def abstract_mesh(data: int, fsdp: int) -> AbstractMesh:
     return AbstractMesh((data, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto))
-
-
-def _sds(tree: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-
-
-def abstract_train_state(model_cfg: GPTConfig, tc: TrainConfig, mesh: AbstractMesh | None) -> TrainState:
-    """ShapeDtypeStructs of (params, optimizer state) laid out by jaxgpt.sharding's rule
-    (unsharded without a mesh)."""
-    params = nnx.state(nnx.eval_shape(lambda: GPT(model_cfg, rngs=nnx.Rngs(0))))
-    opt_state = jax.eval_shape(make_optimizer(tc).init, params)
-    if mesh is None:
-        return TrainState(params, opt_state)
-    return TrainState(_sds(params, param_shardings(params, mesh)),
-                      _sds(opt_state, state_shardings(opt_state, params, mesh)))
 
 
 def export_train_step(model_cfg: GPTConfig, tc: TrainConfig, platforms: tuple[str, ...], mesh: AbstractMesh | None,

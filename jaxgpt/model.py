@@ -85,8 +85,11 @@ class GPT(nnx.Module):
     def decode(self, idx: jax.Array, cache: KVCache, pos: jax.Array | int) -> tuple[jax.Array, KVCache]:
         """Cached forward for generation: the T tokens of idx are written into `cache` (from
         init_cache) at positions pos..pos+T-1 and attend to everything before them. One call
-        with the prompt is the prefill; then one call per new token. pos + T <= block_size."""
-        return self._forward(idx, cache=cache, pos=pos)
+        with the prompt is the prefill; then one call per new token. pos + T <= block_size
+        (RoPE: any pos; the cache rolls, see layers.CausalSelfAttention._cached)."""
+        logits, cache_out = self._forward(idx, cache=cache, pos=pos)
+        assert cache_out is not None
+        return logits, cache_out
 
     def last_logits(self, idx: jax.Array) -> jax.Array:
         """Logits (B, vocab_size) of the last position of idx (B, T) — what sampling past
@@ -156,7 +159,7 @@ class GPT(nnx.Module):
         shape = (cfg.n_layer, batch_size, cfg.n_head, cfg.block_size, cfg.head_dim)
         return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
-    def check_input(self, idx: jax.Array) -> None:
+    def check_input(self, idx: jax.Array | np.ndarray) -> None:
         """UserError for a batch the model cannot take: wrong rank, longer than block_size, or
         (when the values are concrete, i.e. outside jit) ids outside the vocabulary."""
         cfg = self.config

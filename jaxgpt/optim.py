@@ -16,11 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxgpt.config import TrainConfig
-
-NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz, Keller Jordan's coefficients
-NS_STEPS = 5
-NS_EPS = 1e-7
+from jaxgpt.config import NS_COEFFS, NS_EPS, NS_STEPS, TrainConfig
 
 
 def lr_schedule(tc: TrainConfig) -> optax.Schedule:
@@ -92,7 +88,7 @@ def orthogonalize(path: str, u: jax.Array) -> jax.Array:
 
 
 class MuonState(NamedTuple):
-    count: jax.Array
+    step: jax.Array
     momentum: Any
 
 
@@ -105,14 +101,14 @@ def muon(tc: TrainConfig) -> optax.GradientTransformation:
         return MuonState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params))
 
     def update(grads: Any, state: MuonState, params: Any = None) -> tuple[Any, MuonState]:
-        lr = tc.muon_lr * schedule(state.count)
+        lr = tc.muon_lr * schedule(state.step)
         buf = jax.tree.map(lambda m, g: m + (1 - beta) * (g - m), state.momentum, grads)  # lerp(buf, g, 1 - beta)
         nesterov = jax.tree.map(lambda g, m: g + beta * (m - g), grads, buf)  # lerp(g, buf, beta)
         updates = jax.tree_util.tree_map_with_path(
             lambda kp, u, p: -lr * (orthogonalize(_path(kp), u) + tc.weight_decay * p), nesterov, params)
-        return updates, MuonState(optax.safe_increment(state.count), buf)
+        return updates, MuonState(optax.safe_increment(state.step), buf)
 
-    return optax.GradientTransformation(init, update)  # type: ignore[arg-type]
+    return optax.GradientTransformation(init, update)
 
 
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:

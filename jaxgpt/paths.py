@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,53 @@ from etils import epath
 
 from jaxgpt.errors import UserError
 
+log = logging.getLogger("jaxgpt")
+
 GCS = "gs://"
+# Cloud Storage: a request that gets no answer for this long fails (gcsfs and tensorstore) instead of hanging
+# the job; gcsfs and tensorstore retry 429/5xx and dropped connections with backoff themselves, and
+# retrying() below retries what still fails. JAXGPT_GCS_TIMEOUT overrides it (seconds).
+GCS_TIMEOUT_S = float(os.environ.get("JAXGPT_GCS_TIMEOUT", "60"))
+RETRIES = 4  # attempts of a whole storage operation (retrying)
+_TRANSIENT = ("timeout", "timed out", "deadline", "unavailable", "connection", "503", "502", "500", "429",
+              "server disconnected", "reset by peer", "broken pipe", "temporarily")
+
+
+class StorageError(UserError):
+    """A read or write that failed for good (after retries): train.py adds which checkpoint is intact."""
+
+
+def describe(e: BaseException, limit: int = 160) -> str:
+    """'Type: first line of the message' for one-line errors (some exceptions carry no message)."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:limit]}" if text else type(e).__name__
+
+
+def is_transient(e: BaseException) -> bool:
+    """A storage error worth retrying (a timeout, a dropped connection, a 429/5xx): not a missing
+    or damaged file."""
+    if isinstance(e, (TimeoutError, ConnectionError)):
+        return True
+    if isinstance(e, (FileNotFoundError, FileExistsError, UserError)):
+        return False
+    text = f"{type(e).__name__} {e}".lower()
+    return any(word in text for word in _TRANSIENT)
+
+
+def retrying(what: str, fn: Any, *args: Any, attempts: int = RETRIES, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs), retried with exponential backoff (1, 2, 4 s) on transient storage errors;
+    after the last attempt, one UserError naming `what` and the error."""
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            if attempt == attempts - 1:
+                raise StorageError(f"{what} failed after {attempts} attempts: the storage did not answer "
+                                   f"({describe(e)})") from None
+            log.warning("%s: %s; retrying in %d s", what, describe(e, 100), 2 ** attempt)
+            time.sleep(2 ** attempt)
 
 
 def path(p: str | os.PathLike) -> epath.Path:
@@ -38,7 +85,12 @@ def write_bytes(p: Any, data: bytes) -> None:
     """Write a whole file so that readers see the old or the new content, never a part."""
     p = path(p)
     if is_remote(p):
-        p.write_bytes(data)  # one object upload
+        try:
+            retrying(f"writing {p}", p.write_bytes, data)  # one object upload
+        except UserError:
+            raise
+        except Exception as e:  # refused for good (403, 404 bucket, ...)
+            raise StorageError(f"writing {p} failed ({describe(e)})") from None
         return
     Path(p).parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=Path(p).parent, prefix=f".{p.name}.")
@@ -59,7 +111,8 @@ def append_text(p: Any, text: str) -> None:
     """Append locally; rewrite the object on GCS (objects cannot be appended to)."""
     p = path(p)
     if is_remote(p):
-        write_bytes(p, (p.read_bytes() if p.exists() else b"") + text.encode("utf-8"))
+        old = retrying(f"reading {p}", lambda: p.read_bytes() if p.exists() else b"")
+        write_bytes(p, old + text.encode("utf-8"))
     else:
         with open(p, "a") as f:
             f.write(text)
@@ -77,6 +130,11 @@ def configure_gcs() -> bool:
     tensorstore reads TENSORSTORE_GCS_HTTP_URL, and a dummy GOOGLE_AUTH_TOKEN_FOR_TESTING stands in
     for credentials. Always: no stale gcsfs directory listings (another host's writes must be
     visible) and no per-call warnings from the Cloud Storage clients. Returns emulator or not."""
+    # tensorstore (orbax's array writes): a transfer below 1 byte/s for GCS_TIMEOUT_S is abandoned and retried,
+    # a bounded number of times (its default, 32 retries of up to 32 s each, let a stalled bucket hold a job ~15 min)
+    os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS", str(max(1, int(GCS_TIMEOUT_S))))
+    os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES", "1")
+    _bound_tensorstore_retries()
     for name in ("gcsfs", "google.auth", "google.cloud", "fsspec"):
         logger = logging.getLogger(name)
         logger.setLevel(logging.CRITICAL)
@@ -85,7 +143,9 @@ def configure_gcs() -> bool:
     warnings.filterwarnings("ignore", module="google.auth")
     try:
         import fsspec.config
-        fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
+        conf = fsspec.config.conf.setdefault("gcs", {})
+        conf.setdefault("use_listings_cache", False)
+        conf.setdefault("requests_timeout", GCS_TIMEOUT_S)  # per HTTP request: no answer -> an error, not a hang
     except ImportError:
         pass
     host = os.environ.get("STORAGE_EMULATOR_HOST", "")
@@ -101,6 +161,23 @@ def configure_gcs() -> bool:
     return True
 
 
+TENSORSTORE_RETRIES = {"max_retries": 6, "initial_delay": "1s", "max_delay": "8s"}
+
+
+def _bound_tensorstore_retries() -> None:
+    """Give orbax's tensorstore contexts TENSORSTORE_RETRIES. orbax builds every context from these
+    two module dicts (orbax.checkpoint's tensorstore_utils, checked present from 0.11.17 to 0.12.8);
+    without them (another orbax) tensorstore keeps its own defaults, which only makes a stall longer."""
+    try:
+        from orbax.checkpoint._src.serialization import tensorstore_utils as tsu
+    except ImportError:
+        return
+    for name in ("_BASE_TS_CONTEXT", "_DEFAULT_OCDBT_TS_CONTEXT"):
+        context = getattr(tsu, name, None)
+        if isinstance(context, dict):
+            context.setdefault("gcs_request_retries", dict(TENSORSTORE_RETRIES))
+
+
 def _quiet_tensorstore_auth() -> None:
     """tensorstore logs one C++ INFO line when it first builds its GCS credentials; build them
     now, while the process's stderr (fd 2, which Python's logging cannot filter) is muted."""
@@ -112,7 +189,10 @@ def _quiet_tensorstore_auth() -> None:
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     try:
-        ts.KvStore.open({"driver": "gcs", "bucket": "jaxgpt-credentials-warmup"}).result().read("warmup").result()
+        context = ts.Context({"gcs_request_retries": TENSORSTORE_RETRIES})
+        store = ts.KvStore.open({"driver": "gcs", "bucket": "jaxgpt-credentials-warmup"}, context=context).result(
+            timeout=GCS_TIMEOUT_S)
+        store.read("warmup").result(timeout=GCS_TIMEOUT_S)
     except Exception:  # the bucket need not exist: only the credential provider matters
         pass
     finally:
@@ -132,7 +212,7 @@ def check_gcs(p: Any) -> None:
     try:
         path(p).exists()
     except Exception as e:  # auth, network, a bucket that does not exist
-        raise UserError(f"cannot reach {p} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); check the bucket "
+        raise UserError(f"cannot reach {p} ({describe(e)}); check the bucket "
                         f"name and credentials (gcloud auth application-default login)") from None
 
 

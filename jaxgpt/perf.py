@@ -27,10 +27,18 @@ _KIND_ALIASES = {"TPU v5 lite": "TPU v5e", "TPU v6 lite": "TPU v6e", "TPU v5": "
 
 
 def non_embedding_params(cfg: GPTConfig) -> int:
-    """nanoGPT's get_num_params(): everything except wpe; the tied wte/lm_head counted once."""
+    """nanoGPT's get_num_params(): everything except wpe; a tied wte/lm_head counted once, an untied
+    head twice. Per layer: 4 matrices (12 C^2), their biases (9 C), two norms (scale, + bias for a
+    LayerNorm with bias=True), and q/k norms over head_dim with qk_norm."""
     C, L = cfg.n_embd, cfg.n_layer
-    per_layer = 12 * C * C + (13 * C if cfg.bias else 2 * C)
-    return L * per_layer + (2 * C if cfg.bias else C) + cfg.vocab_size * C
+    norm = 2 * C if cfg.bias and cfg.norm == "layernorm" else C
+    per_layer = 12 * C * C + 2 * norm + (9 * C if cfg.bias else 0) + (2 * cfg.head_dim if cfg.qk_norm else 0)
+    return L * per_layer + norm + cfg.vocab_size * C * (1 if cfg.tie_embeddings else 2)
+
+
+def total_params(cfg: GPTConfig) -> int:
+    """Every parameter, learned position embeddings included."""
+    return non_embedding_params(cfg) + (cfg.block_size * cfg.n_embd if cfg.pos_embedding == "learned" else 0)
 
 
 def flops_per_token(cfg: GPTConfig) -> float:

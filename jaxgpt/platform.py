@@ -173,6 +173,36 @@ def step_memory(compiled: Any) -> int | None:
     return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
 
 
+def bytes_per_device(tree: Any) -> int:
+    """Bytes one device holds of a tree of arrays or ShapeDtypeStructs (their shardings' shard shapes)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        shape = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
+        size = 1
+        for n in shape:
+            size *= int(n)
+        total += size * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+def check_state_fits(state_bytes: int, what: str, remedies: str, device: jax.Device | None = None) -> None:
+    """Stop before anything is allocated when `what` alone (state_bytes per device) cannot fit."""
+    limit, where = memory_limit(device)
+    if limit is not None and state_bytes > MEMORY_MARGIN * limit:
+        gib = 2 ** 30
+        raise UserError(f"{what} need {state_bytes / gib:.2f} GiB per device but {where} is {limit / gib:.2f} GiB "
+                        f"({MEMORY_MARGIN:.0%} of it usable); {remedies}")
+
+
+def check_model_fits(cfg: GPTConfig, what: str) -> None:
+    """Before a checkpoint's weights are built or restored: its config alone (a crafted config.json
+    or header can claim any size) must describe float32 weights that fit in memory."""
+    from jaxgpt.perf import total_params
+
+    check_state_fits(4 * total_params(cfg), f"{what}'s float32 weights", "it cannot be loaded on this machine")
+
+
 def check_fits(need: int | None, limit: int | None, where: str, tc: TrainConfig, remat: str) -> None:
     """Stop before the first step when the compiled step cannot fit, naming the remedies."""
     if need is None or limit is None or need <= limit:
@@ -230,7 +260,7 @@ def use_compile_cache(setting: str | None) -> Path | None:
 def _quiet_cache_warnings(path: Path) -> None:
     """JAX warns (two lines with a source excerpt) per unreadable cache entry and recompiles it;
     report the first as one notice and drop the rest."""
-    show, seen = warnings.showwarning, []
+    show, seen = warnings.showwarning, []  # type: list[Any]
 
     def showwarning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
         if "persistent compilation cache" not in str(message):

@@ -65,9 +65,13 @@ def read_metrics(path: Any) -> list[dict]:
     return rows
 
 
+FINAL_KEYS = ("val_loss_full", "val_bpb")  # the whole-split evaluation at a run's last step (train.py)
+
+
 def truncate_metrics(path: Any, last_step: int) -> None:
-    """On resume, drop records past the checkpoint: those steps are about to be redone."""
-    keep = [r for r in read_metrics(path) if r["step"] <= last_step]
+    """On resume, drop records past the checkpoint: those steps are about to be redone; and the
+    end-of-run evaluation, since the run now ends later."""
+    keep = [{k: v for k, v in r.items() if k not in FINAL_KEYS} for r in read_metrics(path) if r["step"] <= last_step]
     paths.write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
@@ -92,6 +96,44 @@ def plot_metrics(metrics_path: Any, png_path: Any) -> None:
     paths.write_bytes(png_path, buffer.getvalue())
 
 
+def has_checkpoint(out_dir: Any) -> bool:
+    """Whether out_dir holds a committed checkpoint (orbax lists only complete steps)."""
+    from jaxgpt.checkpoint import Checkpointer
+
+    if not (paths.path(out_dir) / "checkpoints").exists():
+        return False
+    ckpt = Checkpointer(out_dir, read_only=True, use_async=False)
+    try:
+        return ckpt.latest_step() is not None
+    finally:
+        ckpt.close()
+
+
+# settings a restart may change without being another run
+RESTART_FREE = ("resume", "max_iters", "progress", "plot", "keep_checkpoints", "log_interval", "eval_interval", "stop_loss",
+                "eval_full")
+
+
+def resolve_resume(out_dir: Any, resume: bool | str, model_cfg: GPTConfig | None = None,
+                   tc: TrainConfig | None = None) -> bool:
+    """--resume=auto -> True when out_dir holds a committed checkpoint, else False (a new run), after
+    checking that a config.json already there (a run stopped before its first checkpoint) is this
+    run's; plain true/false pass through."""
+    if resume != "auto":
+        return bool(resume)
+    if has_checkpoint(out_dir):
+        return True
+    saved = read_config(out_dir)
+    if saved and model_cfg is not None and tc is not None:
+        diffs = [f"model.{k}" for k, v in model_cfg.to_dict().items() if saved.get("model", {}).get(k, v) != v]
+        diffs += [f"train.{k}" for k, v in tc.to_dict().items()
+                  if k not in RESTART_FREE and saved.get("train", {}).get(k, v) != v]
+        if diffs:
+            raise UserError(f"--resume=auto: {out_dir} holds another run's config.json (it differs in {', '.join(diffs)}) "
+                            f"and no checkpoint; choose another --out_dir, or delete that folder to start over")
+    return False
+
+
 def resolve_configs(model_flags: dict[str, Any], train_flags: dict[str, Any], preset: dict[str, Any],
                     init_cfg: GPTConfig | None = None, data_vocab: int | None = None) -> tuple[GPTConfig, TrainConfig]:
     """Configs from explicit flags over a preset. The architecture comes from the saved run with
@@ -100,6 +142,9 @@ def resolve_configs(model_flags: dict[str, Any], train_flags: dict[str, Any], pr
     data's vocabulary (`data_vocab`) unless --vocab_size is given."""
     pick = lambda cls: {k: v for k, v in preset.items() if k in cls.__dataclass_fields__}  # noqa: E731
     tc = TrainConfig(**{**pick(TrainConfig), **train_flags})
+    auto = tc.resume == "auto"
+    if auto:  # decided now: a resumed run takes its saved configs below
+        tc = replace(tc, resume=has_checkpoint(tc.out_dir))
     saved_path = paths.path(tc.out_dir) / "config.json"
     if init_cfg is not None and not (tc.resume and saved_path.exists()):
         free = {"dropout": None, "block_size": init_cfg.block_size}  # may differ (block_size: not above)
@@ -111,7 +156,10 @@ def resolve_configs(model_flags: dict[str, Any], train_flags: dict[str, Any], pr
         return replace(init_cfg, dropout=dropout, block_size=model_flags.get("block_size", init_cfg.block_size)), tc
     if not tc.resume or not saved_path.exists():
         vocab = {"vocab_size": data_vocab} if data_vocab and "vocab_size" not in model_flags else {}
-        return GPTConfig(**{**pick(GPTConfig), **vocab, **model_flags}), tc
+        model_cfg = GPTConfig(**{**pick(GPTConfig), **vocab, **model_flags})
+        if auto:  # a new run: but not over another run's config.json
+            resolve_resume(tc.out_dir, "auto", model_cfg, tc)
+        return model_cfg, tc
     saved = json.loads(saved_path.read_text())
     diffs = [f"--{k}={v} (checkpoint has {saved['model'][k]})" for k, v in model_flags.items() if saved["model"][k] != v]
     if diffs:

@@ -94,6 +94,13 @@ def global_batch(local: np.ndarray, sharding: NamedSharding, global_shape: tuple
     return jax.make_array_from_process_local_data(sharding, local, global_shape)
 
 
+def whole_batch(a: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A (B, ...) array every process holds whole (evaluation windows) -> one global array whose
+    batch axis is split like training batches: each process feeds only its own rows."""
+    shape = (1, *a.shape)
+    return global_batch(a[None][:, local_rows(sharding, shape)], sharding, shape)[0]
+
+
 def check_shared_folder(out_dir: Any) -> None:
     """Multi-process runs write one checkpoint from every host, so out_dir must be the same folder
     for all of them (gs:// or a shared filesystem). Process 0 leaves a marker with a fresh token;

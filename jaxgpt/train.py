@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import signal
 import threading
 import time
@@ -22,14 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import AbstractMesh, Mesh
 from tqdm import tqdm
 
 from jaxgpt import paths, platform, rundir
 from jaxgpt.checkpoint import Checkpointer, abstract_like
 from jaxgpt.config import GPTConfig, TrainConfig
-from jaxgpt.data import BatchSampler, dataset_dir, read_meta
+from jaxgpt.data import BatchSampler, check_dataset, dataset_dir, read_meta
 from jaxgpt.errors import Interrupted, UserError
+from jaxgpt.evaluate import split_scorer
+from jaxgpt.lock import run_lock
 from jaxgpt.model import GPT
 from jaxgpt.optim import lr_schedule, make_optimizer
 from jaxgpt.platform import DTYPES, Platform
@@ -42,6 +45,7 @@ from jaxgpt.sharding import (
     param_shardings,
     preempted,
     state_shardings,
+    whole_batch,
 )
 from jaxgpt.tokenizer import TOKENIZER_FILE, HFTokenizer, Tokenizer
 
@@ -125,6 +129,21 @@ def init_state(model_cfg: GPTConfig, tc: TrainConfig, mesh: Mesh | None = None, 
     return graphdef, eval_graphdef, TrainState(params, opt_state)
 
 
+def _sds(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def abstract_train_state(model_cfg: GPTConfig, tc: TrainConfig, mesh: Mesh | AbstractMesh | None) -> TrainState:
+    """ShapeDtypeStructs of (params, optimizer state) laid out by jaxgpt.sharding's rule
+    (unsharded without a mesh)."""
+    params = nnx.state(nnx.eval_shape(lambda: GPT(model_cfg, rngs=nnx.Rngs(0))))
+    opt_state = jax.eval_shape(make_optimizer(tc).init, params)
+    if mesh is None:
+        return TrainState(params, opt_state)
+    return TrainState(_sds(params, param_shardings(params, mesh)),
+                      _sds(opt_state, state_shardings(opt_state, params, mesh)))
+
+
 def estimate_loss(eval_step: Callable, params: nnx.State, samplers: dict[str, BatchSampler], iters: int,
                   to_global: Callable) -> dict[str, float]:
     """Mean loss over `iters` fixed batches per split (the same batches at every evaluation)."""
@@ -139,8 +158,9 @@ def restore_latest(ckpt: Checkpointer, state: TrainState) -> tuple[TrainState, i
     """The newest checkpoint that restores; an unreadable one (cut short by a crash, damaged
     on disk) is reported, moved aside and the next older one tried — never loaded silently."""
     for step in reversed(ckpt.steps()):
-        try:
-            restored = ckpt.restore(step, abstract_like(state.params), abstract_like(state.opt_state))
+        try:  # storage that does not answer is retried, then reported: it is not a damaged checkpoint
+            restored = paths.retrying(f"restoring checkpoint {step} from {ckpt.directory}", ckpt.restore, step,
+                                      abstract_like(state.params), abstract_like(state.opt_state))
             return TrainState(restored["params"], restored["opt_state"]), step
         except UserError:
             raise
@@ -152,17 +172,26 @@ def restore_latest(ckpt: Checkpointer, state: TrainState) -> tuple[TrainState, i
 
 
 @contextlib.contextmanager
-def stop_signals(sigterm: bool = True) -> Iterator[list[int]]:
-    """Turn SIGINT (and SIGTERM unless a multi-process run leaves it to JAX's preemption sync)
-    into a flag the loop checks after each step (main thread only)."""
+def stop_signals(sigterm: bool = True) -> Iterator[tuple[list[int], list[int]]]:
+    """Turn SIGINT and SIGTERM into a flag (`caught`) the loop checks after each step (main thread
+    only). A multi-process run leaves SIGTERM to JAX's preemption sync point (every host stops at
+    the same step), and turns a SIGINT into a SIGTERM to itself so that Ctrl-C on one host stops
+    them all there too: `asked` then records the SIGINT, for this host's exit code."""
     caught: list[int] = []
+    asked: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield caught
+        yield caught, asked
         return
-    signals = (signal.SIGINT, signal.SIGTERM) if sigterm else (signal.SIGINT,)
-    previous = {s: signal.signal(s, lambda signum, _: caught.append(signum)) for s in signals}
+
+    def coordinated(signum: int, _: Any) -> None:
+        asked.append(signum)
+        os.kill(os.getpid(), signal.SIGTERM)  # JAX's preemption notifier tells every host
+
+    handlers = {signal.SIGINT: lambda signum, _: caught.append(signum), signal.SIGTERM: lambda signum, _: caught.append(signum)} \
+        if sigterm else {signal.SIGINT: coordinated}
+    previous = {s: signal.signal(s, h) for s, h in handlers.items()}
     try:
-        yield caught
+        yield caught, asked
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -244,10 +273,21 @@ def train(model_cfg: GPTConfig, tc: TrainConfig, *, on_log: Callable[[dict], Non
     metrics.jsonl, loss.png and, for a tokenizer.json tokenizer, a copy of it.
     `init_params`: start from these weights (fine-tuning) with a fresh optimizer; `tokenizer`:
     theirs (default: the data's). `on_start(platform, memory)` is called once the step is
-    compiled, `on_log(record)` per record."""
+    compiled, `on_log(record)` per record. One run writes a folder at a time (jaxgpt.lock)."""
     out_dir = paths.path(tc.out_dir)
+    paths.check_gcs(out_dir)
+    with run_lock(out_dir):
+        tc = dataclasses.replace(tc, resume=rundir.resolve_resume(out_dir, tc.resume, model_cfg, tc))
+        return _train(model_cfg, tc, out_dir, on_log=on_log, on_start=on_start, init_params=init_params,
+                      tokenizer=tokenizer)
+
+
+def _train(model_cfg: GPTConfig, tc: TrainConfig, out_dir: Any, *, on_log: Callable[[dict], None] | None,
+           on_start: Callable[[Platform, dict], None] | None, init_params: nnx.State | None,
+           tokenizer: Tokenizer | None) -> dict:
     data = dataset_dir(tc.data_dir, tc.dataset)
     data_meta = read_meta(data)
+    check_dataset(data, data_meta)
     if data_meta["vocab_size"] > model_cfg.vocab_size:
         raise UserError(f"dataset {tc.dataset} has a vocabulary of {data_meta['vocab_size']} tokens but the model only "
                         f"{model_cfg.vocab_size}; raise --vocab_size")
@@ -268,12 +308,17 @@ def train(model_cfg: GPTConfig, tc: TrainConfig, *, on_log: Callable[[dict], Non
     eval_samplers = {s: BatchSampler(data / f"{s}.bin", model_cfg.block_size, tc.batch_size, seed=tc.seed, rows=rows,
                                      dtype=data_meta["dtype"]) for s in ("train", "val")}
     main = jax.process_index() == 0  # only process 0 logs, plots and draws the bar
-    _, _, state = init_state(model_cfg, tc, mesh)
+    # Sizes first, allocation after: the parameters and optimizer state (abstract, as laid out on the
+    # mesh), then the compiled step (its arguments are that state) must fit, or nothing is allocated.
+    abstract = abstract_train_state(model_cfg, tc, mesh)
+    platform.check_state_fits(platform.bytes_per_device(abstract), "the parameters and optimizer state",
+                              f"a smaller model, or shard them with --mesh_fsdp=N (N devices; now {tc.mesh_fsdp})")
+    batch = lambda step: tuple(to_global(a) for a in samplers["train"].get(step))  # noqa: E731
+    train_step, eval_graphdef, plat, memory = compile_train_step(model_cfg, tc, abstract, *batch(0), 0)
+    _, _, state = init_state(model_cfg, tc, mesh, remat=plat.remat, attention=plat.attention)
     if init_params is not None and not tc.resume:  # fine-tuning: these weights, laid out like the fresh ones
         copy = lambda new, old: jax.device_put(np.asarray(new), old.sharding)  # noqa: E731  (the step donates it)
         state = TrainState(jax.tree.map(copy, init_params, state.params), state.opt_state)
-    batch = lambda step: tuple(to_global(a) for a in samplers["train"].get(step))  # noqa: E731
-    train_step, eval_graphdef, plat, memory = compile_train_step(model_cfg, tc, state, *batch(0), 0)
     rundir.preflight(out_dir, sum(a.nbytes for a in jax.tree.leaves(state)))
     check_shared_folder(out_dir)
     ckpt = Checkpointer(out_dir, tc.keep_checkpoints)
@@ -281,7 +326,8 @@ def train(model_cfg: GPTConfig, tc: TrainConfig, *, on_log: Callable[[dict], Non
     start = 0
     if tc.resume:
         if ckpt.latest_step() is None:
-            raise UserError(f"--resume given but {out_dir} has no checkpoint; drop --resume to start a new run")
+            raise UserError(f"--resume given but {out_dir} has no checkpoint; drop --resume to start a new run "
+                            f"(--resume=auto does either)")
         state, start = restore_latest(ckpt, state)
         if main:
             rundir.truncate_metrics(metrics_path, start)
@@ -304,63 +350,90 @@ def train(model_cfg: GPTConfig, tc: TrainConfig, *, on_log: Callable[[dict], Non
                    "model": model_cfg.to_dict(), "train": tc.to_dict(), "platform": plat.to_dict()})
 
     eval_step = make_eval_step(eval_graphdef, dataclasses.replace(tc, dtype=plat.dtype))
+    score_val = split_scorer(data / "val.bin", data_meta["dtype"], eval_graphdef, model_cfg, DTYPES[plat.dtype],
+                             to_device=lambda a: whole_batch(a, bsh), devices=mesh.size, tokenizer=tokenizer)
+    eval_s = 0.0  # time spent evaluating (time-to-loss runs exclude it)
     log = MetricsLog(tc.batch_size * tc.gradient_accumulation_steps * model_cfg.block_size, lr_schedule(tc))
     summary: dict[str, Any] = {"start_step": start, "out_dir": str(out_dir), "compile_s": memory["compile_s"]}
+    reached = -1  # the step whose evaluation ended the run
     bar = tqdm(total=tc.max_iters, initial=start, disable=not (tc.progress and main), unit="step", dynamic_ncols=True)
     t_begin = time.perf_counter()
     last_loss = math.nan
-    with stop_signals(sigterm=jax.process_count() == 1) as caught:
-        for step in range(start, tc.max_iters):
-            state, metrics = train_step(state, *batch(step), step)
-            log.step()
-            done = step + 1
-            if preempted(done):  # every host reaches this step together
-                caught.append(signal.SIGTERM)
-            is_eval = done % tc.eval_interval == 0 or done == tc.max_iters
-            if done % tc.log_interval == 0 or is_eval or step == start or caught:
-                log.add(done, metrics["loss"])
-            if log.pending and (log.due() or is_eval or step == start or caught):
-                records = log.fetch()
-                bad = next((r for r in records if not math.isfinite(r["train_loss"])), None)
-                if bad is not None:
+    try:
+        with stop_signals(sigterm=jax.process_count() == 1) as (caught, asked):
+            for step in range(start, tc.max_iters):
+                state, metrics = train_step(state, *batch(step), step)
+                log.step()
+                done = step + 1
+                if preempted(done):  # every host reaches this step together
+                    caught.append(asked[0] if asked else signal.SIGTERM)
+                is_eval = done % tc.eval_interval == 0 or done == tc.max_iters
+                if done % tc.log_interval == 0 or is_eval or step == start or caught:
+                    log.add(done, metrics["loss"])
+                if log.pending and (log.due() or is_eval or step == start or caught):
+                    records = log.fetch()
+                    bad = next((r for r in records if not math.isfinite(r["train_loss"])), None)
+                    if bad is not None:
+                        ckpt.wait()
+                        last = ckpt.latest_step()
+                        raise UserError(f"loss became {bad['train_loss']} at step {bad['step']}; stopped. The last good "
+                                        f"checkpoint ({'step ' + str(last) if last is not None else 'none'}) is kept in "
+                                        f"{out_dir}; lower --learning_rate or raise --warmup_iters and --resume")
+                    last_loss = records[-1]["train_loss"]
+                    if is_eval and records[-1]["step"] == done:
+                        t_eval = time.perf_counter()
+                        losses = estimate_loss(eval_step, state.params, eval_samplers, tc.eval_iters, to_global)
+                        if tc.eval_full:  # the whole val split instead of eval_iters sampled batches
+                            losses["val"] = score_val(state.params).loss
+                        eval_s += time.perf_counter() - t_eval
+                        records[-1].update(val_loss=losses["val"], eval_train_loss=losses["train"])
+                        if tc.eval_full:
+                            records[-1].update(time=time.time(), eval_s=eval_s)
+                        if done == tc.max_iters or 0 < tc.stop_loss and losses["val"] <= tc.stop_loss:
+                            final = score_val(state.params)  # the whole val split, for the summary
+                            records[-1].update(val_loss_full=final.loss, val_bpb=final.bits_per_byte)
+                            reached = done
+                        if not math.isfinite(losses["val"]):
+                            raise UserError(f"val loss became {losses['val']} at step {done}; not saved, last good "
+                                            f"checkpoint kept")
+                        save(done, losses["val"], losses["train"])
+                    if main:
+                        rundir.append_metrics(metrics_path, records)
+                    r = records[-1]
+                    bar.set_postfix(loss=f"{r['train_loss']:.4f}", lr=f"{r['lr']:.2e}", tok_s=f"{r['tokens_per_sec']:.0f}",
+                                    **({"val": f"{r['val_loss']:.4f}"} if "val_loss" in r else {}))
+                    for r in records if on_log else ():
+                        on_log(r)
+                    if is_eval and tc.plot and main:
+                        rundir.plot_metrics(metrics_path, out_dir / "loss.png")
+                bar.update(1)
+                if reached == done and done < tc.max_iters:  # --stop_loss reached
+                    break
+                if caught:  # finish the step, save it (unranked: not evaluated), then stop
+                    if not is_eval:
+                        save(done, math.inf, last_loss)
                     ckpt.wait()
-                    last = ckpt.latest_step()
-                    raise UserError(f"loss became {bad['train_loss']} at step {bad['step']}; stopped. The last good "
-                                    f"checkpoint ({'step ' + str(last) if last is not None else 'none'}) is kept in "
-                                    f"{out_dir}; lower --learning_rate or raise --warmup_iters and --resume")
-                last_loss = records[-1]["train_loss"]
-                if is_eval and records[-1]["step"] == done:
-                    losses = estimate_loss(eval_step, state.params, eval_samplers, tc.eval_iters, to_global)
-                    records[-1].update(val_loss=losses["val"], eval_train_loss=losses["train"])
-                    if not math.isfinite(losses["val"]):
-                        raise UserError(f"val loss became {losses['val']} at step {done}; not saved, last good "
-                                        f"checkpoint kept")
-                    save(done, losses["val"], losses["train"])
-                if main:
-                    rundir.append_metrics(metrics_path, records)
-                r = records[-1]
-                bar.set_postfix(loss=f"{r['train_loss']:.4f}", lr=f"{r['lr']:.2e}", tok_s=f"{r['tokens_per_sec']:.0f}",
-                                **({"val": f"{r['val_loss']:.4f}"} if "val_loss" in r else {}))
-                for r in records if on_log else ():
-                    on_log(r)
-                if is_eval and tc.plot and main:
-                    rundir.plot_metrics(metrics_path, out_dir / "loss.png")
-            bar.update(1)
-            if caught:  # finish the step, save it (unranked: not evaluated), then stop
-                if not is_eval:
-                    save(done, math.inf, last_loss)
-                ckpt.wait()
-                ckpt.close()
-                bar.close()
-                name = signal.Signals(caught[0]).name
-                raise Interrupted(caught[0], f"{name} at step {done}; checkpoint saved in {ckpt.directory / str(done)}; "
-                                  f"continue with --resume --out_dir={out_dir}")
+                    ckpt.close()
+                    bar.close()
+                    name = signal.Signals(caught[0]).name
+                    raise Interrupted(caught[0], f"{name} at step {done}; checkpoint saved in {ckpt.directory / str(done)}; "
+                                      f"continue with --resume --out_dir={out_dir}")
+    except paths.StorageError as e:  # a metrics or config write refused for good: say what survives
+        ckpt.abandon()
+        raise UserError(f"{e}; {ckpt.intact()}") from None
+    except BaseException:
+        ckpt.abandon()
+        raise
     bar.close()
     ckpt.wait()
     ckpt.close()
-    summary.update(steps=tc.max_iters - start, wall_s=time.perf_counter() - t_begin, final_step=tc.max_iters,
-                   platform=plat.to_dict())
-    evals = [r for r in rundir.read_metrics(metrics_path) if "val_loss" in r]
+    last_step = reached if reached > 0 else tc.max_iters
+    summary.update(steps=last_step - start, wall_s=time.perf_counter() - t_begin, final_step=last_step,
+                   platform=plat.to_dict(), eval_s=eval_s)
+    rows = rundir.read_metrics(metrics_path)
+    evals = [r for r in rows if "val_loss" in r]
     if evals:
         summary.update(val_loss=evals[-1]["val_loss"], best_val_loss=min(r["val_loss"] for r in evals))
+    if rows and "val_loss_full" in rows[-1]:
+        summary.update(val_loss_full=rows[-1]["val_loss_full"], val_bpb=rows[-1]["val_bpb"])
     return summary

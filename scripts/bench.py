@@ -6,6 +6,8 @@ contender runs in fresh processes, alternating; figures are min / median / max o
   python scripts/bench.py --preset=cpu --sections=train --remat=none --processes=7
   python scripts/bench.py --preset=cpu --whole_process --max_iters=600 --sections=train     # train.py vs PyTorch eager
   python scripts/bench.py --preset=cpu --whole_process --sections=generate   # generate.py vs nanoGPT-style sampling
+  python scripts/bench.py --preset=cpu --time_to_loss=1.8857 --processes=3   # seconds to a val loss: recipes vs PyTorch
+  python scripts/bench.py --preset=cpu --ablation --seeds=1,2,3   # each switch of the modern recipe on its own
   python scripts/bench.py --validate                              # on a GPU/TPU host: the checklist
   python scripts/bench.py --threads=4                             # both frameworks on 4 cores
 """
@@ -15,7 +17,7 @@ import json
 import sys
 
 from jaxgpt import GPTConfig, TrainConfig, cli
-from jaxgpt.config import PRESETS, build, explicit_flags, make_parser
+from jaxgpt.config import base_values, build, explicit_flags, make_parser
 from jaxgpt.errors import UserError
 
 SECTIONS = ("train", "memory", "generate")
@@ -45,6 +47,12 @@ def main(argv: list[str]) -> int:
     b.add_argument("--whole_process", action="store_true",
                    help="whole processes instead: scripts/train.py against the same training in PyTorch eager "
                         "(section train), scripts/generate.py against nanoGPT-style sampling (section generate)")
+    b.add_argument("--time_to_loss", type=float, metavar="LOSS",
+                   help="whole processes until the first whole-val-split evaluation <= LOSS: jaxgpt's nanogpt and modern "
+                        "recipes against nanoGPT's in PyTorch eager (benchmarks/time_to_loss.py)")
+    b.add_argument("--ablation", action="store_true", help="with --time_to_loss: each switch of the modern recipe alone")
+    b.add_argument("--seeds", default="1337", help="--ablation: comma-separated seeds (default: %(default)s)")
+    b.add_argument("--eval_every", type=int, default=50, help="--time_to_loss: steps between evaluations (default: %(default)s)")
     b.add_argument("--validate", action="store_true", help="the accelerator checklist (see benchmarks/validate.py)")
     b.add_argument("--validate_parity", default="model,generation,training,bf16",
                    help="--validate: parity groups to run on the device")
@@ -54,7 +62,7 @@ def main(argv: list[str]) -> int:
         raise UserError(f"unknown --sections {sorted(unknown)}; choose from {SECTIONS}")
     if args.processes < 1 or args.iters < 1 or args.warmup < 0:
         raise UserError("--processes and --iters must be >= 1 and --warmup >= 0")
-    base = PRESETS[args.preset]
+    base = base_values(args.preset, args.recipe or "nanogpt")
     cfg = dataclasses.replace(build(GPTConfig, args, base), dropout=0.0)  # dropout off: the same math on both sides
     tc = build(TrainConfig, args, base)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -62,7 +70,19 @@ def main(argv: list[str]) -> int:
 
     from benchmarks import harness as bench  # heavy imports after argument checks
     info = bench.machine()
-    if args.validate:
+    if args.time_to_loss is not None:
+        from benchmarks import time_to_loss as ttl
+        preset_flags = [f"--preset={args.preset}"] + [f"--{k}={v}" for k, v in explicit_flags(args, GPTConfig).items()]
+        if args.ablation:
+            figures, records = ttl.ablation(preset_flags, args.time_to_loss, [int(s) for s in args.seeds.split(",")],
+                                            args.eval_every, args.max_iters, log)
+            for record in records:
+                print(json.dumps({"run": record}))
+        else:
+            figures = ttl.time_to_loss(preset_flags, args.time_to_loss, args.processes, args.eval_every, log)
+    elif args.ablation:
+        raise UserError("--ablation needs --time_to_loss=LOSS (the loss each run must reach)")
+    elif args.validate:
         from benchmarks.validate import validate
         figures = validate(build(GPTConfig, args, base), tc, args.validate_parity.split(","), log)
     elif args.whole_process:

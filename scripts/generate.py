@@ -45,6 +45,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: %(default)s)")
     p.add_argument("--num_samples", type=int, default=1, help="decoded together as one batch")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--past_context", choices=["crop", "slide"], default="crop",
+                   help="past block_size: 'crop' = nanoGPT's exact last-block_size window (recomputed each token); "
+                        "'slide' (RoPE models) = a rolling KV cache, sliding-window attention, no recomputation")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print tokens as they come (default: on for a single sample)")
     p.add_argument("--progress", type=parse_bool, nargs="?", const=True, default=True, metavar="BOOL",
@@ -72,7 +75,8 @@ def main(argv: list[str]) -> int:
     print(f"# {args.checkpoint or args.out_dir} step {info.get('step')}, val loss {info.get('val_loss')}", file=sys.stderr)
     if len(ids[0]) > model.config.block_size:
         print(f"# prompt is {len(ids[0])} tokens; the model sees its last {model.config.block_size}", file=sys.stderr)
-    sampling = dict(temperature=args.temperature, top_k=top_k, top_p=args.top_p, key=jax.random.key(args.seed))
+    sampling = dict(temperature=args.temperature, top_k=top_k, top_p=args.top_p, key=jax.random.key(args.seed),
+                    past_context=args.past_context)
     if stream:  # token by token as the device produces them
         decoder = tok.stream_decoder()
 

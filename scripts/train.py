@@ -3,6 +3,7 @@
   python scripts/train.py --dataset=shakespeare --batch_size=64 --block_size=256 --n_embd=384 \\
       --n_head=6 --n_layer=6 --max_iters=5000          # the seed's GPU config (the defaults)
   python scripts/train.py --preset=cpu                  # nanoGPT's CPU config, minutes on 2 cores
+  python scripts/train.py --preset=cpu --recipe=modern  # the modern recipe (RoPE, RMSNorm, Muon, ...) at that size
   python scripts/train.py --out_dir=out/x --resume      # continue a run where it stopped
   python scripts/train.py --preset=finetune --init_from=HF_DIR --data_dir=data_gpt2   # fine-tune (prepare.py --tokenizer)
 """
@@ -12,8 +13,8 @@ from pathlib import Path
 import jax
 from flax import nnx
 
-from jaxgpt import GPTConfig, TrainConfig, cli
-from jaxgpt.config import PRESETS, explicit_flags, make_parser
+from jaxgpt import GPTConfig, TrainConfig, cli, paths
+from jaxgpt.config import base_values, explicit_flags, make_parser
 from jaxgpt.data import prepare_if_missing, read_meta
 from jaxgpt.model import crop_block_size
 from jaxgpt.platform import tune_host_allocator
@@ -36,7 +37,8 @@ def main(argv: list[str]) -> int:
     cli.apply_compile_cache(args.compile_cache)
     if args.distributed or args.coordinator_address:
         init_distributed(args.coordinator_address, args.num_processes, args.process_id)
-    model_flags, train_flags, preset = explicit_flags(args, GPTConfig), explicit_flags(args, TrainConfig), PRESETS[args.preset]
+    model_flags, train_flags = explicit_flags(args, GPTConfig), explicit_flags(args, TrainConfig)
+    preset = base_values(args.preset, train_flags.get("recipe", "nanogpt"))  # the size preset, then the recipe
     main_process = jax.process_index() == 0
     data_dir, dataset = train_flags.get("data_dir", "data"), train_flags.get("dataset", preset.get("dataset", "shakespeare"))
     if (meta := prepare_if_missing(data_dir, dataset)) is not None and main_process:
@@ -48,7 +50,10 @@ def main(argv: list[str]) -> int:
         model, info = load_any(train_flags["init_from"])
         init_cfg, tokenizer = model.config, need_tokenizer(model, info, train_flags["init_from"])
     data_vocab = read_meta(f"{data_dir}/{dataset}")["vocab_size"] if Path(data_dir, dataset, "meta.json").is_file() else None
+    paths.check_gcs(train_flags.get("out_dir") or f"out/{dataset}")  # an unreachable bucket: one line, before anything
     model_cfg, tc = resolve_configs(model_flags, train_flags, preset, init_cfg, data_vocab)
+    if train_flags.get("resume") == "auto" and main_process:
+        print(f"resume=auto: {'continuing the run in' if tc.resume else 'no committed checkpoint: a new run in'} {tc.out_dir}")
     if init_cfg is not None:
         init = nnx.state(crop_block_size(model, model_cfg.block_size), nnx.Param)
     if main_process:
@@ -70,7 +75,9 @@ def main(argv: list[str]) -> int:
     if main_process:
         print(f"done: {summary['final_step']} steps in {summary['wall_s']:.1f} s "
               f"({summary['wall_s'] / max(summary['steps'], 1) * 1000:.1f} ms/step incl. eval), "
-              f"val loss {summary.get('val_loss', float('nan')):.4f}, best {summary.get('best_val_loss', float('nan')):.4f}; "
+              f"val loss {summary.get('val_loss', float('nan')):.4f}, best {summary.get('best_val_loss', float('nan')):.4f}, "
+              f"whole val split {summary.get('val_loss_full', float('nan')):.4f} ({summary.get('val_bpb') or float('nan'):.4f} "
+              f"bits/byte); "
               f"checkpoints in {tc.out_dir}/checkpoints")
     return 0
 

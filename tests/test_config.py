@@ -47,3 +47,32 @@ def test_cli_bad_values_raise_user_error(flag):
     parser = make_parser("t", GPTConfig, TrainConfig, presets=True)
     with pytest.raises(UserError):
         parser.parse_args([flag])
+
+
+def test_recipe_composes_with_the_preset_and_explicit_flags_win():
+    from jaxgpt.config import base_values
+
+    parser = make_parser("t", GPTConfig, TrainConfig, presets=True)
+    args = parser.parse_args(["--preset=cpu", "--recipe=modern", "--muon_lr=0.03", "--qk_norm=false"])
+    base = base_values(args.preset, args.recipe)
+    model, train = build(GPTConfig, args, base), build(TrainConfig, args, base)
+    assert (model.n_layer, model.n_embd, model.block_size, train.batch_size) == (4, 128, 64, 12)  # the cpu preset's size
+    assert model.pos_embedding == "rope" and model.norm == "rmsnorm" and not model.qk_norm  # recipe, then the flag
+    assert train.optimizer == "muon" and train.muon_lr == 0.03 and train.recipe == "modern"
+    assert base_values("cpu", "nanogpt") == PRESETS["cpu"]  # the default recipe changes nothing
+
+
+@pytest.mark.parametrize("kwargs, field", [(dict(pos_embedding="alibi"), "pos_embedding"), (dict(norm="batch"), "norm"),
+                                           (dict(activation="swish"), "activation"), (dict(logit_softcap=-1.0), "logit_softcap"),
+                                           (dict(pos_embedding="rope", n_embd=12, n_head=4), "even"),
+                                           (dict(qk_norm=1), "qk_norm"), (dict(rope_base=0.5), "rope_base")])
+def test_invalid_switches_name_the_field(kwargs, field):
+    with pytest.raises(UserError, match=field):
+        GPTConfig(**{"n_layer": 1, "n_head": 2, "n_embd": 32, **kwargs})
+
+
+def test_invalid_optimizer_settings_name_the_flag():
+    for kwargs, flag in [(dict(optimizer="sgd"), "--optimizer"), (dict(muon_momentum=1.0), "--muon_momentum"),
+                         (dict(recipe="speedrun"), "--recipe"), (dict(stop_loss=-1.0), "--stop_loss")]:
+        with pytest.raises(UserError, match=flag):
+            TrainConfig(**kwargs)

@@ -7,7 +7,7 @@ from flax import nnx
 
 import torchref
 from formats.io import load_any, save_jaxgpt, save_pt, save_safetensors
-from formats.table import flat_params, from_torch_state_dict
+from formats.table import NANOGPT_ARGS, flat_params, from_torch_state_dict
 from jaxgpt import GPT, GPTConfig, UserError
 from jaxgpt.tokenizer import load_meta_pkl
 from parity.checks import jax_logits, torch_logits
@@ -78,7 +78,8 @@ def test_all_formats_round_trip_bit_exactly(tmp_path):
     loaded = torch.load(tmp_path / "a.pt", weights_only=True)
     t = torchref.GPT(CFG)
     t.load_state_dict(loaded["model"])  # strict: nanoGPT's module accepts it as is
-    assert loaded["model_args"] == CFG.to_dict()
+    # nanoGPT's GPTConfig(**model_args) takes exactly its own keys (the model's other fields are at nanoGPT's values)
+    assert loaded["model_args"] == {k: v for k, v in CFG.to_dict().items() if k in NANOGPT_ARGS}
 
 
 class _Evil:
@@ -125,3 +126,47 @@ def test_truncated_pt_gets_a_clear_error(tmp_path):
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="cannot read"):
         load_any(tmp_path / "cut.pt")
+
+
+MODERN = GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, bias=False, pos_embedding="rope", norm="rmsnorm",
+                   qk_norm=True, activation="relu2", tie_embeddings=False, logit_softcap=15.0)
+
+
+def test_modern_models_round_trip_through_safetensors_and_run_folders(tmp_path):
+    model = GPT(MODERN, rngs=nnx.Rngs(4))
+    model.eval()
+    idx = np.random.default_rng(0).integers(0, 256, (2, 16))
+    save_safetensors(model, tmp_path / "m.safetensors", {"step": 7})
+    save_jaxgpt(model, tmp_path / "run", {"step": 7})
+    for path in (tmp_path / "m.safetensors", tmp_path / "run"):
+        back, info = load_any(path)
+        assert back.config == model.config, path
+        a, b = flat_params(model), flat_params(back)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+        np.testing.assert_array_equal(jax_logits(back, idx), jax_logits(model, idx))
+
+
+@pytest.mark.parametrize("switch", [dict(pos_embedding="rope"), dict(norm="rmsnorm"), dict(qk_norm=True),
+                                    dict(activation="relu2"), dict(tie_embeddings=False), dict(logit_softcap=30.0)])
+def test_nanogpt_and_hf_formats_refuse_what_they_cannot_hold_naming_the_field(tmp_path, switch):
+    from formats.hf import write_hf
+
+    model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32, **switch), rngs=nnx.Rngs(0))
+    field = next(iter(switch))
+    with pytest.raises(UserError, match=f"ckpt.pt cannot hold this model \\({field}="):
+        save_pt(model, tmp_path / "x.pt", {})
+    (tmp_path / "hf").mkdir()
+    with pytest.raises(UserError, match=f"GPT-2 folder cannot hold this model \\({field}="):
+        write_hf(model, tmp_path / "hf", None)
+    assert not (tmp_path / "x.pt").exists() and not any((tmp_path / "hf").iterdir())
+
+
+def test_nanogpt_models_keep_their_model_args_and_zero_init_converts(tmp_path):
+    """A default model's ckpt.pt carries no recipe field; zero_init_proj only changes the init, so it converts."""
+    from formats.table import model_args_from_config
+
+    assert set(model_args_from_config(CFG)) == set(NANOGPT_ARGS)
+    assert model_args_from_config(GPTConfig(activation="gelu_tanh"))["activation"] == "gelu_tanh"  # GPT-2's, kept
+    model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32, zero_init_proj=True), rngs=nnx.Rngs(0))
+    save_pt(model, tmp_path / "z.pt", {})
+    assert load_any(tmp_path / "z.pt")[0].config.zero_init_proj

@@ -65,3 +65,19 @@ def test_attention_path_per_config_in_the_cuda_programs(monkeypatch):
         paths[name] = (bool(ex.custom_calls(train) & set(ex.CUDNN_ATTENTION)),
                        bool(ex.custom_calls(evaluation) & set(ex.CUDNN_ATTENTION)))
     assert paths == {"seed (dropout 0.2)": (False, True), "dropout 0": (True, True)}, paths
+
+
+MODERN = dataclasses.replace(SEED, dropout=0.0, pos_embedding="rope", norm="rmsnorm", qk_norm=True, activation="relu2",
+                             tie_embeddings=False, zero_init_proj=True, logit_softcap=15.0)
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_the_modern_recipe_exports_for_accelerators(mesh, platform):
+    """The modern recipe's train step (Muon beside AdamW, bf16 compute) on the data x fsdp mesh, and
+    its decode chunks: cached, crossing block_size, and the rolling RoPE cache ('cache' past it)."""
+    tc = dataclasses.replace(TC, dtype="bfloat16", optimizer="muon")
+    exported = ex.export_train_step(MODERN, tc, (platform,), mesh, "none")
+    assert exported.nr_devices == 8 and "bf16" in exported.mlir_module()
+    _assert_clean(exported, f"modern train step ({platform})")
+    for mode in ("cache", "mixed", "window"):
+        _assert_clean(ex.export_decode_step(MODERN, 4, (platform,), "bfloat16", mode=mode), f"modern decode {mode}")

@@ -19,6 +19,7 @@ import pytest
 from jaxgpt.data import prepare_text
 from jaxgpt.platform import default_compile_cache
 from parity.rows import synthetic_corpus
+from tests.fault_proxy import FaultProxy
 from tests.gcs_emulator import Emulator, available
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(available() is not None, reason=f"the Cloud Storage emulator needs it: {available()}")]
@@ -200,3 +201,48 @@ def test_two_hosts_on_gcs_survive_sigkill_and_preemption_and_resume_on_two_and_o
     got = [loss for _, loss, _ in metrics(gcs, run)]
     assert len(got) == 120 and got[:step + 10] == [loss for _, loss in straight[:step + 10]]
     assert max(abs(a - b) / b for a, (_, b) in zip(got, straight, strict=True)) <= 1e-5
+
+
+def test_storage_faults_are_retried_stalls_time_out_and_a_failed_save_keeps_the_last_checkpoint(gcs, bucket, tmp_path):
+    """Through a fault-injecting proxy in front of the emulator (loopback): (1) 15 % of requests answered
+    429/500/503 or dropped: the run completes, losses as without faults; (2) an endpoint that accepts
+    connections but never answers: --resume ends in one line, within the timeouts, instead of hanging;
+    (3) writes refused for good mid-run: one line naming the intact checkpoint, and --resume=auto
+    continues from it once the storage answers again."""
+    host = host_dir(tmp_path, "host")
+    proxy = FaultProxy(gcs.url, seed=3)
+    env = {**env_for(gcs), "STORAGE_EMULATOR_HOST": proxy.url, "JAXGPT_GCS_TIMEOUT": "3"}
+    run = f"{bucket}/faulty"
+
+    def launch(*args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *FLAGS, f"--out_dir={run}", *args],
+                                cwd=host, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        finish(train(host, gcs, "--max_iters=8", "--out_dir=out/clean"))
+        clean = [(r["step"], r["train_loss"]) for r in map(json.loads, (host / "out/clean/metrics.jsonl").read_text().splitlines())]
+        proxy.set(fail=0.12, drop=0.03)
+        finish(launch("--max_iters=8"), timeout=600)
+        faults = {k: v for k, v in proxy.counts.items() if k != "requests"}
+        assert sum(faults.values()) >= 10, proxy.counts
+        assert [(s, loss) for s, loss, _ in metrics(gcs, run)] == clean and committed(gcs, run, 8)
+
+        proxy.set(stall=1.0)
+        t = time.time()
+        err = finish(launch("--max_iters=12", "--resume"), 2, timeout=300)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: cannot reach gs://jaxgpt-test/faulty"), err[-2000:]
+        assert time.time() - t < 120, f"gave up only after {time.time() - t:.0f} s"
+
+        proxy.set()
+        proc = launch("--max_iters=16", "--resume=auto")
+        wait_for(lambda: any(s >= 10 for s, *_ in metrics(gcs, run)), proc)
+        proxy.set(fail=1.0, codes=(403,), methods=("POST", "PUT"))
+        err = finish(proc, 2, timeout=300)
+        lines = [line for line in err.splitlines() if line.strip()]
+        # the first write refused may be the checkpoint's or the metrics' (timing): either way one line saying what is intact
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "is intact" in lines[0], err[-2000:]
+        proxy.set()
+        out = finish(launch("--max_iters=16", "--resume=auto"), timeout=300)
+        assert committed(gcs, run, 16) and [s for s, *_ in metrics(gcs, run)] == list(range(1, 17)), out[-2000:]
+    finally:
+        proxy.close()

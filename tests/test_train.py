@@ -8,8 +8,8 @@ import pytest
 
 from jaxgpt import GPTConfig, TrainConfig, UserError
 from jaxgpt.data import prepare_text
-from jaxgpt.rundir import resolve_configs
 from jaxgpt.optim import decay_mask, lr_schedule, make_optimizer
+from jaxgpt.rundir import resolve_configs
 from jaxgpt.train import init_state, make_train_step, train
 from parity.checks import synthetic_corpus
 

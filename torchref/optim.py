@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from jaxgpt.config import TrainConfig
-from jaxgpt.optim import NS_COEFFS, NS_EPS, NS_STEPS
+from jaxgpt.config import NS_COEFFS, NS_EPS, NS_STEPS, TrainConfig
 from torchref.model import GPT
 
 

@@ -54,26 +54,45 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     return tc.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (tc.learning_rate - tc.min_lr)
 
 
+@torch.no_grad()
+def full_split_loss(model: GPT, tokens: np.ndarray, block_size: int, batch_size: int = 128) -> float:
+    """Mean loss over every token of a split (jaxgpt.data.eval_windows: the same windows as jaxgpt)."""
+    from jaxgpt.data import eval_batches
+
+    model.eval()
+    total, count = 0.0, 0
+    for x, y, mask in eval_batches(tokens, block_size, batch_size):
+        losses = F.cross_entropy(model(torch.from_numpy(x).long()).flatten(0, 1), torch.from_numpy(y).long().flatten(),
+                                 reduction="none")
+        total += float(losses[torch.from_numpy(mask).flatten()].double().sum())
+        count += int(mask.sum())
+    return total / count
+
+
 def main(argv: list[str]) -> int:
-    from jaxgpt.config import PRESETS, GPTConfig, explicit_flags, make_parser
+    import json
+
+    from jaxgpt.config import GPTConfig, base_values, explicit_flags, make_parser
     from jaxgpt.data import BatchSampler, dataset_dir
 
     p = make_parser(__doc__, GPTConfig, TrainConfig, presets=True)
     args = p.parse_args(argv)
-    preset = PRESETS[args.preset]
+    train_flags = explicit_flags(args, TrainConfig)
+    preset = base_values(args.preset, train_flags.get("recipe", "nanogpt"))
     pick = lambda cls: {k: v for k, v in preset.items() if k in cls.__dataclass_fields__}  # noqa: E731
     cfg = GPTConfig(**{**pick(GPTConfig), **explicit_flags(args, GPTConfig)})
-    tc = TrainConfig(**{**pick(TrainConfig), **explicit_flags(args, TrainConfig)})
+    tc = TrainConfig(**{**pick(TrainConfig), **train_flags})
     torch.manual_seed(tc.seed)
     data = dataset_dir(tc.data_dir, tc.dataset)
     samplers = {s: BatchSampler(data / f"{s}.bin", cfg.block_size, tc.batch_size, seed=tc.seed,
                                 accum=tc.gradient_accumulation_steps) for s in ("train", "val")}
+    val_tokens = np.fromfile(data / "val.bin", dtype=np.uint8) if tc.eval_full else None
     model = GPT(cfg)
     opt = make_optimizer(model, tc)
     as_torch = lambda a: torch.from_numpy(a.astype(np.int64))  # noqa: E731
     out = Path(tc.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    best, t0 = math.inf, time.perf_counter()
+    best, t0, eval_s = math.inf, time.perf_counter(), 0.0
     for step in range(tc.max_iters):
         x, y = samplers["train"].get(step)
         loss = train_step(model, opt, as_torch(x), as_torch(y), lr_at(step, tc), tc)  # .item(): a sync
@@ -81,17 +100,25 @@ def main(argv: list[str]) -> int:
         if done % tc.log_interval == 0:
             print(f"step {done}: loss {loss:.4f}")
         if done % tc.eval_interval == 0 or done == tc.max_iters:
+            t_eval = time.perf_counter()
             model.eval()
             with torch.no_grad():
                 losses = {s: float(np.mean([F.cross_entropy(model(as_torch(xv[0])).flatten(0, 1), as_torch(yv[0]).flatten())
                                             for xv, yv in (sampler.get(i, stream=1) for i in range(tc.eval_iters))]))
                           for s, sampler in samplers.items()}
+            if val_tokens is not None:  # the whole val split, as jaxgpt's --eval_full
+                losses["val"] = full_split_loss(model, val_tokens, cfg.block_size)
+            eval_s += time.perf_counter() - t_eval
             print(f"step {done}: train {losses['train']:.4f}, val {losses['val']:.4f}")
+            if tc.eval_full:  # for the time-to-loss benchmark (benchmarks/harness.py)
+                print(json.dumps({"step": done, "val_loss": losses["val"], "time": time.time(), "eval_s": eval_s}), flush=True)
             if losses["val"] < best:
                 best = losses["val"]
                 torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "iter_num": done,
                             "best_val_loss": best, "model_args": cfg.to_dict()}, out / "ckpt.pt")
-    print(f"done: {tc.max_iters} steps in {time.perf_counter() - t0:.1f} s, best val {best:.4f}")
+            if 0 < tc.stop_loss and losses["val"] <= tc.stop_loss:
+                break
+    print(f"done: {done} steps in {time.perf_counter() - t0:.1f} s, best val {best:.4f}")
     return 0
 
 

@@ -1,0 +1,161 @@
+"""Time to a target loss, as whole processes: `scripts/bench.py --time_to_loss=LOSS` (jaxgpt's recipes
+against nanoGPT's CPU recipe in plain PyTorch eager) and `--ablation` (each switch of the modern
+recipe on its own, over seeds).
+
+Every contender evaluates the *whole* val split (deterministic windows, jaxgpt.data.eval_windows,
+the same on both sides) every `eval_interval` steps and stops at the first evaluation at or below
+LOSS. Time to loss = wall clock from launching the process until that evaluation, minus the time
+spent in evaluations (each side measures its own and both exclude it): start-up, compilation and
+training count, evaluation does not. jaxgpt's compilation cache is warmed by one untimed run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import ROOT, Figure, figure
+
+# contender -> command-line flags on top of the preset ("pytorch" runs torchref.train)
+CONTENDERS: dict[str, list[str]] = {
+    "pytorch nanogpt": [],
+    "jaxgpt nanogpt": [],
+    "jaxgpt modern": ["--recipe=modern"],
+}
+# the ablation: nanoGPT's CPU recipe with one switch (or Muon) at a time, then the full recipe
+ABLATION: dict[str, list[str]] = {
+    "nanogpt": [],
+    "rope": ["--pos_embedding=rope"],
+    "rmsnorm": ["--norm=rmsnorm"],
+    "qk_norm": ["--qk_norm=true"],
+    "relu2": ["--activation=relu2"],
+    "untied head": ["--tie_embeddings=false"],
+    "zero-init projections": ["--zero_init_proj=true"],
+    "softcap 15": ["--logit_softcap=15"],
+    "muon": ["--optimizer=muon"],
+    "modern (full recipe)": ["--recipe=modern"],
+}
+
+
+def _command(name: str, flags: list[str], out_dir: Path) -> list[str]:
+    if name.startswith("pytorch"):
+        return [sys.executable, "-m", "torchref.train", *flags, f"--out_dir={out_dir}"]
+    return [sys.executable, str(ROOT / "scripts" / "train.py"), "--progress=false", "--plot=false", *flags,
+            f"--out_dir={out_dir}"]
+
+
+def _evaluations(name: str, out_dir: Path, stdout: str) -> list[dict[str, Any]]:
+    """The evaluation records (step, val_loss, time, eval_s) a run left: jaxgpt's metrics.jsonl,
+    torchref.train's JSON lines."""
+    if name.startswith("pytorch"):
+        lines = [line for line in stdout.splitlines() if line.startswith('{"step"')]
+    else:
+        path = out_dir / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+    return [r for r in map(json.loads, lines) if "val_loss" in r and "eval_s" in r]
+
+
+def run_to_loss(name: str, flags: list[str], loss: float, work: Path, env: dict[str, str], tag: str) -> dict[str, Any]:
+    """One whole process until its first evaluation <= loss (or its last step)."""
+    out_dir = work / f"out-{tag}"
+    launch = time.time()
+    proc = subprocess.run(_command(name, [*flags, f"--stop_loss={loss}"], out_dir), capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=7200)
+    wall = time.time() - launch
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
+    evals = _evaluations(name, out_dir, proc.stdout)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    hit = next((r for r in evals if r["val_loss"] <= loss), None)
+    last = evals[-1] if evals else {"step": 0, "val_loss": float("nan")}
+    return {"name": name, "reached": hit is not None, "steps": hit["step"] if hit else None,
+            "seconds": hit["time"] - hit["eval_s"] - launch if hit else None, "final_val_loss": last["val_loss"],
+            "final_step": last["step"], "wall_s": wall, "eval_s": last.get("eval_s", 0.0)}
+
+
+def _work() -> tuple[Path, dict[str, str], list[str]]:
+    from jaxgpt.data import prepare_shakespeare
+
+    work = Path(tempfile.mkdtemp(prefix="jaxgpt-ttl-"))
+    prepare_shakespeare(work / "data")
+    return work, {**os.environ, "XDG_CACHE_HOME": str(work / "cache")}, [f"--data_dir={work / 'data'}"]
+
+
+def _figures(section: str, runs: dict[str, list[dict[str, Any]]], loss: float, base: str | None) -> list[Figure]:
+    out = []
+    for name, rs in runs.items():
+        hit = [r for r in rs if r["reached"]]
+        note = f"{len(hit)}/{len(rs)} runs reached {loss}" + (
+            "" if len(hit) == len(rs) else f"; final val {statistics.median(r['final_val_loss'] for r in rs):.4f}")
+        if hit:
+            out.append(figure(section, f"{name}: seconds to val {loss}", ([r["seconds"] for r in hit]), "s", note))
+            out.append(figure(section, f"{name}: steps to val {loss}", ([float(r["steps"]) for r in hit]), "steps",
+                              note))
+        else:
+            out.append(figure(section, f"{name}: val loss at its last step", ([r["final_val_loss"] for r in rs]),
+                              "nats", note))
+    if base is not None and runs[base] and all(r["reached"] for r in runs[base]):
+        for name, rs in runs.items():
+            pairs = [(a["seconds"], b["seconds"]) for a, b in zip(rs, runs[base], strict=True) if a["reached"]]
+            if name != base and pairs:
+                out.append(figure(section, f"{name} / {base} seconds", ([a / b for a, b in pairs]), "x",
+                                  f"{len(pairs)} rounds, per-round ratio"))
+    return out
+
+
+def time_to_loss(preset_flags: list[str], loss: float, processes: int, eval_interval: int,
+                 log: Callable[[str], None] = print) -> list[Figure]:
+    """The CONTENDERS in alternation (the first rotating), `processes` rounds."""
+    work, env, data = _work()
+    flags = [*preset_flags, *data, "--eval_full=true", f"--eval_interval={eval_interval}"]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in CONTENDERS}
+    try:
+        for name, extra in CONTENDERS.items():  # warm jaxgpt's compilation cache (untimed): the user's steady state
+            if not name.startswith("pytorch"):
+                run_to_loss(name, [*flags, *extra], 100.0, work, env, "warm")
+        for r in range(processes):
+            names = list(CONTENDERS)
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                result = run_to_loss(name, [*flags, *CONTENDERS[name]], loss, work, env, f"{r}")
+                runs[name].append(result)
+                log(f"  round {r + 1}/{processes} {name}: " + (f"{result['seconds']:.1f} s, {result['steps']} steps"
+                    if result["reached"] else f"not reached, val {result['final_val_loss']:.4f}"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return _figures("time to loss", runs, loss, "pytorch nanogpt")
+
+
+def ablation(preset_flags: list[str], loss: float, seeds: list[int], eval_interval: int, max_iters: int | None,
+             log: Callable[[str], None] = print, only: list[str] | None = None) -> tuple[list[Figure], list[dict]]:
+    """Each ABLATION row for every seed (jaxgpt only), up to max_iters steps (None: the preset's or the
+    recipe's own); every run's record is returned too."""
+    work, env, data = _work()
+    rows = {k: v for k, v in ABLATION.items() if not only or k in only}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in rows}
+    records = []
+    try:
+        run_to_loss("jaxgpt", [*preset_flags, *data, "--eval_full=true", f"--eval_interval={eval_interval}",
+                               "--max_iters=2"], 100.0, work, env, "warm")
+        for seed in seeds:
+            for name, extra in rows.items():
+                iters = [f"--max_iters={max_iters}"] if max_iters else []
+                flags = [*preset_flags, *data, "--eval_full=true", f"--eval_interval={eval_interval}", f"--seed={seed}",
+                         *extra, *iters]
+                result = {**run_to_loss(f"jaxgpt {name}", flags, loss, work, env, f"{seed}"), "seed": seed,
+                          "flags": " ".join(extra + iters)}
+                runs[name].append(result)
+                records.append(result)
+                log(f"  seed {seed} {name}: " + (f"{result['seconds']:.1f} s, {result['steps']} steps" if result["reached"]
+                                                  else f"not reached, val {result['final_val_loss']:.4f} at step "
+                                                       f"{result['final_step']}"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return _figures("ablation", runs, loss, "nanogpt"), records
