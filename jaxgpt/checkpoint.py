@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -164,3 +165,20 @@ def load_model(path: str | Path, which: str = "best") -> tuple[GPT, dict[str, An
 def abstract_like(tree: Any) -> Any:
     """ShapeDtypeStructs (with shardings) of a pytree of arrays: a restore target."""
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
+
+
+def restore_latest(ckpt: Checkpointer, state: Any) -> tuple[Any, int]:
+    """The newest checkpoint that restores; an unreadable one (cut short by a crash, damaged
+    on disk) is reported, moved aside and the next older one tried — never loaded silently."""
+    for step in reversed(ckpt.steps()):
+        try:  # storage that does not answer is retried, then reported: it is not a damaged checkpoint
+            restored = paths.retrying(f"restoring checkpoint {step} from {ckpt.directory}", ckpt.restore, step,
+                                      abstract_like(state.params), abstract_like(state.opt_state))
+            return type(state)(restored["params"], restored["opt_state"]), step
+        except UserError:
+            raise
+        except Exception as e:  # orbax/tensorstore: truncated or missing files
+            where = ckpt.quarantine(step)
+            warnings.warn(f"checkpoint step {step} is unreadable ({type(e).__name__}: {str(e)[:120]}); "
+                          f"moved to {where}, trying an older one", stacklevel=2)
+    raise UserError(f"no readable checkpoint left in {ckpt.directory}; start a new run without --resume")

@@ -139,6 +139,11 @@ class TrainConfig:
     optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon on the blocks' matrices, AdamW on the rest
     muon_lr: float = 0.02  # Muon's peak learning rate (spectral norm per step); learning_rate stays AdamW's
     muon_momentum: float = 0.95
+    # tracking (jaxgpt/tracking.py): metrics.jsonl always; TensorBoard event files in <out_dir>/tb; W&B as nanoGPT
+    tensorboard: bool = False
+    wandb_log: bool = False
+    wandb_project: str = "jaxgpt"
+    wandb_run_name: str = ""  # "" = a name W&B picks
     # evaluation
     eval_full: bool = False  # evaluate on the whole val split (deterministic windows) instead of eval_iters batches
     stop_loss: float = 0.0  # > 0: stop at the first evaluation whose val loss is <= this (time-to-loss runs)
@@ -196,11 +201,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     "nanogpt": {},
     "modern": dict(pos_embedding="rope", norm="rmsnorm", qk_norm=True, activation="relu2", tie_embeddings=False,
                    zero_init_proj=True, logit_softcap=15.0, optimizer="muon", muon_lr=0.02, muon_momentum=0.95,
-                   learning_rate=3e-3, min_lr=3e-4, weight_decay=0.0),
+                   learning_rate=0.03, min_lr=0.003, beta1=0.8, beta2=0.95, weight_decay=0.0),
 }
-# what a recipe changes for one preset: its own iteration count and schedule
+# what a recipe changes for one preset: its own batch, iteration count and schedule (the CPU preset's:
+# 16 x 64 tokens per step for 200 steps, BENCHMARKS.md "Time to quality"; other presets keep theirs)
 RECIPE_FOR_PRESET: dict[tuple[str, str], dict[str, Any]] = {
-    ("modern", "cpu"): dict(max_iters=800, lr_decay_iters=800, warmup_iters=50),
+    ("modern", "cpu"): dict(batch_size=16, max_iters=200, lr_decay_iters=200, warmup_iters=20),
 }
 
 

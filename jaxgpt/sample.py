@@ -68,6 +68,26 @@ def pick(logits: jax.Array, u: jax.Array, temperature: float, top_k: int | None,
     return jnp.minimum(token, logits.shape[-1] - 1).astype(jnp.int32)
 
 
+def pick_rows(logits: jax.Array, u: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """pick() with parameters per row, (B,) arrays: the server's slots each sample with their own
+    settings inside one batch. Row by row it performs pick()'s operations for that row's values
+    (top_k = vocab size and top_p = 1 turn those filters off, temperature 0 is greedy)."""
+    V = logits.shape[-1]
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    kth = jnp.take_along_axis(-jnp.sort(-scaled, axis=-1), jnp.clip(top_k - 1, 0, V - 1)[:, None], axis=-1)
+    scaled = jnp.where((top_k < V)[:, None] & (scaled < kth), -jnp.inf, scaled)
+    probs = jax.nn.softmax(scaled, axis=-1)
+    order = jnp.argsort(-probs, axis=-1, stable=True)
+    sorted_p = jnp.take_along_axis(probs, order, axis=-1)
+    drop_sorted = (jnp.cumsum(sorted_p, axis=-1) - sorted_p) >= top_p[:, None]
+    drop = jnp.zeros_like(drop_sorted).at[jnp.arange(probs.shape[0])[:, None], order].set(drop_sorted)
+    probs = jnp.where((top_p < 1.0)[:, None] & drop, 0.0, probs)
+    cdf = jnp.cumsum(probs, axis=-1)
+    token = jnp.minimum(jnp.sum(cdf <= (u * cdf[:, -1])[:, None], axis=-1), V - 1).astype(jnp.int32)
+    return jnp.where(temperature > 0, token, greedy)
+
+
 CHUNK = 128  # tokens per compiled call: memory stays flat however many tokens are asked for
 MIN_BUCKET = 16  # prompt lengths are padded to powers of two from here up to block_size
 

@@ -200,3 +200,13 @@ def load_tokenizer(folder: str | Path) -> ByteTokenizer | HFTokenizer:
 
     path = paths.path(folder) / TOKENIZER_FILE
     return HFTokenizer(path) if path.exists() else ByteTokenizer()
+
+
+def check_tokenizer(data_meta: dict, tokenizer: dict, what: str, dataset: str) -> None:
+    """UserError when data was tokenized differently from what the model reads."""
+    if data_meta["tokenizer_identity"] != tokenizer:
+        have = data_meta["tokenizer_identity"]
+        raise UserError(f"dataset {dataset} was prepared with a {have['kind']} tokenizer (vocab {have['vocab_size']}) but "
+                        f"{what} uses a {tokenizer['kind']} tokenizer (vocab {tokenizer['vocab_size']}"
+                        f"{', different file' if have['kind'] == tokenizer['kind'] else ''}); prepare the data with "
+                        f"--tokenizer set to the model's tokenizer (or without it for bytes)")

@@ -14,7 +14,6 @@ import os
 import signal
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -26,8 +25,8 @@ from flax import nnx
 from jax.sharding import AbstractMesh, Mesh
 from tqdm import tqdm
 
-from jaxgpt import paths, platform, rundir
-from jaxgpt.checkpoint import Checkpointer, abstract_like
+from jaxgpt import paths, platform, rundir, tracking
+from jaxgpt.checkpoint import Checkpointer, restore_latest
 from jaxgpt.config import GPTConfig, TrainConfig
 from jaxgpt.data import BatchSampler, check_dataset, dataset_dir, read_meta
 from jaxgpt.errors import Interrupted, UserError
@@ -47,7 +46,7 @@ from jaxgpt.sharding import (
     state_shardings,
     whole_batch,
 )
-from jaxgpt.tokenizer import TOKENIZER_FILE, HFTokenizer, Tokenizer
+from jaxgpt.tokenizer import TOKENIZER_FILE, HFTokenizer, Tokenizer, check_tokenizer
 
 
 class TrainState(NamedTuple):
@@ -89,7 +88,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, tc
             grads = jax.tree.map(lambda g: g / x.shape[0], grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return TrainState(params, opt_state), {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads)}
+        return TrainState(params, opt_state), {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads),
+                                               "param_norm": optax.tree.norm(params)}
 
     # pin the output layout to the input's, so the donated buffers are reused step after step
     return platform.jit(train_step, donate_argnums=0, out_shardings=(state_sharding, None) if state_sharding else None)
@@ -154,23 +154,6 @@ def estimate_loss(eval_step: Callable, params: nnx.State, samplers: dict[str, Ba
     return out
 
 
-def restore_latest(ckpt: Checkpointer, state: TrainState) -> tuple[TrainState, int]:
-    """The newest checkpoint that restores; an unreadable one (cut short by a crash, damaged
-    on disk) is reported, moved aside and the next older one tried — never loaded silently."""
-    for step in reversed(ckpt.steps()):
-        try:  # storage that does not answer is retried, then reported: it is not a damaged checkpoint
-            restored = paths.retrying(f"restoring checkpoint {step} from {ckpt.directory}", ckpt.restore, step,
-                                      abstract_like(state.params), abstract_like(state.opt_state))
-            return TrainState(restored["params"], restored["opt_state"]), step
-        except UserError:
-            raise
-        except Exception as e:  # orbax/tensorstore: truncated or missing files
-            where = ckpt.quarantine(step)
-            warnings.warn(f"checkpoint step {step} is unreadable ({type(e).__name__}: {str(e)[:120]}); "
-                          f"moved to {where}, trying an older one", stacklevel=2)
-    raise UserError(f"no readable checkpoint left in {ckpt.directory}; start a new run without --resume")
-
-
 @contextlib.contextmanager
 def stop_signals(sigterm: bool = True) -> Iterator[tuple[list[int], list[int]]]:
     """Turn SIGINT and SIGTERM into a flag (`caught`) the loop checks after each step (main thread
@@ -219,50 +202,6 @@ def compile_train_step(model_cfg: GPTConfig, tc: TrainConfig, state: TrainState,
     memory = {"step_bytes_per_device": need, "limit_bytes_per_device": limit, "limit_source": where,
               "compile_s": round(time.perf_counter() - t, 3)}
     return compiled, eval_graphdef, dataclasses.replace(platform.describe(model_cfg, tc, remat), attention=attention), memory
-
-
-class MetricsLog:
-    """Logged steps wait on the device and are fetched together — every SYNC_EVERY logged
-    steps, before an evaluation, at the end — because fetching a loss each step would block
-    JAX's asynchronous dispatch. tokens/s is measured over each fetched window."""
-
-    SYNC_EVERY = 25
-
-    def __init__(self, tokens_per_step: int, schedule: optax.Schedule):
-        self.tokens_per_step, self.schedule = tokens_per_step, schedule
-        self.pending: list[tuple[int, jax.Array]] = []  # (steps done, loss still on device)
-        self.steps_since, self.t_last = 0, time.perf_counter()
-
-    def step(self) -> None:
-        self.steps_since += 1
-
-    def add(self, done: int, loss: jax.Array) -> None:
-        self.pending.append((done, loss))
-
-    def due(self) -> bool:
-        return len(self.pending) >= self.SYNC_EVERY
-
-    def fetch(self) -> list[dict]:
-        """The pending records with their losses on the host (one sync for all of them)."""
-        if not self.pending:
-            return []
-        losses = jax.device_get([loss for _, loss in self.pending])
-        now = time.perf_counter()
-        rate = self.tokens_per_step * self.steps_since / max(now - self.t_last, 1e-9)
-        records = [{"step": done, "train_loss": float(loss), "lr": float(self.schedule(done - 1)), "tokens_per_sec": rate}
-                   for (done, _), loss in zip(self.pending, losses, strict=True)]
-        self.pending, self.steps_since, self.t_last = [], 0, now
-        return records
-
-
-def check_tokenizer(data_meta: dict, tokenizer: dict, what: str, dataset: str) -> None:
-    """UserError when data was tokenized differently from what the model reads."""
-    if data_meta["tokenizer_identity"] != tokenizer:
-        have = data_meta["tokenizer_identity"]
-        raise UserError(f"dataset {dataset} was prepared with a {have['kind']} tokenizer (vocab {have['vocab_size']}) but "
-                        f"{what} uses a {tokenizer['kind']} tokenizer (vocab {tokenizer['vocab_size']}"
-                        f"{', different file' if have['kind'] == tokenizer['kind'] else ''}); prepare the data with "
-                        f"--tokenizer set to the model's tokenizer (or without it for bytes)")
 
 
 def train(model_cfg: GPTConfig, tc: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
@@ -339,10 +278,13 @@ def _train(model_cfg: GPTConfig, tc: TrainConfig, out_dir: Any, *, on_log: Calla
     if main:
         if isinstance(tokenizer, HFTokenizer):
             paths.write_bytes(out_dir / TOKENIZER_FILE, tokenizer.raw)
-        rundir.write_json(out_dir / "config.json", {"model": model_cfg.to_dict(), "train": tc.to_dict(),
-                                                     "tokenizer": identity, "platform": plat.to_dict(), "memory": memory})
+    config = {"model": model_cfg.to_dict(), "train": tc.to_dict(), "tokenizer": identity, "platform": plat.to_dict(),
+              "memory": memory}
+    if main:
+        rundir.write_json(out_dir / "config.json", config)
     if on_start:
         on_start(plat, memory)
+    sinks = tracking.sinks(out_dir, tc, model_cfg, config, start, on_log) if main else []
 
     def save(step: int, val_loss: float, train_loss: float) -> None:
         ckpt.save(step, state.params, state.opt_state,
@@ -353,7 +295,7 @@ def _train(model_cfg: GPTConfig, tc: TrainConfig, out_dir: Any, *, on_log: Calla
     score_val = split_scorer(data / "val.bin", data_meta["dtype"], eval_graphdef, model_cfg, DTYPES[plat.dtype],
                              to_device=lambda a: whole_batch(a, bsh), devices=mesh.size, tokenizer=tokenizer)
     eval_s = 0.0  # time spent evaluating (time-to-loss runs exclude it)
-    log = MetricsLog(tc.batch_size * tc.gradient_accumulation_steps * model_cfg.block_size, lr_schedule(tc))
+    log = tracking.MetricsLog(tc.batch_size * tc.gradient_accumulation_steps * model_cfg.block_size, lr_schedule(tc))
     summary: dict[str, Any] = {"start_step": start, "out_dir": str(out_dir), "compile_s": memory["compile_s"]}
     reached = -1  # the step whose evaluation ended the run
     bar = tqdm(total=tc.max_iters, initial=start, disable=not (tc.progress and main), unit="step", dynamic_ncols=True)
@@ -369,7 +311,7 @@ def _train(model_cfg: GPTConfig, tc: TrainConfig, out_dir: Any, *, on_log: Calla
                     caught.append(asked[0] if asked else signal.SIGTERM)
                 is_eval = done % tc.eval_interval == 0 or done == tc.max_iters
                 if done % tc.log_interval == 0 or is_eval or step == start or caught:
-                    log.add(done, metrics["loss"])
+                    log.add(done, metrics)
                 if log.pending and (log.due() or is_eval or step == start or caught):
                     records = log.fetch()
                     bad = next((r for r in records if not math.isfinite(r["train_loss"])), None)
@@ -397,13 +339,11 @@ def _train(model_cfg: GPTConfig, tc: TrainConfig, out_dir: Any, *, on_log: Calla
                             raise UserError(f"val loss became {losses['val']} at step {done}; not saved, last good "
                                             f"checkpoint kept")
                         save(done, losses["val"], losses["train"])
-                    if main:
-                        rundir.append_metrics(metrics_path, records)
+                    for sink in sinks:
+                        sink.write(records)
                     r = records[-1]
                     bar.set_postfix(loss=f"{r['train_loss']:.4f}", lr=f"{r['lr']:.2e}", tok_s=f"{r['tokens_per_sec']:.0f}",
                                     **({"val": f"{r['val_loss']:.4f}"} if "val_loss" in r else {}))
-                    for r in records if on_log else ():
-                        on_log(r)
                     if is_eval and tc.plot and main:
                         rundir.plot_metrics(metrics_path, out_dir / "loss.png")
                 bar.update(1)
@@ -424,6 +364,9 @@ def _train(model_cfg: GPTConfig, tc: TrainConfig, out_dir: Any, *, on_log: Calla
     except BaseException:
         ckpt.abandon()
         raise
+    finally:
+        for sink in sinks:
+            sink.close()
     bar.close()
     ckpt.wait()
     ckpt.close()

@@ -1,0 +1,218 @@
+"""The serving engine: continuous batching over a fixed set of KV-cache slots (no HTTP in here;
+jaxgpt/server.py is the HTTP layer, JetStream's split of prefill, generate and orchestration).
+
+One compiled program decodes `chunk` tokens for all `slots` at once; a background thread runs it
+again and again. Between chunks, waiting requests are prefilled into free slots (prompt-length
+buckets, as generate.py), and finished or cancelled ones free their slot. Every slot samples with its
+own temperature / top-k / top-p and its own key, token j of a request drawing from
+fold_in(key(seed), j) exactly as generate.py does, so a request's tokens depend only on its prompt,
+parameters and seed — never on what else is in the batch. Past block_size the model sees exactly
+the last block_size tokens (nanoGPT's crop): a slot that far recomputes its window, as generate.py.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxgpt.errors import UserError
+from jaxgpt.model import GPT
+from jaxgpt.sample import check_sampling, pick_rows, prompt_bucket, state_dtype
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the engine accepts: answer 429."""
+
+
+@dataclass
+class Job:
+    """One sequence to continue. `emit(tokens, finish)` is called from the engine's thread with each
+    chunk's new tokens, and once more with finish = 'length' or 'cancelled'."""
+
+    prompt: np.ndarray
+    max_tokens: int
+    emit: Callable[[list[int], str | None], None]
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    seed: int = 0
+    cancelled: bool = False
+    produced: int = 0
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        self.cancelled = True  # the engine frees the slot before its next chunk
+
+
+Carry = tuple[jax.Array, jax.Array, jax.Array, tuple[jax.Array, jax.Array]]  # (windows, lengths, next j, cache)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "bucket"), donate_argnames=("carry",))
+def _admit(graphdef: nnx.GraphDef, state: nnx.State, carry: Carry, slot: jax.Array, window: jax.Array,
+           length: jax.Array, bucket: int) -> Carry:
+    """Prefill slot `slot`: its context window, length, token counter 0, and the KV cache of its first
+    `bucket` positions (padding past the prompt is overwritten before any query sees it)."""
+    model = nnx.merge(graphdef, state)
+    ctx, n, j, (kc, vc) = carry
+    if bucket:
+        small = model.init_cache(1, kc.dtype)
+        _, (k1, v1) = model.decode(window[None, :bucket], small, 0)
+        kc = jax.lax.dynamic_update_slice_in_dim(kc, k1, slot, axis=1)
+        vc = jax.lax.dynamic_update_slice_in_dim(vc, v1, slot, axis=1)
+    ctx = jax.lax.dynamic_update_slice_in_dim(ctx, window[None], slot, axis=0)
+    return ctx, n.at[slot].set(length), j.at[slot].set(0), (kc, vc)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "steps"), donate_argnames=("carry",))
+def _decode(graphdef: nnx.GraphDef, state: nnx.State, carry: Carry, keys: jax.Array, temperature: jax.Array,
+            top_k: jax.Array, top_p: jax.Array, active: jax.Array, steps: int) -> tuple[Carry, jax.Array]:
+    """`steps` more tokens for every active slot -> (carry, tokens (steps, slots))."""
+    model = nnx.merge(graphdef, state)
+    bs = model.config.block_size
+
+    def one(token: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        logits, (k, v) = model.decode(token[None, None], (k[:, None], v[:, None]), pos)
+        return logits[0, 0], k[:, 0], v[:, 0]
+
+    def step(carry: Carry, _: Any) -> tuple[Carry, jax.Array]:
+        ctx, n, j, (kc, vc) = carry
+        rows = jnp.arange(ctx.shape[0])
+        newest = ctx[rows, jnp.minimum(n, bs) - 1]
+        cached, kc, vc = jax.vmap(one, in_axes=(0, 1, 1, 0), out_axes=(0, 1, 1))(newest, kc, vc,
+                                                                                  jnp.clip(n - 1, 0, bs - 1))
+        past = active & (n > bs)  # crop: the window of the last block_size tokens, run again
+        windowed = jax.lax.cond(past.any(), lambda: model.last_logits(ctx).astype(cached.dtype),
+                                lambda: jnp.zeros_like(cached))
+        logits = jnp.where(past[:, None], windowed, cached)
+        u = jax.vmap(lambda key, jj: jax.random.uniform(jax.random.fold_in(jax.random.wrap_key_data(key), jj), (1,))[0])(
+            keys, j)
+        tok = pick_rows(logits, u, temperature, top_k, top_p)
+        grown = ctx.at[rows, jnp.minimum(n, bs - 1)].set(tok)
+        shifted = jnp.concatenate([ctx[:, 1:], tok[:, None]], axis=1)
+        ctx = jnp.where(active[:, None], jnp.where((n < bs)[:, None], grown, shifted), ctx)
+        return (ctx, jnp.where(active, n + 1, n), jnp.where(active, j + 1, j), (kc, vc)), tok
+
+    return jax.lax.scan(step, carry, None, length=steps)
+
+
+class Engine:
+    """Continuous batching for one model. submit() from any thread; the work happens on the engine's."""
+
+    def __init__(self, model: GPT, slots: int = 16, chunk: int = 8, max_queue: int = 64):
+        if slots < 1 or chunk < 1:
+            raise UserError(f"--slots and the chunk must be >= 1, got {slots} and {chunk}")
+        model.eval()
+        self.model, self.slots, self.chunk, self.max_queue = model, slots, chunk, max_queue
+        self.graphdef, self.state = nnx.split(model)
+        cfg = model.config
+        self.vocab, self.block = cfg.vocab_size, cfg.block_size
+        self.carry: Carry = (jnp.zeros((slots, cfg.block_size), jnp.int32), jnp.ones((slots,), jnp.int32),
+                             jnp.zeros((slots,), jnp.int32), model.init_cache(slots, state_dtype(self.state)))
+        self.keys = np.zeros((slots, 2), np.uint32)
+        self.temperature = np.ones(slots, np.float32)
+        self.top_k = np.full(slots, self.vocab, np.int32)
+        self.top_p = np.ones(slots, np.float32)
+        self.jobs: dict[int, Job] = {}  # slot -> job
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.cv = threading.Condition()
+        self.running = True
+        self.thread = threading.Thread(target=self._loop, name="jaxgpt-engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        check_sampling(job.temperature, job.top_k, job.top_p, self.vocab)
+        if job.max_tokens < 1 or len(job.prompt) < 1:
+            raise UserError("a request needs at least one prompt token and max_tokens >= 1")
+        with self.cv:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting already (the queue holds {self.max_queue})")
+            self.waiting.append(job)
+            self.cv.notify()
+
+    def stats(self) -> dict[str, int]:
+        with self.cv:
+            return {"slots": self.slots, "slots_in_use": len(self.jobs), "queue": len(self.waiting)}
+
+    def warm_up(self) -> None:
+        """Compile the decode program and the smallest prefill before the first request."""
+        done = threading.Event()
+        self.submit(Job(np.zeros(2, np.int32), 1, lambda tokens, finish: finish and done.set(), temperature=0.0))
+        done.wait()
+
+    def close(self, grace_s: float = 0.0) -> None:
+        """Stop: wait up to grace_s for the running requests, then cancel what is left."""
+        end = time.perf_counter() + grace_s
+        while time.perf_counter() < end and (self.jobs or self.waiting):
+            time.sleep(0.01)
+        with self.cv:
+            for job in [*self.jobs.values(), *self.waiting]:
+                job.cancel()
+            self.running = False
+            self.cv.notify()
+        self.thread.join(timeout=30)
+
+    # --- the engine's thread ---
+    def _admit(self, job: Job, slot: int) -> None:
+        P = len(job.prompt)
+        window = np.zeros(self.block, np.int32)
+        window[:min(P, self.block)] = job.prompt[-self.block:]
+        bucket = prompt_bucket(P - 1, self.block) if P <= self.block else 0
+        self.carry = _admit(self.graphdef, self.state, self.carry, jnp.int32(slot), jnp.asarray(window), jnp.int32(P),
+                            bucket=bucket)
+        self.keys[slot] = np.asarray(jax.random.key_data(jax.random.key(job.seed)))
+        self.temperature[slot] = job.temperature
+        self.top_k[slot] = self.vocab if job.top_k is None else job.top_k
+        self.top_p[slot] = job.top_p
+        self.jobs[slot] = job
+
+    def _loop(self) -> None:
+        while True:
+            with self.cv:
+                for slot, job in list(self.jobs.items()):
+                    if job.cancelled:
+                        del self.jobs[slot]
+                        job.emit([], "cancelled")
+                while not self.running or (not self.jobs and not self.waiting):
+                    if not self.running:
+                        for job in self.waiting:
+                            job.emit([], "cancelled")
+                        self.waiting.clear()
+                        return
+                    self.cv.wait()
+                admit = []
+                free = [s for s in range(self.slots) if s not in self.jobs]
+                while free and self.waiting:
+                    job = self.waiting.popleft()
+                    if job.cancelled:
+                        job.emit([], "cancelled")
+                        continue
+                    admit.append((job, free.pop(0)))
+            for job, slot in admit:
+                self._admit(job, slot)
+            if not self.jobs:
+                continue
+            active = np.zeros(self.slots, bool)
+            active[list(self.jobs)] = True
+            self.carry, tokens = _decode(self.graphdef, self.state, self.carry, jnp.asarray(self.keys),
+                                         jnp.asarray(self.temperature), jnp.asarray(self.top_k), jnp.asarray(self.top_p),
+                                         jnp.asarray(active), steps=self.chunk)
+            tokens = np.asarray(tokens)
+            with self.cv:
+                for slot, job in list(self.jobs.items()):
+                    if job.cancelled:
+                        continue
+                    new = tokens[:job.max_tokens - job.produced, slot].tolist()
+                    job.produced += len(new)
+                    done = job.produced >= job.max_tokens
+                    job.emit(new, "length" if done else None)
+                    if done:
+                        del self.jobs[slot]

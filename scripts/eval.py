@@ -1,0 +1,91 @@
+"""Evaluate a checkpoint on a whole split or text file: loss per token, perplexity and bits per byte.
+
+  python scripts/eval.py out/shakespeare                                  # the run's val split
+  python scripts/eval.py ckpt.pt --data_dir=data --dataset=shakespeare --split=train
+  python scripts/eval.py HF_DIR --text=input.txt --json                   # any text, the model's own tokenizer
+
+The checkpoint may be a jaxgpt run folder, nanoGPT ckpt.pt, .safetensors, a Hugging Face GPT-2 folder,
+local or gs://. Every token but the first is scored exactly once, in consecutive non-overlapping
+windows of block_size (jaxgpt/evaluate.py); bits per byte = total nats / ln 2 / UTF-8 bytes scored,
+comparable between a byte-level model and a BPE model.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from jaxgpt import cli, paths
+from jaxgpt.config import CliParser, parse_bool
+from jaxgpt.errors import UserError
+
+
+def main(argv: list[str]) -> int:
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="run folder, ckpt.pt, .safetensors or Hugging Face folder (local or gs://)")
+    p.add_argument("--which", choices=["best", "latest"], default="best", help="which checkpoint of a run folder")
+    p.add_argument("--meta", help="nanoGPT meta.pkl for character-level checkpoints")
+    p.add_argument("--text", help="evaluate this UTF-8 text file (tokenized with the checkpoint's tokenizer)")
+    p.add_argument("--data_dir", help="a prepared dataset's parent folder (default: the run's own, else data)")
+    p.add_argument("--dataset", help="the dataset name (default: the run's own, else shakespeare)")
+    p.add_argument("--split", choices=["val", "train"], default="val")
+    p.add_argument("--batch_size", type=int, default=0, help="windows per forward (default: chosen by memory)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--progress", type=parse_bool, nargs="?", const=True, default=True, metavar="BOOL")
+    cli.add_compile_cache_flag(p)
+    args = p.parse_args(argv)
+    if args.text and (args.data_dir or args.dataset):
+        raise UserError("--text evaluates a file; --data_dir/--dataset a prepared split: give one or the other")
+    if args.batch_size < 0:
+        raise UserError(f"--batch_size must be >= 1 (or 0 = by memory), got {args.batch_size}")
+    cli.apply_compile_cache(args.compile_cache)
+
+    from flax import nnx
+
+    from formats.io import load_any, need_tokenizer
+    from jaxgpt.data import dataset_dir, num_windows, read_meta
+    from jaxgpt.evaluate import EvalResult, batch_size_for, make_nll, score, text_bytes
+
+    model, info = load_any(args.checkpoint, args.meta, args.which)
+    tok = need_tokenizer(model, info, args.checkpoint)
+    cfg = model.config
+    if args.text:
+        try:
+            raw = Path(args.text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read --text {args.text} ({paths.describe(e)}); pass an existing UTF-8 file") from None
+        tokens, source = np.asarray(tok.encode(raw)), args.text
+    else:
+        run = info.get("train") or info.get("config") or {}
+        data_dir, dataset = args.data_dir or run.get("data_dir", "data"), args.dataset or run.get("dataset", "shakespeare")
+        folder = dataset_dir(data_dir, dataset)
+        meta = read_meta(folder)
+        if meta["tokenizer_identity"] != tok.identity():
+            raise UserError(f"{folder} was prepared with another tokenizer than the checkpoint's; evaluate with --text, "
+                            f"or prepare the data with the model's tokenizer")
+        tokens, source = np.fromfile(folder / f"{args.split}.bin", dtype=np.dtype(meta["dtype"])), f"{folder}/{args.split}.bin"
+    if len(tokens) < 2:
+        raise UserError(f"{source} holds {len(tokens)} token(s); evaluation needs at least 2")
+    if tokens.max() >= cfg.vocab_size:
+        raise UserError(f"{source} holds token ids up to {tokens.max()}, beyond the model's vocabulary of {cfg.vocab_size}")
+    windows = num_windows(len(tokens), cfg.block_size)
+    batch = args.batch_size or batch_size_for(cfg, windows)
+    graphdef, params = nnx.split(model)
+    with tqdm(total=windows, unit="window", delay=2, file=sys.stderr, disable=not args.progress, dynamic_ncols=True) as bar:
+        total, count = score(make_nll(graphdef), params, tokens, cfg.block_size, batch, progress=bar.update)
+    result = EvalResult(total / count, count, text_bytes(tokens, tok))
+    out = {"checkpoint": str(args.checkpoint), "step": info.get("step"), "source": source, **result.to_dict(),
+           "block_size": cfg.block_size, "windows": windows, "batch_size": batch}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{source}: {count:,} tokens ({result.bytes:,} bytes) in {windows:,} windows of {cfg.block_size}\n"
+              f"loss {result.loss:.4f} nats/token, perplexity {result.perplexity:.3f}, "
+              f"{result.bits_per_byte:.4f} bits per byte")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,79 @@
+"""Serve a checkpoint behind the OpenAI completions API, with continuous batching over the KV cache.
+
+  python scripts/serve.py --checkpoint=out/shakespeare                # http://127.0.0.1:8000/v1
+  python scripts/serve.py --checkpoint=HF_DIR --slots=32 --api_key=secret --host=0.0.0.0
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions (a plain "role: content" template),
+GET /v1/models, GET /health. Any checkpoint generate.py reads (run folder, ckpt.pt, .safetensors,
+Hugging Face folder; local or gs://). SIGTERM (or Ctrl-C) finishes the requests in flight, up to
+--shutdown_grace seconds, and exits.
+"""
+import argparse
+import logging
+import sys
+
+from jaxgpt import cli
+from jaxgpt.config import CliParser
+from jaxgpt.errors import UserError
+
+
+def main(argv: list[str]) -> int:
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="run folder, ckpt.pt, .safetensors or Hugging Face folder")
+    p.add_argument("--which", choices=["best", "latest"], default="best")
+    p.add_argument("--meta", help="nanoGPT meta.pkl for character-level checkpoints")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--slots", type=int, default=16, help="sequences decoded together (KV-cache slots)")
+    p.add_argument("--chunk", type=int, default=8, help="tokens per compiled decode call between admissions")
+    p.add_argument("--max_queue", type=int, default=64, help="requests allowed to wait for a slot; more get 429")
+    p.add_argument("--api_key", help="require 'Authorization: Bearer KEY' (default: $JAXGPT_API_KEY, else none)")
+    p.add_argument("--model_name", help="the model id the API reports (default: the checkpoint's folder or file name)")
+    p.add_argument("--max_tokens", type=int, default=4096, help="largest max_tokens a request may ask for")
+    p.add_argument("--max_prompt_tokens", type=int, default=8192)
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take")
+    p.add_argument("--shutdown_grace", type=float, default=10.0, help="seconds SIGTERM waits for requests in flight")
+    cli.add_compile_cache_flag(p)
+    args = p.parse_args(argv)
+    for name in ("slots", "chunk", "max_queue", "max_tokens", "max_prompt_tokens"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be in [1, 65535], got {args.port}")
+    try:
+        import uvicorn
+    except ImportError:
+        raise UserError("serving needs starlette and uvicorn; pip install 'jaxgpt[serve]'") from None
+    cli.apply_compile_cache(args.compile_cache)
+    from formats.io import load_any, need_tokenizer
+    from jaxgpt import paths
+    from jaxgpt.engine import Engine
+    from jaxgpt.server import Limits, Server, api_key_from
+
+    model, info = load_any(args.checkpoint, args.meta, args.which)
+    tokenizer = need_tokenizer(model, info, args.checkpoint)
+    name = args.model_name or paths.path(args.checkpoint).name.removesuffix(".safetensors").removesuffix(".pt") or "jaxgpt"
+    engine = Engine(model, slots=args.slots, chunk=args.chunk, max_queue=args.max_queue)
+    engine.warm_up()
+    limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, timeout_s=args.timeout)
+    app = Server(engine, tokenizer, name, api_key_from(args.api_key), limits).app()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    served = logging.getLogger("jaxgpt.serve")
+    served.addHandler(handler)
+    served.setLevel(logging.INFO)
+    served.propagate = False
+    print(f"serving {name} (step {info.get('step')}, {model.config.n_layer} layers, block {model.config.block_size}) on "
+          f"http://{args.host}:{args.port}/v1 with {args.slots} slots{', API key required' if api_key_from(args.api_key) else ''}",
+          file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=args.shutdown_grace)
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
