@@ -159,3 +159,47 @@ def ablation(preset_flags: list[str], loss: float, seeds: list[int], eval_interv
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return _figures("ablation", runs, loss, "nanogpt"), records
+
+
+def recipes_as_run(preset_flags: list[str], processes: int, log: Callable[[str], None] = print) -> list[Figure]:
+    """Each recipe run exactly as a user runs it — `scripts/train.py --preset=cpu [--recipe=modern]` and
+    nanoGPT's CPU recipe in PyTorch eager (`python -m torchref.train --preset=cpu`) — as whole processes,
+    alternating: wall clock and the final val loss each prints (its own eval_iters-batch estimate)."""
+    import re
+
+    work, env, data = _work()
+    commands = {"pytorch nanogpt": [sys.executable, "-m", "torchref.train", *preset_flags, *data],
+                "jaxgpt nanogpt": [sys.executable, str(ROOT / "scripts" / "train.py"), "--progress=false", *preset_flags, *data],
+                "jaxgpt modern": [sys.executable, str(ROOT / "scripts" / "train.py"), "--progress=false", *preset_flags,
+                                  "--recipe=modern", *data]}
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
+    try:
+        for name, cmd in commands.items():  # jaxgpt's compilation cache warmed (untimed), as for a returning user
+            if not name.startswith("pytorch"):
+                subprocess.run([*cmd, f"--out_dir={work / 'warm'}", "--max_iters=2"], capture_output=True, cwd=ROOT,
+                               env=env, timeout=3600, check=True)
+                shutil.rmtree(work / "warm", ignore_errors=True)
+        for r in range(processes):
+            names = list(commands)
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                launch = time.time()
+                proc = subprocess.run([*commands[name], f"--out_dir={work / f'out-{r}-{name[:6]}'}"], capture_output=True,
+                                      text=True, cwd=ROOT, env=env, timeout=7200)
+                wall = time.time() - launch
+                if proc.returncode != 0:
+                    raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
+                found = re.findall(r"val (?:loss )?([0-9.]+)", proc.stdout.strip().splitlines()[-1]) if name.startswith("jaxgpt") \
+                    else re.findall(r"val ([0-9.]+)", [ln for ln in proc.stdout.splitlines() if ", val " in ln][-1])
+                runs[name].append((wall, float(found[0])))
+                log(f"  round {r + 1}/{processes} {name}: {wall:.1f} s, final val loss {found[0]}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out = []
+    for name, rs in runs.items():
+        out.append(figure("recipes as run", f"{name}: wall clock", [w for w, _ in rs], "s"))
+        out.append(figure("recipes as run", f"{name}: final val loss", [v for _, v in rs], "nats", "its own estimate"))
+    base = runs["pytorch nanogpt"]
+    for name in ("jaxgpt nanogpt", "jaxgpt modern"):
+        out.append(figure("recipes as run", f"{name} / pytorch nanogpt wall clock",
+                          [a[0] / b[0] for a, b in zip(runs[name], base, strict=True)], "x", "per round"))
+    return out

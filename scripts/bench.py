@@ -7,7 +7,8 @@ contender runs in fresh processes, alternating; figures are min / median / max o
   python scripts/bench.py --preset=cpu --whole_process --max_iters=600 --sections=train     # train.py vs PyTorch eager
   python scripts/bench.py --preset=cpu --whole_process --sections=generate   # generate.py vs nanoGPT-style sampling
   python scripts/bench.py --preset=cpu --time_to_loss=1.8857 --processes=3   # seconds to a val loss: recipes vs PyTorch
-  python scripts/bench.py --preset=cpu --ablation --seeds=1,2,3   # each switch of the modern recipe on its own
+  python scripts/bench.py --preset=cpu --time_to_loss=1.8857 --ablation --seeds=1,2,3   # each switch alone
+  python scripts/bench.py --preset=cpu --recipes --processes=3    # each recipe exactly as run: wall clock, val loss
   python scripts/bench.py --validate                              # on a GPU/TPU host: the checklist
   python scripts/bench.py --threads=4                             # both frameworks on 4 cores
 """
@@ -51,6 +52,9 @@ def main(argv: list[str]) -> int:
                    help="whole processes until the first whole-val-split evaluation <= LOSS: jaxgpt's nanogpt and modern "
                         "recipes against nanoGPT's in PyTorch eager (benchmarks/time_to_loss.py)")
     b.add_argument("--ablation", action="store_true", help="with --time_to_loss: each switch of the modern recipe alone")
+    b.add_argument("--recipes", action="store_true",
+                   help="train.py --recipe=nanogpt and =modern against nanoGPT's recipe in PyTorch, each run exactly as "
+                        "a user runs it: whole-process wall clock and final val loss")
     b.add_argument("--seeds", default="1337", help="--ablation: comma-separated seeds (default: %(default)s)")
     b.add_argument("--eval_every", type=int, default=50, help="--time_to_loss: steps between evaluations (default: %(default)s)")
     b.add_argument("--validate", action="store_true", help="the accelerator checklist (see benchmarks/validate.py)")
@@ -70,7 +74,10 @@ def main(argv: list[str]) -> int:
 
     from benchmarks import harness as bench  # heavy imports after argument checks
     info = bench.machine()
-    if args.time_to_loss is not None:
+    if args.recipes:
+        from benchmarks import time_to_loss as ttl
+        figures = ttl.recipes_as_run([f"--preset={args.preset}"], args.processes, log)
+    elif args.time_to_loss is not None:
         from benchmarks import time_to_loss as ttl
         preset_flags = [f"--preset={args.preset}"] + [f"--{k}={v}" for k, v in explicit_flags(args, GPTConfig).items()]
         if args.ablation:
