@@ -73,9 +73,22 @@ def _admit(graphdef: nnx.GraphDef, state: nnx.State, carry: Carry, slot: jax.Arr
 
 
 @partial(jax.jit, static_argnames=("graphdef", "steps"), donate_argnames=("carry",))
-def _decode(graphdef: nnx.GraphDef, state: nnx.State, carry: Carry, keys: jax.Array, temperature: jax.Array,
-            top_k: jax.Array, top_p: jax.Array, active: jax.Array, steps: int) -> tuple[Carry, jax.Array]:
-    """`steps` more tokens for every active slot -> (carry, tokens (steps, slots))."""
+def _decode(graphdef: nnx.GraphDef, state: nnx.State, carry: Carry, rows: jax.Array, keys: jax.Array,
+            temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, active: jax.Array,
+            steps: int) -> tuple[Carry, jax.Array]:
+    """`steps` more tokens for the slots `rows` (w,) -> (carry, tokens (steps, w)). Those slots are
+    gathered into a batch of w, decoded, and written back: a batch only as wide as the requests in
+    flight (rounded up to a power of two, one compiled program per width), the other arguments (w,)."""
+    ctx_all, n_all, j_all, (kc_all, vc_all) = carry
+    compact = (ctx_all[rows], n_all[rows], j_all[rows], (kc_all[:, rows], vc_all[:, rows]))
+    compact, tokens = _steps(graphdef, state, compact, keys, temperature, top_k, top_p, active, steps)
+    ctx, n, j, (kc, vc) = compact
+    return (ctx_all.at[rows].set(ctx), n_all.at[rows].set(n), j_all.at[rows].set(j),
+            (kc_all.at[:, rows].set(kc), vc_all.at[:, rows].set(vc))), tokens
+
+
+def _steps(graphdef: nnx.GraphDef, state: nnx.State, carry: Carry, keys: jax.Array, temperature: jax.Array,
+           top_k: jax.Array, top_p: jax.Array, active: jax.Array, steps: int) -> tuple[Carry, jax.Array]:
     model = nnx.merge(graphdef, state)
     bs = model.config.block_size
 
@@ -143,10 +156,25 @@ class Engine:
             return {"slots": self.slots, "slots_in_use": len(self.jobs), "queue": len(self.waiting)}
 
     def warm_up(self) -> None:
-        """Compile the decode program and the smallest prefill before the first request."""
-        done = threading.Event()
-        self.submit(Job(np.zeros(2, np.int32), 1, lambda tokens, finish: finish and done.set(), temperature=0.0))
-        done.wait()
+        """Compile before the first request, on this thread while the engine's is idle: the decode
+        program at every width (1, 2, 4, ... slots) and the prefill of every prompt bucket (with the
+        persistent compilation cache, once per machine). Only free slots' state is touched."""
+        with self.cv:
+            assert not self.jobs and not self.waiting, "warm_up() before serving requests"
+            width = 1
+            while True:
+                rows = np.arange(width, dtype=np.int32)
+                self.carry, tokens = _decode(self.graphdef, self.state, self.carry, jnp.asarray(rows),
+                                             jnp.asarray(self.keys[rows]), jnp.asarray(self.temperature[rows]),
+                                             jnp.asarray(self.top_k[rows]), jnp.asarray(self.top_p[rows]),
+                                             jnp.zeros(width, bool), steps=self.chunk)
+                if width >= self.slots:
+                    break
+                width = min(self.slots, width * 2)
+            for bucket in sorted({prompt_bucket(n, self.block) for n in range(self.block + 2)}):
+                self.carry = _admit(self.graphdef, self.state, self.carry, jnp.int32(0),
+                                    jnp.zeros(self.block, jnp.int32), jnp.int32(1), bucket=bucket)
+            jax.block_until_ready(tokens)
 
     def close(self, grace_s: float = 0.0) -> None:
         """Stop: wait up to grace_s for the running requests, then cancel what is left."""
@@ -200,17 +228,21 @@ class Engine:
                 self._admit(job, slot)
             if not self.jobs:
                 continue
-            active = np.zeros(self.slots, bool)
-            active[list(self.jobs)] = True
-            self.carry, tokens = _decode(self.graphdef, self.state, self.carry, jnp.asarray(self.keys),
-                                         jnp.asarray(self.temperature), jnp.asarray(self.top_k), jnp.asarray(self.top_p),
-                                         jnp.asarray(active), steps=self.chunk)
+            busy = sorted(self.jobs)
+            width = min(self.slots, 1 << (len(busy) - 1).bit_length())
+            rows = np.array(busy + [s for s in range(self.slots) if s not in self.jobs][:width - len(busy)], np.int32)
+            active = np.arange(width) < len(busy)
+            self.carry, tokens = _decode(self.graphdef, self.state, self.carry, jnp.asarray(rows),
+                                         jnp.asarray(self.keys[rows]), jnp.asarray(self.temperature[rows]),
+                                         jnp.asarray(self.top_k[rows]), jnp.asarray(self.top_p[rows]), jnp.asarray(active),
+                                         steps=self.chunk)
             tokens = np.asarray(tokens)
+            column = {slot: i for i, slot in enumerate(busy)}
             with self.cv:
                 for slot, job in list(self.jobs.items()):
-                    if job.cancelled:
+                    if job.cancelled or slot not in column:
                         continue
-                    new = tokens[:job.max_tokens - job.produced, slot].tolist()
+                    new = tokens[:job.max_tokens - job.produced, column[slot]].tolist()
                     job.produced += len(new)
                     done = job.produced >= job.max_tokens
                     job.emit(new, "length" if done else None)

@@ -75,14 +75,22 @@ def pick_rows(logits: jax.Array, u: jax.Array, temperature: jax.Array, top_k: ja
     V = logits.shape[-1]
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-    kth = jnp.take_along_axis(-jnp.sort(-scaled, axis=-1), jnp.clip(top_k - 1, 0, V - 1)[:, None], axis=-1)
-    scaled = jnp.where((top_k < V)[:, None] & (scaled < kth), -jnp.inf, scaled)
+
+    def top_k_filter(scaled: jax.Array) -> jax.Array:
+        kth = jnp.take_along_axis(-jnp.sort(-scaled, axis=-1), jnp.clip(top_k - 1, 0, V - 1)[:, None], axis=-1)
+        return jnp.where((top_k < V)[:, None] & (scaled < kth), -jnp.inf, scaled)
+
+    def top_p_filter(probs: jax.Array) -> jax.Array:
+        order = jnp.argsort(-probs, axis=-1, stable=True)
+        sorted_p = jnp.take_along_axis(probs, order, axis=-1)
+        drop_sorted = (jnp.cumsum(sorted_p, axis=-1) - sorted_p) >= top_p[:, None]
+        drop = jnp.zeros_like(drop_sorted).at[jnp.arange(probs.shape[0])[:, None], order].set(drop_sorted)
+        return jnp.where((top_p < 1.0)[:, None] & drop, 0.0, probs)
+
+    # the sorts (slow on CPU) run only when some row asks for top-k or top-p
+    scaled = jax.lax.cond(jnp.any(top_k < V), top_k_filter, lambda s: s, scaled)
     probs = jax.nn.softmax(scaled, axis=-1)
-    order = jnp.argsort(-probs, axis=-1, stable=True)
-    sorted_p = jnp.take_along_axis(probs, order, axis=-1)
-    drop_sorted = (jnp.cumsum(sorted_p, axis=-1) - sorted_p) >= top_p[:, None]
-    drop = jnp.zeros_like(drop_sorted).at[jnp.arange(probs.shape[0])[:, None], order].set(drop_sorted)
-    probs = jnp.where((top_p < 1.0)[:, None] & drop, 0.0, probs)
+    probs = jax.lax.cond(jnp.any(top_p < 1.0), top_p_filter, lambda p: p, probs)
     cdf = jnp.cumsum(probs, axis=-1)
     token = jnp.minimum(jnp.sum(cdf <= (u * cdf[:, -1])[:, None], axis=-1), V - 1).astype(jnp.int32)
     return jnp.where(temperature > 0, token, greedy)

@@ -9,6 +9,7 @@ contender runs in fresh processes, alternating; figures are min / median / max o
   python scripts/bench.py --preset=cpu --time_to_loss=1.8857 --processes=3   # seconds to a val loss: recipes vs PyTorch
   python scripts/bench.py --preset=cpu --time_to_loss=1.8857 --ablation --seeds=1,2,3   # each switch alone
   python scripts/bench.py --preset=cpu --recipes --processes=3    # each recipe exactly as run: wall clock, val loss
+  python scripts/bench.py --preset=cpu --sections=serve --processes=3     # the server: 1 vs 16 clients, first token
   python scripts/bench.py --validate                              # on a GPU/TPU host: the checklist
   python scripts/bench.py --threads=4                             # both frameworks on 4 cores
 """
@@ -21,7 +22,7 @@ from jaxgpt import GPTConfig, TrainConfig, cli
 from jaxgpt.config import base_values, build, explicit_flags, make_parser
 from jaxgpt.errors import UserError
 
-SECTIONS = ("train", "memory", "generate")
+SECTIONS = ("train", "memory", "generate", "serve")
 
 
 def generation_configs(cfg: GPTConfig, gen: dict) -> list[GPTConfig]:
@@ -34,7 +35,8 @@ def generation_configs(cfg: GPTConfig, gen: dict) -> list[GPTConfig]:
 def main(argv: list[str]) -> int:
     p = make_parser(__doc__, GPTConfig, TrainConfig, presets=True)
     b = p.add_argument_group("benchmark")
-    b.add_argument("--sections", default="train,memory,generate", help="comma-separated subset of " + ",".join(SECTIONS))
+    b.add_argument("--sections", default="train,memory,generate", help="comma-separated subset of " + ",".join(SECTIONS) +
+                   " (serve: scripts/serve.py under 1 and 16 streaming clients, benchmarks/serve.py)")
     b.add_argument("--processes", type=int, default=5, help="fresh processes per contender (default: %(default)s)")
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--iters", type=int, default=20, help="timed steps per process (default: %(default)s)")
@@ -122,6 +124,10 @@ def main(argv: list[str]) -> int:
             for gen_cfg in generation_configs(cfg, gen):
                 log(f"generation, block {gen_cfg.block_size}:")
                 figures += bench.generation_figures(gen_cfg, gen, args.processes, args.recompute, args.threads, log)
+        if "serve" in sections:
+            from benchmarks.serve import serve_figures
+            log("serving:")
+            figures += serve_figures(cfg, rounds=args.processes, log=log)
     context = {**info, "model": cfg.to_dict(), "batch_size": tc.batch_size, "accum": tc.gradient_accumulation_steps,
                "dtype": tc.dtype, "remat": tc.remat, "threads": args.threads or "all"}
     print(f"machine and config: {json.dumps(context)}\n")

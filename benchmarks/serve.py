@@ -1,0 +1,137 @@
+"""The server under load: `python scripts/bench.py --preset=cpu --sections=serve`.
+
+A `scripts/serve.py` process (the preset's model, random weights: speed does not depend on them) on a
+loopback port, driven by streaming HTTP clients (httpx): one client alone; 16 clients at once (the
+aggregate tokens/s, and the time to first token under that load); time to first token for a short
+prompt with the server otherwise idle; and the server's resident memory over 1,000 requests.
+Each figure is min / median / max over `rounds`.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import ROOT, Figure, figure
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def _one(client: Any, url: str, prompt: str, max_tokens: int, seed: int) -> dict[str, float]:
+    """One streamed completion: its tokens, time to first text and total time."""
+    start = time.perf_counter()
+    first, tokens = None, 0
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "stream": True, "seed": seed,
+            "stream_options": {"include_usage": True}}
+    async with client.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as r:
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            elif first is None and any(c.get("text") for c in event.get("choices", [])):
+                first = time.perf_counter()
+    end = time.perf_counter()
+    return {"tokens": tokens, "ttft": (first or end) - start, "total": end - start}
+
+
+async def _clients(url: str, clients: int, requests_each: int, max_tokens: int, prompt: str = "KING RICHARD III:") -> dict:
+    import httpx
+
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=clients + 4)) as client:
+        async def worker(i: int) -> list[dict]:
+            return [await _one(client, url, prompt, max_tokens, seed=1000 * i + k) for k in range(requests_each)]
+        start = time.perf_counter()
+        results = [r for rs in await asyncio.gather(*(worker(i) for i in range(clients))) for r in rs]
+        wall = time.perf_counter() - start
+    return {"tokens_per_s": sum(r["tokens"] for r in results) / wall, "ttft": [r["ttft"] for r in results],
+            "per_request_tokens_per_s": [r["tokens"] / r["total"] for r in results]}
+
+
+def serve_figures(cfg: Any, rounds: int = 3, slots: int = 16, max_tokens: int = 256, memory_requests: int = 1000,
+                  log: Callable[[str], None] = print) -> list[Figure]:
+    from flax import nnx
+
+    from formats.io import save_safetensors
+    from jaxgpt.model import GPT
+
+    work = Path(tempfile.mkdtemp(prefix="jaxgpt-serve-"))
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    save_safetensors(GPT(cfg, rngs=nnx.Rngs(0)), work / "model.safetensors", {})
+    env = {**os.environ, "XDG_CACHE_HOME": str(work / "cache")}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), f"--checkpoint={work / 'model.safetensors'}",
+                             f"--port={port}", f"--slots={slots}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        import httpx
+
+        deadline = time.time() + 600
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"the server did not start: {proc.stderr.read()[-2000:] if proc.stderr else ''}")
+            time.sleep(0.2)
+        single, many, idle, loaded = [], [], [], []
+        for r in range(rounds):
+            one = asyncio.run(_clients(url, 1, 3, max_tokens))
+            sixteen = asyncio.run(_clients(url, 16, 2, max_tokens))
+            ttft = asyncio.run(_clients(url, 1, 20, 4, prompt="ROMEO:"))
+            single.append(one["tokens_per_s"])
+            many.append(sixteen["tokens_per_s"])
+            idle.append(statistics.median(ttft["ttft"]) * 1000)
+            loaded.append(statistics.median(sixteen["ttft"]) * 1000)
+            log(f"  round {r + 1}/{rounds}: 1 client {single[-1]:.0f} tok/s, 16 clients {many[-1]:.0f} tok/s, "
+                f"idle first token {idle[-1]:.1f} ms, under load {loaded[-1]:.1f} ms")
+        rss = [_rss_mib(proc.pid)]
+        done = 0
+        while done < memory_requests:
+            batch = min(100, memory_requests - done)
+            asyncio.run(_clients(url, 16, max(1, batch // 16), 16))
+            done += 16 * max(1, batch // 16)
+            rss.append(_rss_mib(proc.pid))
+        log(f"  memory over {done} requests: {rss[0]:.0f} -> {rss[-1]:.0f} MiB (samples {[round(x) for x in rss]})")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(work, ignore_errors=True)
+    note = f"{slots} slots, {max_tokens} tokens per request, temperature 0.8, {rounds} rounds"
+    return [figure("serve", "1 streaming client: tokens/s", single, "tok/s", note),
+            figure("serve", "16 streaming clients: aggregate tokens/s", many, "tok/s", note),
+            figure("serve", "16 clients / 1 client throughput", [m / s for m, s in zip(many, single, strict=True)], "x",
+                   "per round"),
+            figure("serve", "time to first token, idle, short prompt (p50)", idle, "ms", "'ROMEO:', 20 requests per round"),
+            figure("serve", "time to first token under 16-client load (p50)", loaded, "ms"),
+            figure("serve", f"resident memory after {done} requests", [rss[-1]], "MiB",
+                   f"from {rss[0]:.0f} MiB after the load rounds; largest {max(rss):.0f} MiB"),
+            figure("serve", f"resident memory growth over {done} requests", [rss[-1] - rss[1]], "MiB",
+                   "last sample minus the sample after the first 100 requests")]

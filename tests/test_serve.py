@@ -1,0 +1,220 @@
+"""scripts/serve.py, started as a subprocess on a tiny model (loopback only) and driven by the official
+openai client: completions, streaming, n > 1, stop, seeds, models; a bounded load test where every
+request equals its solo run; disconnects, a full queue, bad inputs, SIGTERM. The text pipeline (UTF-8
+and stop-string holdback) is tested on its own first."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxgpt import ByteTokenizer
+from jaxgpt.server import Choice, StopFilter
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_stop_filter_holds_back_a_possible_stop_prefix_and_cuts_at_the_stop():
+    f = StopFilter(["\n\n", "END"])
+    assert f.push("Hello\n") == "Hello" and f.push("World") == "\nWorld"
+    assert f.push(" E") == " " and f.push("N") == "" and f.push("Dgame") == "" and f.stopped
+    g = StopFilter(["abc"])
+    assert g.push("xxab") == "xx" and g.push("d") == "abd" and not g.stopped and g.flush() == ""
+
+
+def test_utf8_characters_and_stop_strings_are_never_sent_broken_or_retracted():
+    """Byte by byte through a choice's pipeline: every delta is whole characters, and the text stops
+    right before the stop string even when it arrives split over chunks."""
+    async def run() -> list[str]:
+        loop = asyncio.get_running_loop()
+        params = {"max_tokens": 100, "temperature": 0.0, "top_k": None, "top_p": 1.0, "seed": 0, "n": 1}
+        choice = Choice(0, np.zeros(1, np.int32), params, ByteTokenizer(), ["世界!"], loop)
+        for byte in "héllo 世界? 世界! tail".encode():
+            choice.queue.put_nowait(([byte], None))
+        choice.queue.put_nowait(([], "length"))
+        out = [d async for d in choice.deltas()]
+        assert choice.finish == "stop" and choice.job.cancelled
+        return out
+    deltas = asyncio.run(run())
+    assert "".join(deltas) == "héllo 世界? "
+    assert all("\ufffd" not in d for d in deltas), deltas
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    def __init__(self, checkpoint: Path, cwd: Path, *flags: str):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), f"--checkpoint={checkpoint}",
+                                      f"--port={self.port}", *flags], cwd=cwd, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        import httpx
+        deadline = time.time() + 300
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code in (200, 401):
+                    return
+            except httpx.HTTPError:
+                pass
+            assert self.proc.poll() is None and time.time() < deadline, self.proc.stderr.read()[-3000:]
+            time.sleep(0.1)
+
+    def health(self, key: str | None = None) -> dict:
+        import httpx
+        return httpx.get(f"{self.url}/health", timeout=10, headers={"Authorization": f"Bearer {key}"} if key else {}).json()
+
+    def rss_mib(self) -> float:
+        line = next(ln for ln in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines() if ln.startswith("VmRSS:"))
+        return int(line.split()[1]) / 1024
+
+    def stop(self) -> tuple[int, str]:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = self.proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return self.proc.returncode, err
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    from flax import nnx
+
+    from formats.io import save_jaxgpt
+    from jaxgpt import GPT, GPTConfig
+
+    work = tmp_path_factory.mktemp("serve")
+    model = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0), rngs=nnx.Rngs(7))
+    save_jaxgpt(model, work / "run", {"step": 1, "tokenizer": ByteTokenizer()})
+    return work
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    s = Served(model_dir / "run", model_dir, "--slots=4", "--api_key=secret", "--model_name=tiny")
+    yield s
+    code, err = s.stop()
+    assert code == 0 and "Traceback" not in err, err[-3000:]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+    return OpenAI(base_url=f"{server.url}/v1", api_key="secret", max_retries=0)
+
+
+pytestmark = pytest.mark.slow  # a server subprocess: the full suite only
+
+
+def test_the_openai_client_gets_completions_streams_choices_stops_and_seeds(client, model_dir):
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    r = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=40, temperature=0.9, seed=5)
+    assert r.object == "text_completion" and r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 40
+    assert r.usage.prompt_tokens == 6 and r.usage.total_tokens == 46
+    again = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=40, temperature=0.9, seed=5)
+    assert again.choices[0].text == r.choices[0].text, "the same seed gave another text"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt="ROMEO:", max_tokens=40, temperature=0.9, seed=5, stream=True) if c.choices)
+    assert streamed == r.choices[0].text
+    three = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=20, temperature=1.0, seed=9, n=3)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    for c in three.choices:  # choice i samples as a request with seed + i
+        solo = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=20, temperature=1.0, seed=9 + c.index)
+        assert solo.choices[0].text == c.text
+    greedy = client.completions.create(model="tiny", prompt="KING", max_tokens=60, temperature=0)
+    text = greedy.choices[0].text
+    stop = text[20:23]
+    stopped = client.completions.create(model="tiny", prompt="KING", max_tokens=60, temperature=0, stop=[stop, "\x00\x01"])
+    assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].text == text[:text.index(stop)]
+    gen = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), f"--checkpoint={model_dir / 'run'}",
+                          "--prompt=KING", "--max_new_tokens=60", "--temperature=0"], cwd=model_dir, capture_output=True,
+                         timeout=300)
+    assert gen.returncode == 0 and gen.stdout.decode("utf-8", "replace").rstrip("\n") == "KING" + text, gen.stderr[-2000:]
+
+
+def test_64_requests_16_at_a_time_each_equal_their_solo_run_without_leaking(server, client):
+    rng = np.random.default_rng(0)
+    requests = [dict(prompt="".join(chr(c) for c in rng.integers(97, 123, rng.integers(1, 40))),
+                     max_tokens=int(rng.integers(4, 48)), temperature=float(rng.choice([0.0, 0.7, 1.0, 1.3])),
+                     top_p=float(rng.choice([1.0, 0.9])), seed=int(rng.integers(0, 1000)),
+                     extra_body={"top_k": int(rng.choice([0, 5, 50])) or None}) for _ in range(64)]
+    ask = lambda kw: client.completions.create(model="tiny", **kw).choices[0].text  # noqa: E731
+    solo = [ask(kw) for kw in requests]
+    rss0 = server.rss_mib()
+    with ThreadPoolExecutor(16) as pool:
+        loaded = list(pool.map(ask, requests))
+    with ThreadPoolExecutor(16) as pool:  # once more: memory must not grow with the requests served
+        list(pool.map(ask, requests))
+    rss1 = server.rss_mib()
+    assert loaded == solo, [i for i, (a, b) in enumerate(zip(loaded, solo, strict=True)) if a != b]
+    health = server.health("secret")
+    assert health["slots_in_use"] == 0 and health["queue"] == 0, health
+    assert rss1 - rss0 < 0.1 * rss0 + 20, f"resident memory grew from {rss0:.0f} to {rss1:.0f} MiB"
+
+
+def test_a_disconnected_stream_frees_its_slot(server):
+    import httpx
+    with httpx.stream("POST", f"{server.url}/v1/completions", headers={"Authorization": "Bearer secret"},
+                      json={"prompt": "x", "max_tokens": 4000, "stream": True}, timeout=60) as r:
+        lines = r.iter_lines()
+        assert any(line.startswith("data: ") for line in (next(lines) for _ in range(3)))
+        assert server.health("secret")["slots_in_use"] == 1
+    deadline = time.time() + 20
+    while server.health("secret")["slots_in_use"] and time.time() < deadline:
+        time.sleep(0.1)
+    assert server.health("secret")["slots_in_use"] == 0
+
+
+@pytest.mark.parametrize("how, status, message", [
+    (dict(content=b"{not json"), 400, "not valid JSON"),
+    (dict(json={"prompt": "x", "temperature": 5}), 400, "temperature"),
+    (dict(json={"prompt": "x", "n": 0}), 400, "n must be"),
+    (dict(json={"prompt": "x", "logprobs": 3}), 400, "logprobs is not supported"),
+    (dict(json={"prompt": "x", "frobnicate": 1}), 400, "unsupported parameter"),
+    (dict(json={"prompt": ""}, key="wrong"), 401, "API key"),
+    (dict(json={"prompt": "x" * 2_000_000}), 413, "body"),
+    (dict(json={"prompt": "x", "max_tokens": 10**9}), 400, "max_tokens"),
+])
+def test_bad_requests_get_an_openai_error_and_the_server_lives_on(server, how, status, message):
+    import httpx
+    key = how.pop("key", "secret")
+    r = httpx.post(f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {key}"}, timeout=30, **how)
+    assert r.status_code == status and message in r.json()["error"]["message"], r.text
+    assert server.health("secret")["status"] == "ok"
+
+
+def test_a_full_queue_answers_429_and_sigterm_exits_cleanly(model_dir):
+    import httpx
+    s = Served(model_dir / "run", model_dir, "--slots=1", "--max_queue=1")
+    try:
+        async def burst() -> list[int]:
+            async with httpx.AsyncClient() as c:
+                async def one() -> int:
+                    r = await c.post(f"{s.url}/v1/completions", json={"prompt": "x", "max_tokens": 300}, timeout=120)
+                    return r.status_code
+                return await asyncio.gather(*(one() for _ in range(4)))
+        codes = asyncio.run(burst())
+        assert 429 in codes and 200 in codes, codes
+        r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "x", "max_tokens": 5}, timeout=60)
+        assert r.status_code == 200 and r.json()["object"] == "text_completion"
+    finally:
+        code, err = s.stop()
+    assert code == 0 and "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if " 200: " in line]
+    assert lines and "first token" in lines[0] and "tokens/s" in lines[0], err[-2000:]
