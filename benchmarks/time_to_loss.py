@@ -183,7 +183,8 @@ def recipes_as_run(preset_flags: list[str], processes: int, log: Callable[[str],
             names = list(commands)
             for name in names[r % len(names):] + names[:r % len(names)]:
                 launch = time.time()
-                proc = subprocess.run([*commands[name], f"--out_dir={work / f'out-{r}-{name.replace(' ', '-')}'}"], capture_output=True,
+                out_dir = work / f"out-{r}-{name.replace(' ', '-')}"
+                proc = subprocess.run([*commands[name], f"--out_dir={out_dir}"], capture_output=True,
                                       text=True, cwd=ROOT, env=env, timeout=7200)
                 wall = time.time() - launch
                 if proc.returncode != 0:
