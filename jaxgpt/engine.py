@@ -33,6 +33,10 @@ class QueueFull(Exception):
     """More requests are waiting than the engine accepts: answer 429."""
 
 
+class EngineDown(Exception):
+    """The decode thread failed; no request can be served (answer 503)."""
+
+
 @dataclass
 class Job:
     """One sequence to continue. `emit(tokens, finish)` is called from the engine's thread with each
@@ -138,6 +142,7 @@ class Engine:
         self.waiting: collections.deque[Job] = collections.deque()
         self.cv = threading.Condition()
         self.running = True
+        self.error: str | None = None  # why the decode thread stopped, if it failed
         self.thread = threading.Thread(target=self._loop, name="jaxgpt-engine", daemon=True)
         self.thread.start()
 
@@ -146,14 +151,17 @@ class Engine:
         if job.max_tokens < 1 or len(job.prompt) < 1:
             raise UserError("a request needs at least one prompt token and max_tokens >= 1")
         with self.cv:
+            if self.error is not None:
+                raise EngineDown(self.error)
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting already (the queue holds {self.max_queue})")
             self.waiting.append(job)
             self.cv.notify()
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         with self.cv:
-            return {"slots": self.slots, "slots_in_use": len(self.jobs), "queue": len(self.waiting)}
+            return {"status": "ok" if self.error is None else f"error: {self.error}", "slots": self.slots,
+                    "slots_in_use": len(self.jobs), "queue": len(self.waiting)}
 
     def warm_up(self) -> None:
         """Compile before the first request, on this thread while the engine's is idle: the decode
@@ -203,6 +211,17 @@ class Engine:
         self.jobs[slot] = job
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except Exception as e:  # a bug or the device failing: every request learns it, none hangs
+            with self.cv:
+                self.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                for job in [*self.jobs.values(), *self.waiting]:
+                    job.emit([], "error")
+                self.jobs.clear()
+                self.waiting.clear()
+
+    def _serve(self) -> None:
         while True:
             with self.cv:
                 for slot, job in list(self.jobs.items()):

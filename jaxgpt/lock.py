@@ -54,17 +54,23 @@ class RunLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._generation: Any = None
+        self._made_folder = False
 
     # --- the two stores ---
     def _create(self, record: dict[str, Any]) -> bool:
         data = json.dumps(record).encode()
         if paths.is_remote(self.path):
             return self._gcs_create(data)
-        paths.ensure_dir(self.path.parent)
+        folder = paths.path(self.path.parent)
         try:
+            if not folder.exists():
+                paths.ensure_dir(folder)
+                self._made_folder = True  # a run refused before writing anything leaves no empty folder behind
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
+        except OSError as e:
+            raise UserError(f"cannot write to out_dir {folder} ({e.strerror or e}); choose a writable --out_dir") from None
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         return True
@@ -172,6 +178,11 @@ class RunLock:
                 paths.path(self.path).unlink()
             except FileNotFoundError:
                 pass
+            if self._made_folder:
+                try:
+                    os.rmdir(str(self.path.parent))  # only succeeds when the run wrote nothing else
+                except OSError:
+                    pass
 
     def __enter__(self) -> RunLock:
         self.acquire()

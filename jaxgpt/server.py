@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from jaxgpt.engine import Engine, Job, QueueFull
+from jaxgpt.engine import Engine, EngineDown, Job, QueueFull
 from jaxgpt.errors import UserError
 
 log = logging.getLogger("jaxgpt.serve")
@@ -103,7 +103,7 @@ class Choice:
                 self.job.cancel()
                 self.finish = "stop"
             elif finish is not None:
-                self.finish = "length"
+                self.finish = "length" if finish != "error" else "error"
             if text:
                 yield text
 
@@ -184,7 +184,8 @@ class Server:
 
     # --- endpoints ---
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": self.model_name, **self.engine.stats()})
+        stats = self.engine.stats()
+        return JSONResponse({"model": self.model_name, **stats}, status_code=200 if stats["status"] == "ok" else 503)
 
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
@@ -234,6 +235,8 @@ class Server:
             raise ApiError(429, f"the server is busy: {e}; retry later", kind="rate_limit_exceeded") from None
         except UserError as e:
             raise ApiError(400, str(e)) from None
+        except EngineDown as e:
+            raise ApiError(503, f"the engine stopped ({e}); restart the server", kind="server_error") from None
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}", "created": int(time.time()),
                 "model": self.model_name, "start": time.perf_counter(), "prompt_tokens": sum(len(x) for x in prompts),
                 "first": None}

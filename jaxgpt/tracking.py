@@ -192,10 +192,11 @@ class Callback:
 
 
 def sinks(out_dir: Any, tc: Any, model_cfg: Any, config: dict[str, Any], start: int,
-          on_log: Callable[[dict[str, Any]], None] | None) -> list[Sink]:
-    """The sinks one run writes to (process 0): metrics.jsonl always, then what the flags ask for."""
-    out: list[Sink] = [MetricsFile(paths.path(out_dir) / "metrics.jsonl")]
-    if tc.tensorboard or tc.wandb_log:
+          on_log: Callable[[dict[str, Any]], None] | None, writer: bool = True) -> list[Sink]:
+    """The sinks one run writes to: on the writer (process 0) metrics.jsonl always, then what the flags ask
+    for; the caller's on_log on every process (each host may want its own view of the run)."""
+    out: list[Sink] = [MetricsFile(paths.path(out_dir) / "metrics.jsonl")] if writer else []
+    if writer and (tc.tensorboard or tc.wandb_log):
         from functools import partial
 
         from jaxgpt.perf import device_peak_flops, flops_per_token

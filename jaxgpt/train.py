@@ -284,7 +284,7 @@ def _train(model_cfg: GPTConfig, tc: TrainConfig, out_dir: Any, *, on_log: Calla
         rundir.write_json(out_dir / "config.json", config)
     if on_start:
         on_start(plat, memory)
-    sinks = tracking.sinks(out_dir, tc, model_cfg, config, start, on_log) if main else []
+    sinks = tracking.sinks(out_dir, tc, model_cfg, config, start, on_log, writer=main)
 
     def save(step: int, val_loss: float, train_loss: float) -> None:
         ckpt.save(step, state.params, state.opt_state,
@@ -325,14 +325,15 @@ def _train(model_cfg: GPTConfig, tc: TrainConfig, out_dir: Any, *, on_log: Calla
                     if is_eval and records[-1]["step"] == done:
                         t_eval = time.perf_counter()
                         losses = estimate_loss(eval_step, state.params, eval_samplers, tc.eval_iters, to_global)
-                        if tc.eval_full:  # the whole val split instead of eval_iters sampled batches
-                            losses["val"] = score_val(state.params).loss
+                        whole = score_val(state.params) if tc.eval_full else None  # instead of eval_iters batches
+                        if whole is not None:
+                            losses["val"] = whole.loss
                         eval_s += time.perf_counter() - t_eval
                         records[-1].update(val_loss=losses["val"], eval_train_loss=losses["train"])
                         if tc.eval_full:
                             records[-1].update(time=time.time(), eval_s=eval_s)
                         if done == tc.max_iters or 0 < tc.stop_loss and losses["val"] <= tc.stop_loss:
-                            final = score_val(state.params)  # the whole val split, for the summary
+                            final = whole or score_val(state.params)  # the whole val split, for the summary
                             records[-1].update(val_loss_full=final.loss, val_bpb=final.bits_per_byte)
                             reached = done
                         if not math.isfinite(losses["val"]):

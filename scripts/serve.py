@@ -10,6 +10,7 @@ Hugging Face folder; local or gs://). SIGTERM (or Ctrl-C) finishes the requests 
 """
 import argparse
 import logging
+import signal
 import sys
 
 from jaxgpt import cli
@@ -68,10 +69,17 @@ def main(argv: list[str]) -> int:
           file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=args.shutdown_grace)
+    # uvicorn handles SIGTERM/SIGINT itself (graceful shutdown) and then re-raises the signal to the handler
+    # that was there before it; a recording handler there makes a requested shutdown a clean exit 0.
+    stopped_by: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stopped_by.append(signum))
     try:
         uvicorn.Server(config).run()
     finally:
         engine.close()
+    if stopped_by:
+        print(f"stopped by {signal.Signals(stopped_by[0]).name}", file=sys.stderr, flush=True)
     return 0
 
 

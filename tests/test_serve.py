@@ -5,8 +5,6 @@ and stop-string holdback) is tested on its own first."""
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
 import socket
 import subprocess
