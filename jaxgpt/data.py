@@ -18,7 +18,7 @@ import urllib.request
 from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from tqdm import tqdm
@@ -251,7 +251,7 @@ def prepare_tinystories(data_dir: str | Path, inputs: list[str] | None = None,
     else:
         sources = {"train": _stories_from_hf("train"), "val": _stories_from_hf("validation")}
     identity = tokenizer.identity() if tokenizer else dict(BYTES_IDENTITY)
-    vocab = int(identity["vocab_size"])  # type: ignore[call-overload]
+    vocab = int(cast(int, identity["vocab_size"]))
     meta: dict[str, Any] = {"tokenizer": tokenizer.name if tokenizer else "bytes", "tokenizer_identity": identity,
             "vocab_size": vocab, "dtype": token_dtype(vocab).name,
             "source": [str(p) for p in inputs] if inputs else "roneneldan/TinyStories"}

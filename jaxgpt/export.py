@@ -9,6 +9,8 @@ inserts the collectives there).
 """
 from __future__ import annotations
 
+from typing import Any, cast
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -50,7 +52,7 @@ def export_train_step(model_cfg: GPTConfig, tc: TrainConfig, platforms: tuple[st
                                  sharding=batch_sharding(mesh) if mesh is not None else None)
     shardings = jax.tree.map(lambda a: a.sharding, state) if mesh is not None else None
     step = make_train_step(graphdef, make_optimizer(tc), tc, shardings)
-    return export.export(step, platforms=platforms, disabled_checks=_allowed(attention))(state, batch, batch, jax.ShapeDtypeStruct((), jnp.int32))
+    return export.export(cast(Any, step), platforms=platforms, disabled_checks=_allowed(attention))(state, batch, batch, jax.ShapeDtypeStruct((), jnp.int32))
 
 
 def export_eval_step(model_cfg: GPTConfig, tc: TrainConfig, platforms: tuple[str, ...], mesh: AbstractMesh | None,

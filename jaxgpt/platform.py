@@ -260,7 +260,8 @@ def use_compile_cache(setting: str | None) -> Path | None:
 def _quiet_cache_warnings(path: Path) -> None:
     """JAX warns (two lines with a source excerpt) per unreadable cache entry and recompiles it;
     report the first as one notice and drop the rest."""
-    show, seen = warnings.showwarning, []  # type: list[Any]
+    show = warnings.showwarning
+    seen: list[Any] = []
 
     def showwarning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
         if "persistent compilation cache" not in str(message):

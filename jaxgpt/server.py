@@ -82,11 +82,13 @@ class Choice:
 
     def __init__(self, index: int, prompt: np.ndarray, params: dict[str, Any], tokenizer: Any, stops: list[str],
                  loop: asyncio.AbstractEventLoop):
-        self.index, self.queue = index, asyncio.Queue()
+        self.index = index
+        self.queue: asyncio.Queue[tuple[list[int], str | None]] = asyncio.Queue()
         self.decoder, self.stop = tokenizer.stream_decoder(), StopFilter(stops)
         self.finish: str | None = None
         self.tokens = 0
-        emit = lambda tokens, finish: loop.call_soon_threadsafe(self.queue.put_nowait, (tokens, finish))  # noqa: E731
+        def emit(tokens: list[int], finish: str | None) -> None:
+            loop.call_soon_threadsafe(self.queue.put_nowait, (tokens, finish))
         self.job = Job(prompt, params["max_tokens"], emit, params["temperature"], params["top_k"], params["top_p"],
                        params["seed"] + index % params["n"])
 
@@ -237,7 +239,7 @@ class Server:
             raise ApiError(400, str(e)) from None
         except EngineDown as e:
             raise ApiError(503, f"the engine stopped ({e}); restart the server", kind="server_error") from None
-        meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}", "created": int(time.time()),
+        meta: dict[str, Any] = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}", "created": int(time.time()),
                 "model": self.model_name, "start": time.perf_counter(), "prompt_tokens": sum(len(x) for x in prompts),
                 "first": None}
         if p["stream"]:

@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -194,7 +194,7 @@ def compile_train_step(model_cfg: GPTConfig, tc: TrainConfig, state: TrainState,
     for remat in platform.remat_candidates(tc.remat, here):
         graphdef, eval_graphdef = graphdefs(model_cfg, remat, attention)
         t = time.perf_counter()
-        compiled = make_train_step(graphdef, make_optimizer(tc), tc, shardings).lower(state, x, y, step).compile()
+        compiled = cast(Any, make_train_step(graphdef, make_optimizer(tc), tc, shardings)).lower(state, x, y, step).compile()
         need = platform.step_memory(compiled)
         if need is None or limit is None or need <= platform.MEMORY_MARGIN * limit:
             break
@@ -253,7 +253,8 @@ def _train(model_cfg: GPTConfig, tc: TrainConfig, out_dir: Any, *, on_log: Calla
     platform.check_state_fits(platform.bytes_per_device(abstract), "the parameters and optimizer state",
                               f"a smaller model, or shard them with --mesh_fsdp=N (N devices; now {tc.mesh_fsdp})")
     batch = lambda step: tuple(to_global(a) for a in samplers["train"].get(step))  # noqa: E731
-    train_step, eval_graphdef, plat, memory = compile_train_step(model_cfg, tc, abstract, *batch(0), 0)
+    x0, y0 = batch(0)
+    train_step, eval_graphdef, plat, memory = compile_train_step(model_cfg, tc, abstract, x0, y0, 0)
     _, _, state = init_state(model_cfg, tc, mesh, remat=plat.remat, attention=plat.attention)
     if init_params is not None and not tc.resume:  # fine-tuning: these weights, laid out like the fresh ones
         copy = lambda new, old: jax.device_put(np.asarray(new), old.sharding)  # noqa: E731  (the step donates it)
@@ -291,7 +292,7 @@ def _train(model_cfg: GPTConfig, tc: TrainConfig, out_dir: Any, *, on_log: Calla
                   {"step": step, "val_loss": val_loss, "train_loss": train_loss, "sampler": samplers["train"].state(step),
                    "model": model_cfg.to_dict(), "train": tc.to_dict(), "platform": plat.to_dict()})
 
-    eval_step = make_eval_step(eval_graphdef, dataclasses.replace(tc, dtype=plat.dtype))
+    eval_step = make_eval_step(eval_graphdef, dataclasses.replace(tc, dtype=cast(Any, plat.dtype)))
     score_val = split_scorer(data / "val.bin", data_meta["dtype"], eval_graphdef, model_cfg, DTYPES[plat.dtype],
                              to_device=lambda a: whole_batch(a, bsh), devices=mesh.size, tokenizer=tokenizer)
     eval_s = 0.0  # time spent evaluating (time-to-loss runs exclude it)
@@ -374,10 +375,10 @@ def _train(model_cfg: GPTConfig, tc: TrainConfig, out_dir: Any, *, on_log: Calla
     last_step = reached if reached > 0 else tc.max_iters
     summary.update(steps=last_step - start, wall_s=time.perf_counter() - t_begin, final_step=last_step,
                    platform=plat.to_dict(), eval_s=eval_s)
-    rows = rundir.read_metrics(metrics_path)
-    evals = [r for r in rows if "val_loss" in r]
+    logged = rundir.read_metrics(metrics_path)
+    evals = [r for r in logged if "val_loss" in r]
     if evals:
         summary.update(val_loss=evals[-1]["val_loss"], best_val_loss=min(r["val_loss"] for r in evals))
-    if rows and "val_loss_full" in rows[-1]:
-        summary.update(val_loss_full=rows[-1]["val_loss_full"], val_bpb=rows[-1]["val_bpb"])
+    if logged and "val_loss_full" in logged[-1]:
+        summary.update(val_loss_full=logged[-1]["val_loss_full"], val_bpb=logged[-1]["val_bpb"])
     return summary
