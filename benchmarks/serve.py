@@ -77,14 +77,18 @@ def serve_figures(cfg: Any, rounds: int = 3, slots: int = 16, max_tokens: int = 
     from formats.io import save_safetensors
     from jaxgpt.model import GPT
 
+    # Requests of max_tokens run past block_size, where every token recomputes its window (nanoGPT's
+    # crop); `short` ones stay inside the context, where every token is one cached step.
+    short = max(4, cfg.block_size - 24)
     work = Path(tempfile.mkdtemp(prefix="jaxgpt-serve-"))
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     save_safetensors(GPT(cfg, rngs=nnx.Rngs(0)), work / "model.safetensors", {})
     env = {**os.environ, "XDG_CACHE_HOME": str(work / "cache")}
+    log_file = open(work / "server.log", "w")  # a file, not a pipe: the server logs a line per request
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), f"--checkpoint={work / 'model.safetensors'}",
                              f"--port={port}", f"--slots={slots}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=log_file, text=True)
     try:
         import httpx
 
@@ -96,19 +100,24 @@ def serve_figures(cfg: Any, rounds: int = 3, slots: int = 16, max_tokens: int = 
             except httpx.HTTPError:
                 pass
             if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"the server did not start: {proc.stderr.read()[-2000:] if proc.stderr else ''}")
+                raise RuntimeError(f"the server did not start: {(work / 'server.log').read_text()[-2000:]}")
             time.sleep(0.2)
-        single, many, idle, loaded = [], [], [], []
+        single, many, idle, loaded, short_single, short_many = [], [], [], [], [], []
         for r in range(rounds):
             one = asyncio.run(_clients(url, 1, 3, max_tokens))
             sixteen = asyncio.run(_clients(url, 16, 2, max_tokens))
+            short_one = asyncio.run(_clients(url, 1, 6, short))
+            short_sixteen = asyncio.run(_clients(url, 16, 4, short))
             ttft = asyncio.run(_clients(url, 1, 20, 4, prompt="ROMEO:"))
             single.append(one["tokens_per_s"])
             many.append(sixteen["tokens_per_s"])
+            short_single.append(short_one["tokens_per_s"])
+            short_many.append(short_sixteen["tokens_per_s"])
             idle.append(statistics.median(ttft["ttft"]) * 1000)
             loaded.append(statistics.median(sixteen["ttft"]) * 1000)
-            log(f"  round {r + 1}/{rounds}: 1 client {single[-1]:.0f} tok/s, 16 clients {many[-1]:.0f} tok/s, "
-                f"idle first token {idle[-1]:.1f} ms, under load {loaded[-1]:.1f} ms")
+            log(f"  round {r + 1}/{rounds}: {max_tokens} tokens: 1 client {single[-1]:.0f} tok/s, 16 clients "
+                f"{many[-1]:.0f} tok/s; {short} tokens: 1 client {short_single[-1]:.0f}, 16 clients {short_many[-1]:.0f} "
+                f"tok/s; idle first token {idle[-1]:.1f} ms, under load {loaded[-1]:.1f} ms")
         rss = [_rss_mib(proc.pid)]
         done = 0
         while done < memory_requests:
@@ -123,12 +132,17 @@ def serve_figures(cfg: Any, rounds: int = 3, slots: int = 16, max_tokens: int = 
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log_file.close()
         shutil.rmtree(work, ignore_errors=True)
     note = f"{slots} slots, {max_tokens} tokens per request, temperature 0.8, {rounds} rounds"
     return [figure("serve", "1 streaming client: tokens/s", single, "tok/s", note),
             figure("serve", "16 streaming clients: aggregate tokens/s", many, "tok/s", note),
             figure("serve", "16 clients / 1 client throughput", [m / s for m, s in zip(many, single, strict=True)], "x",
                    "per round"),
+            figure("serve", f"{short}-token requests (inside block_size): 1 client tokens/s", short_single, "tok/s"),
+            figure("serve", f"{short}-token requests: 16 clients aggregate tokens/s", short_many, "tok/s"),
+            figure("serve", f"{short}-token requests: 16 clients / 1 client",
+                   [m / s for m, s in zip(short_many, short_single, strict=True)], "x", "per round"),
             figure("serve", "time to first token, idle, short prompt (p50)", idle, "ms", "'ROMEO:', 20 requests per round"),
             figure("serve", "time to first token under 16-client load (p50)", loaded, "ms"),
             figure("serve", f"resident memory after {done} requests", [rss[-1]], "MiB",

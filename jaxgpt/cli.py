@@ -87,3 +87,14 @@ def add_compile_cache_flag(parser: argparse.ArgumentParser) -> None:
 def apply_compile_cache(setting: str) -> None:
     from jaxgpt.platform import use_compile_cache
     use_compile_cache(setting)
+
+
+def read_text_file(path: str, flag: str) -> str:
+    """A UTF-8 text file a flag names (--text, --prompt_file), or one error line naming the flag."""
+    from pathlib import Path
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise UserError(f"cannot read {flag} {path} ({reason}); pass an existing UTF-8 file") from None

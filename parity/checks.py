@@ -169,16 +169,20 @@ def check_bf16_logits() -> list[Result]:
         cfg = CONFIGS[name]
         model = GPT(cfg, rngs=nnx.Rngs(1))
         model.eval()
-        idx = _tokens(cfg, cfg.block_size)
-        ref = jax_logits(model, idx)
-        graphdef, state = nnx.split(model)
-        bf16 = np.asarray(_jit_forward(graphdef, jax.tree.map(lambda p: p.astype(jnp.bfloat16), state),
-                                       jnp.asarray(idx, jnp.int32)).astype(jnp.float32))
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            tb = jax_to_torch_model(model)(torch.from_numpy(idx)).float().numpy()
         out.append(Result("bf16 logits jax vs torch autocast, rel.", f"{name} T={cfg.block_size}",
-                          max_diff(bf16, tb) / float(np.abs(ref).max()), tol.BF16_LOGITS_RTOL))
+                          bf16_logit_gap(model, _tokens(cfg, cfg.block_size)), tol.BF16_LOGITS_RTOL))
     return out
+
+
+def bf16_logit_gap(model: GPT, idx: np.ndarray) -> float:
+    """max|jaxgpt in bf16 - torchref under autocast(bf16)| / max|fp32 logit|, the same fp32 weights."""
+    ref = jax_logits(model, idx)
+    graphdef, state = nnx.split(model)
+    bf16 = np.asarray(_jit_forward(graphdef, jax.tree.map(lambda p: p.astype(jnp.bfloat16), state),
+                                   jnp.asarray(idx, jnp.int32)).astype(jnp.float32))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        tb = jax_to_torch_model(model)(torch.from_numpy(idx)).float().numpy()
+    return max_diff(bf16, tb) / float(np.abs(ref).max())
 
 
 def check_bf16_training(steps: int = 100) -> list[Result]:

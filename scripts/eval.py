@@ -12,12 +12,11 @@ comparable between a byte-level model and a BPE model.
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from jaxgpt import cli, paths
+from jaxgpt import cli
 from jaxgpt.config import CliParser, parse_bool
 from jaxgpt.errors import UserError
 
@@ -52,10 +51,7 @@ def main(argv: list[str]) -> int:
     tok = need_tokenizer(model, info, args.checkpoint)
     cfg = model.config
     if args.text:
-        try:
-            raw = Path(args.text).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read --text {args.text} ({paths.describe(e)}); pass an existing UTF-8 file") from None
+        raw = cli.read_text_file(args.text, "--text")
         tokens, source = np.asarray(tok.encode(raw)), args.text
     else:
         run = info.get("train") or info.get("config") or {}

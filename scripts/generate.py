@@ -8,7 +8,6 @@ import argparse
 import shutil
 import sys
 import tempfile
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -59,10 +58,7 @@ def main(argv: list[str]) -> int:
     cli.apply_compile_cache(args.compile_cache)
     prompt = args.prompt
     if args.prompt_file:
-        try:
-            prompt = Path(args.prompt_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read --prompt_file {args.prompt_file} ({e}); pass an existing UTF-8 file") from None
+        prompt = cli.read_text_file(args.prompt_file, "--prompt_file")
     prompt = prompt or "\n"
 
     model, tok, info = load(args.checkpoint or args.out_dir, args.which, args.meta)

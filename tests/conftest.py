@@ -54,8 +54,9 @@ def tiny_model() -> GPT:
 
 # pytest-xdist hands whole files to its workers in collection order: the longest files first, so
 # that no worker starts a long file when the others are finishing (seconds measured on 2 cores).
-_HEAVY_FIRST = ["test_gcs", "test_cli", "test_parity", "test_sharding", "test_report", "test_hf", "test_reliability",
-                "test_platform", "test_bench", "test_quickstart", "test_train"]
+_HEAVY_FIRST = ["test_gcs", "test_parity", "test_sharding", "test_cli", "test_report", "test_platform", "test_notebook",
+                "test_reliability", "test_hf", "test_bench", "test_tracking", "test_quickstart", "test_train",
+                "test_unattended_cli", "test_serve", "test_fuzz"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -43,9 +43,14 @@ def test_each_recipe_switch_matches_its_torch_twin(check):
         assert r.passed, f"{r.check} [{r.case}]: {r.value:.3g} > tolerance {r.tolerance:.0e}"
 
 
+# Decoding is checked here for the full recipe, whose decode path goes through every switch at once
+# (each switch alone costs ~20 s of compilation per row); `python -m parity --only recipe` runs every row.
+DECODED = ("modern",)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("check", list(recipe_run_checks()),
-                         ids=[f"decoding-{n}" for n in SWITCHES] + ["rope_past_block", "muon_training", "bf16"])
+@pytest.mark.parametrize("check", list(recipe_run_checks(DECODED)),
+                         ids=[f"decoding-{n}" for n in DECODED] + ["rope_past_block", "muon_training", "bf16"])
 def test_recipe_decoding_training_and_bf16_match_torch(check):
     for r in check():
         assert r.passed, f"{r.check} [{r.case}]: {r.value:.3g} > tolerance {r.tolerance:.0e}"

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -58,9 +59,10 @@ class Served:
     def __init__(self, checkpoint: Path, cwd: Path, *flags: str):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.TemporaryFile("w+")  # not a pipe: a line per request would fill it and block the server
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), f"--checkpoint={checkpoint}",
                                       f"--port={self.port}", *flags], cwd=cwd, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=self.log, text=True)
         import httpx
         deadline = time.time() + 300
         while True:
@@ -69,7 +71,7 @@ class Served:
                     return
             except httpx.HTTPError:
                 pass
-            assert self.proc.poll() is None and time.time() < deadline, self.proc.stderr.read()[-3000:]
+            assert self.proc.poll() is None and time.time() < deadline, self.errors()[-3000:]
             time.sleep(0.1)
 
     def health(self, key: str | None = None) -> dict:
@@ -80,14 +82,18 @@ class Served:
         line = next(ln for ln in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines() if ln.startswith("VmRSS:"))
         return int(line.split()[1]) / 1024
 
+    def errors(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
     def stop(self) -> tuple[int, str]:
         self.proc.send_signal(signal.SIGTERM)
         try:
-            _, err = self.proc.communicate(timeout=120)
+            self.proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            _, err = self.proc.communicate()
-        return self.proc.returncode, err
+            self.proc.wait()
+        return self.proc.returncode, self.errors()
 
 
 @pytest.fixture(scope="module")
