@@ -45,6 +45,12 @@ ABLATION: dict[str, list[str]] = {
 }
 
 
+# the ablation evaluates only once the mean of the last 20 train losses is within this of the target: the
+# val loss is above the train loss here, so the skipped evaluations could not have stopped the run (each
+# run checks this: its first evaluation must be above the target)
+EVAL_GATE_MARGIN = 0.25
+
+
 def _command(name: str, flags: list[str], out_dir: Path) -> list[str]:
     if name.startswith("pytorch"):
         return [sys.executable, "-m", "torchref.train", *flags, f"--out_dir={out_dir}"]
@@ -75,6 +81,9 @@ def run_to_loss(name: str, flags: list[str], loss: float, work: Path, env: dict[
     evals = _evaluations(name, out_dir, proc.stdout)
     shutil.rmtree(out_dir, ignore_errors=True)
     hit = next((r for r in evals if r["val_loss"] <= loss), None)
+    if "--eval_below" in " ".join(flags) and evals and evals[0]["val_loss"] <= loss:
+        raise RuntimeError(f"{name}: its first evaluation (step {evals[0]['step']}) is already <= {loss}: the "
+                           f"evaluation gate opened too late to find the first step; raise EVAL_GATE_MARGIN")
     last = evals[-1] if evals else {"step": 0, "val_loss": float("nan")}
     return {"name": name, "reached": hit is not None, "steps": hit["step"] if hit else None,
             "seconds": hit["time"] - hit["eval_s"] - launch if hit else None, "final_val_loss": last["val_loss"],
@@ -102,7 +111,7 @@ def _figures(section: str, runs: dict[str, list[dict[str, Any]]], loss: float, b
         else:
             out.append(figure(section, f"{name}: val loss at its last step", ([r["final_val_loss"] for r in rs]),
                               "nats", note))
-    if base is not None and runs[base] and all(r["reached"] for r in runs[base]):
+    if base is not None and runs.get(base) and all(r["reached"] for r in runs[base]):
         for name, rs in runs.items():
             pairs = [(a["seconds"], b["seconds"]) for a, b in zip(rs, runs[base], strict=True) if a["reached"]]
             if name != base and pairs:
@@ -148,7 +157,7 @@ def ablation(preset_flags: list[str], loss: float, seeds: list[int], eval_interv
             for name, extra in rows.items():
                 iters = [f"--max_iters={max_iters}"] if max_iters else []
                 flags = [*preset_flags, *data, "--eval_full=true", f"--eval_interval={eval_interval}", f"--seed={seed}",
-                         *extra, *iters]
+                         f"--eval_below={loss + EVAL_GATE_MARGIN}", *extra, *iters]
                 result = {**run_to_loss(f"jaxgpt {name}", flags, loss, work, env, f"{seed}"), "seed": seed,
                           "flags": " ".join(extra + iters)}
                 runs[name].append(result)

@@ -147,6 +147,9 @@ class TrainConfig:
     # evaluation
     eval_full: bool = False  # evaluate on the whole val split (deterministic windows) instead of eval_iters batches
     stop_loss: float = 0.0  # > 0: stop at the first evaluation whose val loss is <= this (time-to-loss runs)
+    # > 0: skip the evaluations (not the last) until the mean of the last 20 logged train losses is <= this; an
+    # ablation sets it a margin above --stop_loss, so evaluations far above the target cost it nothing
+    eval_below: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_iters", "gradient_accumulation_steps", "eval_interval",
@@ -169,6 +172,7 @@ class TrainConfig:
         _require(self.muon_lr >= 0, f"--muon_lr must be >= 0, got {self.muon_lr!r}")
         _require(0.0 <= self.muon_momentum < 1.0, f"--muon_momentum must be in [0, 1), got {self.muon_momentum!r}")
         _require(self.stop_loss >= 0, f"--stop_loss must be >= 0 (0 = off), got {self.stop_loss!r}")
+        _require(self.eval_below >= 0, f"--eval_below must be >= 0 (0 = off), got {self.eval_below!r}")
         _require(bool(self.dataset) and "/" not in self.dataset and self.dataset not in (".", ".."),
                  f"--dataset must be a plain name like 'shakespeare', got {self.dataset!r}")
         if not self.out_dir:

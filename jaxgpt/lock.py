@@ -70,7 +70,7 @@ class RunLock:
         except FileExistsError:
             return False
         except OSError as e:
-            raise UserError(f"cannot write to out_dir {folder} ({e.strerror or e}); choose a writable --out_dir") from None
+            raise paths.unwritable_out_dir(folder, e) from None
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         return True

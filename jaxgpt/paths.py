@@ -118,6 +118,11 @@ def append_text(p: Any, text: str) -> None:
             f.write(text)
 
 
+def unwritable_out_dir(folder: Any, e: OSError) -> UserError:
+    """The one line for a run folder that refuses writes (the run lock and the preflight both meet it)."""
+    return UserError(f"cannot write to out_dir {folder} ({e.strerror or e}); choose a writable --out_dir")
+
+
 def ensure_dir(p: Any) -> None:
     """mkdir -p locally; nothing on GCS, where folders exist once an object is inside."""
     if not is_remote(p):

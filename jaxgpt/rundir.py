@@ -28,7 +28,7 @@ def preflight(out_dir: Any, checkpoint_bytes: int) -> None:
         paths.write_bytes(probe, b"0" * 1024)
         probe.unlink()
     except OSError as e:
-        raise UserError(f"cannot write to out_dir {out_dir} ({e.strerror or e}); choose a writable --out_dir") from None
+        raise paths.unwritable_out_dir(out_dir, e) from None
     if paths.is_remote(out_dir):
         return  # a bucket has no free-space figure to check
     need = 2 * checkpoint_bytes + (16 << 20)  # one being written while the last is kept, plus logs
@@ -110,7 +110,7 @@ def has_checkpoint(out_dir: Any) -> bool:
 
 
 # settings a restart may change without being another run
-RESTART_FREE = ("resume", "max_iters", "progress", "plot", "keep_checkpoints", "log_interval", "eval_interval", "stop_loss",
+RESTART_FREE = ("resume", "max_iters", "progress", "plot", "keep_checkpoints", "log_interval", "eval_interval", "stop_loss", "eval_below",
                 "eval_full")
 
 

@@ -7,6 +7,7 @@ and the step number, so a resumed run continues exactly where it stopped.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import math
@@ -302,6 +303,7 @@ def _train(model_cfg: GPTConfig, tc: TrainConfig, out_dir: Any, *, on_log: Calla
     bar = tqdm(total=tc.max_iters, initial=start, disable=not (tc.progress and main), unit="step", dynamic_ncols=True)
     t_begin = time.perf_counter()
     last_loss = math.nan
+    recent: collections.deque[float] = collections.deque(maxlen=20)  # for --eval_below
     try:
         with stop_signals(sigterm=jax.process_count() == 1) as (caught, asked):
             for step in range(start, tc.max_iters):
@@ -310,7 +312,8 @@ def _train(model_cfg: GPTConfig, tc: TrainConfig, out_dir: Any, *, on_log: Calla
                 done = step + 1
                 if preempted(done):  # every host reaches this step together
                     caught.append(asked[0] if asked else signal.SIGTERM)
-                is_eval = done % tc.eval_interval == 0 or done == tc.max_iters
+                gated = 0 < tc.eval_below and not (len(recent) == recent.maxlen and np.mean(recent) <= tc.eval_below)
+                is_eval = done % tc.eval_interval == 0 and not gated or done == tc.max_iters
                 if done % tc.log_interval == 0 or is_eval or step == start or caught:
                     log.add(done, metrics)
                 if log.pending and (log.due() or is_eval or step == start or caught):
@@ -323,6 +326,8 @@ def _train(model_cfg: GPTConfig, tc: TrainConfig, out_dir: Any, *, on_log: Calla
                                         f"checkpoint ({'step ' + str(last) if last is not None else 'none'}) is kept in "
                                         f"{out_dir}; lower --learning_rate or raise --warmup_iters and --resume")
                     last_loss = records[-1]["train_loss"]
+                    if gated:
+                        recent.extend(r["train_loss"] for r in records)
                     if is_eval and records[-1]["step"] == done:
                         t_eval = time.perf_counter()
                         losses = estimate_loss(eval_step, state.params, eval_samplers, tc.eval_iters, to_global)

@@ -7,7 +7,7 @@ contender runs in fresh processes, alternating; figures are min / median / max o
   python scripts/bench.py --preset=cpu --whole_process --max_iters=600 --sections=train     # train.py vs PyTorch eager
   python scripts/bench.py --preset=cpu --whole_process --sections=generate   # generate.py vs nanoGPT-style sampling
   python scripts/bench.py --preset=cpu --time_to_loss=1.8857 --processes=3   # seconds to a val loss: recipes vs PyTorch
-  python scripts/bench.py --preset=cpu --time_to_loss=1.8857 --ablation --seeds=1,2,3   # each switch alone
+  python scripts/bench.py --preset=cpu --time_to_loss=1.8857 --ablation --seeds=1337,1338,1339 --eval_every=50   # each switch alone
   python scripts/bench.py --preset=cpu --recipes --processes=3    # each recipe exactly as run: wall clock, val loss
   python scripts/bench.py --preset=cpu --sections=serve --processes=3     # the server: 1 vs 16 clients, first token
   python scripts/bench.py --validate                              # on a GPU/TPU host: the checklist
@@ -58,6 +58,8 @@ def main(argv: list[str]) -> int:
                    help="train.py --recipe=nanogpt and =modern against nanoGPT's recipe in PyTorch, each run exactly as "
                         "a user runs it: whole-process wall clock and final val loss")
     b.add_argument("--seeds", default="1337", help="--ablation: comma-separated seeds (default: %(default)s)")
+    b.add_argument("--rows", default="", help="--ablation: comma-separated rows of benchmarks.time_to_loss.ABLATION "
+                                              "(default: all)")
     b.add_argument("--eval_every", type=int, default=50, help="--time_to_loss: steps between evaluations (default: %(default)s)")
     b.add_argument("--validate", action="store_true", help="the accelerator checklist (see benchmarks/validate.py)")
     b.add_argument("--validate_parity", default="model,generation,training,bf16",
@@ -83,8 +85,11 @@ def main(argv: list[str]) -> int:
         from benchmarks import time_to_loss as ttl
         preset_flags = [f"--preset={args.preset}"] + [f"--{k}={v}" for k, v in explicit_flags(args, GPTConfig).items()]
         if args.ablation:
+            rows = [r.strip() for r in args.rows.split(",") if r.strip()] or None
+            if unknown_rows := set(rows or []) - set(ttl.ABLATION):
+                raise UserError(f"unknown --rows {sorted(unknown_rows)}; choose from {list(ttl.ABLATION)}")
             figures, records = ttl.ablation(preset_flags, args.time_to_loss, [int(s) for s in args.seeds.split(",")],
-                                            args.eval_every, args.max_iters, log)
+                                            args.eval_every, args.max_iters, log, only=rows)
             for record in records:
                 print(json.dumps({"run": record}))
         else:

@@ -74,6 +74,7 @@ def test_invalid_switches_name_the_field(kwargs, field):
 
 def test_invalid_optimizer_settings_name_the_flag():
     for kwargs, flag in [(dict(optimizer="sgd"), "--optimizer"), (dict(muon_momentum=1.0), "--muon_momentum"),
-                         (dict(recipe="speedrun"), "--recipe"), (dict(stop_loss=-1.0), "--stop_loss")]:
+                         (dict(recipe="speedrun"), "--recipe"), (dict(stop_loss=-1.0), "--stop_loss"),
+                         (dict(eval_below=-1.0), "--eval_below")]:
         with pytest.raises(UserError, match=flag):
             TrainConfig(**kwargs)

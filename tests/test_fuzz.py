@@ -110,20 +110,12 @@ def loads_or_refuses(path: Path) -> None:
 
 
 @slow
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
 @FUZZ
 @given(HOW, st.floats(0, 1), st.integers(0, 255))
-def test_damaged_pt_files_load_or_end_in_one_error(files, tmp_path, how, where, byte):
-    path = tmp_path / "x.pt"
-    path.write_bytes(damage(files["pt"], how, where, byte))
-    loads_or_refuses(path)
-
-
-@slow
-@FUZZ
-@given(HOW, st.floats(0, 1), st.integers(0, 255))
-def test_damaged_safetensors_files_load_or_end_in_one_error(files, tmp_path, how, where, byte):
-    path = tmp_path / "x.safetensors"
-    path.write_bytes(damage(files["safetensors"], how, where, byte))
+def test_damaged_checkpoint_files_load_or_end_in_one_error(files, tmp_path, fmt, how, where, byte):
+    path = tmp_path / f"x.{fmt}"
+    path.write_bytes(damage(files[fmt], how, where, byte))
     loads_or_refuses(path)
 
 

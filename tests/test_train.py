@@ -80,6 +80,19 @@ def test_train_writes_metrics_plot_and_checkpoints(data_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_eval_below_skips_evaluations_until_the_train_loss_is_near_and_stop_loss_ends_the_run(data_dir, tmp_path):
+    """The ablation's switches (benchmarks/time_to_loss.py): no evaluation (but the last) while the mean of
+    the last 20 train losses is above --eval_below; the first at or below --stop_loss ends the run."""
+    train(MODEL, _tc(data_dir, tmp_path / "never", max_iters=28, eval_below=0.01))
+    assert [r["step"] for r in _rows(tmp_path / "never") if "val_loss" in r] == [28]
+    out = tmp_path / "near"
+    summary = train(MODEL, _tc(data_dir, out, max_iters=40, eval_below=100.0, stop_loss=100.0, eval_full=True))
+    evaluated = [r["step"] for r in _rows(out) if "val_loss" in r]
+    assert len(evaluated) == 1 and 20 <= evaluated[0] < 40 and evaluated[0] % 4 == 0, evaluated  # gate open, then stop
+    assert summary["val_loss"] <= 100.0 and _rows(out)[-1]["step"] == evaluated[0]
+
+
+@pytest.mark.slow
 def test_resume_continues_bit_identically(data_dir, tmp_path):
     train(MODEL, _tc(data_dir, tmp_path / "straight"))
     train(MODEL, _tc(data_dir, tmp_path / "split", max_iters=8))
