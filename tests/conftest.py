@@ -21,7 +21,7 @@ os.environ.setdefault("JAXGPT_TEST_CACHE", tempfile.mkdtemp(prefix="jaxgpt-test-
 os.environ["XDG_CACHE_HOME"] = os.environ["JAXGPT_TEST_CACHE"]
 # The test processes themselves keep theirs between sessions (in .pytest_cache, bounded): the quick
 # tier is mostly compiling tiny programs, and a rerun after changing one function recompiles only
-# what that change touched (README, Testing: 2.6 min cold, 1 min warm). Its keys are the programs
+# what that change touched (README, Testing: 2.7 min cold, 1 min warm). Its keys are the programs
 # themselves, so a stale entry is never used, only evicted.
 _PROGRAMS = Path(os.environ.get("JAXGPT_TEST_PROGRAMS", Path(__file__).parents[1] / ".pytest_cache" / "jaxgpt-programs"))
 if use_compile_cache(str(_PROGRAMS)) is None:
