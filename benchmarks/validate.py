@@ -62,6 +62,18 @@ def step_rows(cfg: GPTConfig, tc: TrainConfig, log: Callable[[str], None]) -> li
                 Figure("bf16 train step", f"{name}: MFU", mfu, "%", how),
                 Figure("bf16 train step", f"{name}: memory", memory / 2**30, "GiB",
                        "peak in use" if r["peak_bytes"] else "XLA temporaries")]
+    # beside the measured step: the planner's roofline bound for the same step on this device
+    # (what `train.py --target=... --compile_only` promised before the chip was rented)
+    from jaxgpt.aot import plan_training
+    from jaxgpt.targets import chip_for_kind
+
+    if chip_for_kind(jax.devices()[0].device_kind) is None:  # a CPU, or a chip the table does not know: no peak
+        return out
+    bound = plan_training(cfg, bf16)["programs"]["train_step"].get("step_time_lower_bound_s")
+    if bound:
+        measured = out[0].value / 1e3
+        out.insert(1, Figure("bf16 train step", "as configured: roofline lower bound (jaxgpt.aot)", bound * 1e3, "ms",
+                             f"an estimate at the datasheet peak; measured is {measured / bound:.1f}x it"))
     return out
 
 

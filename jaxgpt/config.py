@@ -233,6 +233,9 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+AUTO_FLAGS = ("batch_size",)  # also take 'auto' on the command line: chosen by the compiler (scripts/train.py, jaxgpt.aot)
+
+
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one `--field` flag per dataclass field, typed and with its default in --help."""
     hints = get_type_hints(cls)
@@ -248,6 +251,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
                           nargs="?", const=True, metavar="BOOL|" + "|".join(words))
         elif getattr(hint, "__origin__", None) is Literal:
             kwargs.update(type=str, choices=get_args(hint))
+        elif f.name in AUTO_FLAGS:
+            kwargs.update(type=lambda t, hint=hint: "auto" if t.strip().lower() == "auto" else hint(t))
         else:
             kwargs.update(type=hint)
         group.add_argument(f"--{f.name}", **kwargs)

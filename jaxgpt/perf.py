@@ -1,4 +1,4 @@
-"""Performance accounting, defined once: the FLOP formula and the peak FLOP/s table.
+"""Performance accounting, defined once: the FLOP formula (peak FLOP/s: the chip table, jaxgpt.targets).
 
 FLOPs per token follow nanoGPT's estimate_mfu (PaLM appendix B): 6 N for the matmuls of
 the forward and backward pass (N = non-embedding parameters, the tied head included)
@@ -12,18 +12,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxgpt.config import GPTConfig
-
-# Dense bf16 peak FLOP/s of one device (vendor datasheets; TPU: per chip).
-PEAK_FLOPS = {
-    "H100": 989e12,   # SXM
-    "H200": 989e12,
-    "A100": 312e12,
-    "TPU v4": 275e12,
-    "TPU v5e": 197e12,  # "TPU v5 lite"
-    "TPU v5p": 459e12,
-    "TPU v6e": 918e12,  # Trillium, "TPU v6 lite"
-}
-_KIND_ALIASES = {"TPU v5 lite": "TPU v5e", "TPU v6 lite": "TPU v6e", "TPU v5": "TPU v5p"}
 
 
 def non_embedding_params(cfg: GPTConfig) -> int:
@@ -47,18 +35,17 @@ def flops_per_token(cfg: GPTConfig) -> float:
 
 
 def device_peak_flops(device: jax.Device | None = None, measure_cpu: bool = True) -> tuple[float | None, str]:
-    """(peak FLOP/s, how it was obtained) for a known accelerator, or a measured CPU matmul peak."""
+    """(peak FLOP/s, how it was obtained): the datasheet bf16 peak of a known accelerator (the one
+    table, jaxgpt.targets.CHIPS), or a measured CPU matmul peak."""
+    from jaxgpt.targets import chip_for_kind
+
     device = device or jax.devices()[0]
-    kind = device.device_kind
-    for name in sorted(PEAK_FLOPS, key=len, reverse=True):
-        if name.lower() in kind.lower():
-            return PEAK_FLOPS[name], f"{name} datasheet"
-    for alias, name in _KIND_ALIASES.items():
-        if alias.lower() in kind.lower():
-            return PEAK_FLOPS[name], f"{name} datasheet"
+    chip = chip_for_kind(device.device_kind)
+    if chip is not None:
+        return chip.peak_flops, f"{chip.name} datasheet"
     if device.platform == "cpu" and measure_cpu:
         return measure_matmul_flops(), "measured fp32 matmul"
-    return None, f"unknown device kind {kind!r}"
+    return None, f"unknown device kind {device.device_kind!r}"
 
 
 def measure_matmul_flops(n: int = 1024, reps: int = 10) -> float:

@@ -56,8 +56,27 @@ class Platform:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Site:
+    """Where programs will run: this process's devices (local_site), or a target they are compiled
+    for ahead of time (jaxgpt.aot). Every choice below that depends on the backend takes one, so a
+    plan made on this host decides exactly as the run will on the target."""
+
+    backend: str  # 'cpu' | 'gpu' | 'tpu'
+    device_kind: str
+    devices: int
+    processes: int
+    memory: int | None  # bytes one device may use (None: unknown)
+    memory_source: str
+
+
 def backend() -> str:
     return jax.default_backend()
+
+
+def local_site() -> Site:
+    limit, where = memory_limit()
+    return Site(backend(), jax.devices()[0].device_kind, jax.device_count(), jax.process_count(), limit, where)
 
 
 @functools.cache
@@ -80,9 +99,9 @@ def compiler_options(platform: str | None = None) -> dict[str, str]:
     return dict(cpu_compiler_options()) if (platform or backend()) == "cpu" else {}
 
 
-def jit(fun: Any, **kwargs: Any) -> Any:
-    """jax.jit with the default backend's compiler options (none outside CPU)."""
-    return jax.jit(fun, compiler_options=compiler_options() or None, **kwargs)
+def jit(fun: Any, platform: str | None = None, **kwargs: Any) -> Any:
+    """jax.jit with the compiler options of `platform` (default: the default backend; none outside CPU)."""
+    return jax.jit(fun, compiler_options=compiler_options(platform) or None, **kwargs)
 
 
 def resolve_dtype(requested: str, platform: str) -> str:
@@ -219,14 +238,22 @@ def check_fits(need: int | None, limit: int | None, where: str, tc: TrainConfig,
                     f"(remat={remat}, batch_size={tc.batch_size}); try " + ", or ".join(remedies))
 
 
-def describe(cfg: GPTConfig, tc: TrainConfig, remat: str) -> Platform:
+def describe(cfg: GPTConfig, tc: TrainConfig, remat: str, site: Site | None = None) -> Platform:
     """The run's Platform once remat is settled (train.py settles it by memory)."""
-    platform = backend()
-    dtype = resolve_dtype(tc.dtype, platform)
-    return Platform(backend=platform, device_kind=jax.devices()[0].device_kind, devices=jax.device_count(),
-                    processes=jax.process_count(), dtype=dtype, remat=remat,
-                    attention=resolve_attention(cfg, dtype, platform), compiler_options=compiler_options(platform),
-                    host_allocator="".join(_host_allocator))
+    site = site or local_site()
+    dtype = resolve_dtype(tc.dtype, site.backend)
+    return Platform(backend=site.backend, device_kind=site.device_kind, devices=site.devices,
+                    processes=site.processes, dtype=dtype, remat=remat,
+                    attention=resolve_attention(cfg, dtype, site.backend), compiler_options=compiler_options(site.backend),
+                    host_allocator="".join(_host_allocator) if site.backend == "cpu" else "")
+
+
+def streams_by_callback(platform: str) -> bool:
+    """generate.py prints a streamed sample token by token from inside the compiled loop (an ordered
+    host callback) on CPU, where host and device are one; on GPU/TPU a callback per token would
+    stop the device every token, so it streams a short chunk at a time instead (no callback in the
+    program: jaxgpt.aot checks every accelerator program for them)."""
+    return platform == "cpu"
 
 
 def default_compile_cache() -> Path:

@@ -29,15 +29,16 @@ def init_distributed(coordinator_address: str | None = None, num_processes: int 
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 
-def make_mesh(data: int = 0, fsdp: int = 1) -> Mesh:
-    """A (data, fsdp) mesh over all devices; data=0 means 'all devices not used by fsdp'."""
-    n = jax.device_count()
+def make_mesh(data: int = 0, fsdp: int = 1, devices: list | None = None) -> Mesh:
+    """A (data, fsdp) mesh over all devices (or `devices`: a target's, jaxgpt.aot); data=0 means
+    'all devices not used by fsdp'."""
+    n = len(devices) if devices is not None else jax.device_count()
     if fsdp < 1 or n % fsdp:
         raise UserError(f"--mesh_fsdp={fsdp} must divide the {n} devices")
     data = data or n // fsdp
     if data * fsdp != n:
         raise UserError(f"--mesh_data={data} x --mesh_fsdp={fsdp} must equal the device count {n}")
-    return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto))
+    return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
 
 
 def param_spec(path: str, shape: tuple[int, ...], fsdp: int) -> P:

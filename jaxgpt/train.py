@@ -65,11 +65,13 @@ def loss_fn(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, y: jax.Arra
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, tc: TrainConfig,
-                    state_sharding: Any = None) -> Callable:
+                    state_sharding: Any = None, backend: str | None = None) -> Callable:
     """(state, x, y, step) -> (state, metrics); x, y (accum, batch, T). Gradients are averaged
     over the micro-batches *before* clipping and AdamW, so accumulation equals one big batch.
-    Computes in tc.dtype (auto: the platform's); parameters and optimizer state stay float32."""
-    dtype = DTYPES[platform.resolve_dtype(tc.dtype, platform.backend())]
+    Computes in tc.dtype (auto: the platform's); parameters and optimizer state stay float32.
+    `backend`: the platform it is compiled for (default: this process's; jaxgpt.aot's targets)."""
+    backend = backend or platform.backend()
+    dtype = DTYPES[platform.resolve_dtype(tc.dtype, backend)]
     dropout_key = jax.random.fold_in(jax.random.key(tc.seed), 1)
 
     def train_step(state: TrainState, x: jax.Array, y: jax.Array, step: jax.Array) -> tuple[TrainState, dict]:
@@ -93,12 +95,14 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, tc
                                                "param_norm": optax.tree.norm(params)}
 
     # pin the output layout to the input's, so the donated buffers are reused step after step
-    return platform.jit(train_step, donate_argnums=0, out_shardings=(state_sharding, None) if state_sharding else None)
+    return platform.jit(train_step, backend, donate_argnums=0,
+                        out_shardings=(state_sharding, None) if state_sharding else None)
 
 
-def make_eval_step(graphdef: nnx.GraphDef, tc: TrainConfig) -> Callable:
-    dtype = DTYPES[platform.resolve_dtype(tc.dtype, platform.backend())]
-    return platform.jit(lambda params, x, y: loss_fn(graphdef, params, x, y, None, dtype))
+def make_eval_step(graphdef: nnx.GraphDef, tc: TrainConfig, backend: str | None = None) -> Callable:
+    backend = backend or platform.backend()
+    dtype = DTYPES[platform.resolve_dtype(tc.dtype, backend)]
+    return platform.jit(lambda params, x, y: loss_fn(graphdef, params, x, y, None, dtype), backend)
 
 
 def graphdefs(model_cfg: GPTConfig, remat: str, attention: str = "xla") -> tuple[nnx.GraphDef, nnx.GraphDef]:
@@ -181,28 +185,59 @@ def stop_signals(sigterm: bool = True) -> Iterator[tuple[list[int], list[int]]]:
             signal.signal(s, handler)
 
 
-def compile_train_step(model_cfg: GPTConfig, tc: TrainConfig, state: TrainState, x: jax.Array, y: jax.Array,
-                       step: int, attention: str | None = None) -> tuple[Callable, nnx.GraphDef, Platform, dict[str, Any]]:
-    """Compile the train step ahead of time for the platform: under remat=auto on GPU/TPU, the
-    first policy of none -> dots -> full whose step fits the device's memory with a margin
-    (XLA's memory analysis of the compiled program). Stops with UserError, before any step
-    runs, when even the chosen program cannot fit. Returns (compiled step, eval graphdef,
-    Platform, memory figures). `attention` overrides the platform's kernel choice (benchmarks)."""
-    here = platform.backend()
-    attention = attention or platform.resolve_attention(model_cfg, platform.resolve_dtype(tc.dtype, here), here)
+class Fit(NamedTuple):
+    """One compile of the train step for a remat policy: the program, or None when the compiler
+    itself refused it for memory (XLA:TPU checks HBM while compiling); its bytes per device."""
+
+    compiled: Any
+    remat: str
+    need: int | None
+    compile_s: float
+    refused: str  # the compiler's out-of-memory message ('' when it compiled)
+
+
+def fit_train_step(model_cfg: GPTConfig, tc: TrainConfig, state: TrainState, x: Any, y: Any, step: Any, attention: str,
+                   site: platform.Site) -> tuple[Fit, nnx.GraphDef]:
+    """The train step a run compiles, and the planner (jaxgpt.aot) too: under remat=auto the first
+    policy of none -> dots -> full whose program fits `site`'s memory with a margin. `state`, x and
+    y may be arrays or ShapeDtypeStructs carrying their shardings. Returns the last Fit tried and
+    its eval-mode graphdef; raises nothing for memory (the caller decides)."""
     shardings = jax.tree.map(lambda a: a.sharding, state)
-    limit, where = platform.memory_limit()
-    for remat in platform.remat_candidates(tc.remat, here):
+    for remat in platform.remat_candidates(tc.remat, site.backend):
         graphdef, eval_graphdef = graphdefs(model_cfg, remat, attention)
         t = time.perf_counter()
-        compiled = cast(Any, make_train_step(graphdef, make_optimizer(tc), tc, shardings)).lower(state, x, y, step).compile()
-        need = platform.step_memory(compiled)
-        if need is None or limit is None or need <= platform.MEMORY_MARGIN * limit:
+        lowered = cast(Any, make_train_step(graphdef, make_optimizer(tc), tc, shardings, site.backend)).lower(state, x, y, step)
+        try:
+            compiled, refused = lowered.compile(), ""
+            need = platform.step_memory(compiled)
+        except Exception as e:  # XLA:TPU: "RESOURCE_EXHAUSTED: Ran out of memory ... exceeds available HBM"
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            compiled, need, refused = None, None, str(e).split("\n")[0]
+        fit = Fit(compiled, remat, need, round(time.perf_counter() - t, 3), refused)
+        if not refused and (need is None or site.memory is None or need <= platform.MEMORY_MARGIN * site.memory):
             break
-    platform.check_fits(need, limit, where, tc, remat)
-    memory = {"step_bytes_per_device": need, "limit_bytes_per_device": limit, "limit_source": where,
-              "compile_s": round(time.perf_counter() - t, 3)}
-    return compiled, eval_graphdef, dataclasses.replace(platform.describe(model_cfg, tc, remat), attention=attention), memory
+    return fit, eval_graphdef
+
+
+def compile_train_step(model_cfg: GPTConfig, tc: TrainConfig, state: TrainState, x: jax.Array, y: jax.Array,
+                       step: int, attention: str | None = None) -> tuple[Callable, nnx.GraphDef, Platform, dict[str, Any]]:
+    """Compile the train step ahead of time for this process's devices (fit_train_step). Stops with
+    UserError, before any step runs, when even the chosen program cannot fit. Returns (compiled
+    step, eval graphdef, Platform, memory figures). `attention` overrides the platform's kernel
+    choice (benchmarks)."""
+    site = platform.local_site()
+    attention = attention or platform.resolve_attention(model_cfg, platform.resolve_dtype(tc.dtype, site.backend),
+                                                         site.backend)
+    fit, eval_graphdef = fit_train_step(model_cfg, tc, state, x, y, step, attention, site)
+    if fit.refused:
+        raise UserError(f"the train step does not fit on {site.device_kind} (remat={fit.remat}, batch_size={tc.batch_size}): "
+                        f"{fit.refused}; try --batch_size=auto, --remat=full, or --mesh_fsdp")
+    platform.check_fits(fit.need, site.memory, site.memory_source, tc, fit.remat)
+    memory = {"step_bytes_per_device": fit.need, "limit_bytes_per_device": site.memory, "limit_source": site.memory_source,
+              "compile_s": fit.compile_s}
+    return (fit.compiled, eval_graphdef, dataclasses.replace(platform.describe(model_cfg, tc, fit.remat, site), attention=attention),
+            memory)
 
 
 def train(model_cfg: GPTConfig, tc: TrainConfig, *, on_log: Callable[[dict], None] | None = None,

@@ -16,7 +16,10 @@ from tqdm import tqdm
 from jaxgpt import cli
 from jaxgpt.config import CliParser, parse_bool
 from jaxgpt.errors import UserError
+from jaxgpt.platform import backend, streams_by_callback
 from jaxgpt.sample import check_sampling, generate_chunks
+
+STREAM_CHUNK = 16  # tokens per compiled call when streaming on GPU/TPU (platform.streams_by_callback)
 
 MAX_NEW_TOKENS = 2**31 - 1  # token indices are int32 on the device
 
@@ -81,8 +84,13 @@ def main(argv: list[str]) -> int:
             sys.stdout.flush()
 
         sys.stdout.write(prompt)
-        for _ in generate_chunks(model, ids, args.max_new_tokens, on_token=print_token, **sampling):
-            pass
+        if streams_by_callback(backend()):
+            for _ in generate_chunks(model, ids, args.max_new_tokens, on_token=print_token, **sampling):
+                pass
+        else:  # GPU/TPU: a short chunk at a time, no host callback in the compiled loop
+            for part in generate_chunks(model, ids, args.max_new_tokens, chunk=STREAM_CHUNK, **sampling):
+                for t in part[0]:
+                    print_token(np.asarray([t]))
         sys.stdout.write(decoder.flush() + "\n")
         return 0
     # Samples are printed one after the other at the end; meanwhile each one's text is kept in a

@@ -34,13 +34,22 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max_prompt_tokens", type=int, default=8192)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take")
     p.add_argument("--shutdown_grace", type=float, default=10.0, help="seconds SIGTERM waits for requests in flight")
+    p.add_argument("--target", help="with --compile_only: plan for this accelerator (as train.py --target: v5e-8, h100, ...)")
+    p.add_argument("--compile_only", action="store_true",
+                   help="compile the engine's decode step at every width and its prefill over the KV cache of --slots "
+                        "sequences, print memory per device, and exit (0: fits, 1: does not)")
+    p.add_argument("--json", action="store_true", help="with --compile_only: the plan as one JSON object on stdout")
     cli.add_compile_cache_flag(p)
     args = p.parse_args(argv)
+    if (args.target or args.json) and not args.compile_only:
+        raise UserError("--target and --json go with --compile_only")
     for name in ("slots", "chunk", "max_queue", "max_tokens", "max_prompt_tokens"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in [1, 65535], got {args.port}")
+    if args.compile_only:
+        return plan_only(args)
     try:
         import uvicorn
     except ImportError:
@@ -80,6 +89,35 @@ def main(argv: list[str]) -> int:
         engine.close()
     if stopped_by:
         print(f"stopped by {signal.Signals(stopped_by[0]).name}", file=sys.stderr, flush=True)
+    return 0
+
+
+def plan_only(args: argparse.Namespace) -> int:
+    """--compile_only: the engine's programs for --target (or this host), from the checkpoint's config
+    and weights' dtype; nothing served."""
+    import json
+    import os
+
+    import jax
+
+    from jaxgpt import targets
+
+    if args.target:  # JAX stays on this host's CPU; the target's compiler is asked for its chips
+        jax.config.update("jax_platforms", "cpu")
+        for name, value in targets.plugin_env(targets.parse(args.target)).items():
+            os.environ.setdefault(name, value)
+    cli.apply_compile_cache(args.compile_cache)
+    from formats.io import load_any
+    from jaxgpt.aot import describe, finite, plan_serving, shortfall
+
+    model, _ = load_any(args.checkpoint, args.meta, args.which)
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if not args.json else (lambda m: None)
+    report = plan_serving(model, args.target, args.slots, args.chunk, log)
+    print(json.dumps(finite(report)) if args.json else describe(report) +
+          f"\nKV cache: {report['kv_cache_bytes'] / 2**20:.1f} MiB for {args.slots} slots", flush=True)
+    if not report["fits"]:
+        print(f"error: {shortfall(report)}", file=sys.stderr)
+        return 1
     return 0
 
 

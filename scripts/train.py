@@ -6,8 +6,13 @@
   python scripts/train.py --preset=cpu --recipe=modern  # the modern recipe (RoPE, RMSNorm, Muon, ...) at that size
   python scripts/train.py --out_dir=out/x --resume      # continue a run where it stopped
   python scripts/train.py --preset=finetune --init_from=HF_DIR --data_dir=data_gpt2   # fine-tune (prepare.py --tokenizer)
+  python scripts/train.py --target=v5e-8 --compile_only   # before renting: does the run fit a TPU v5e-8? (pip install -e ".[tpu]")
+  python scripts/train.py --target=h100x8 --compile_only --batch_size=auto --json    # 8 H100s (pip install -e ".[gpu]")
 """
 import json
+import os
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import jax
@@ -16,10 +21,13 @@ from flax import nnx
 from jaxgpt import GPTConfig, TrainConfig, cli, paths
 from jaxgpt.config import base_values, explicit_flags, make_parser
 from jaxgpt.data import prepare_if_missing, read_meta
+from jaxgpt.errors import UserError
 from jaxgpt.model import crop_block_size
 from jaxgpt.platform import tune_host_allocator
 from jaxgpt.rundir import resolve_configs
 from jaxgpt.sharding import init_distributed
+from jaxgpt.targets import parse as parse_target
+from jaxgpt.targets import plugin_env
 from jaxgpt.train import train
 
 
@@ -31,9 +39,30 @@ def main(argv: list[str]) -> int:
     dist.add_argument("--coordinator_address", help="host:port of process 0 (implies --distributed)")
     dist.add_argument("--num_processes", type=int, help="total processes (with --coordinator_address)")
     dist.add_argument("--process_id", type=int, help="this process's index (with --coordinator_address)")
+    plan = parser.add_argument_group("ahead-of-time plan: the run's programs compiled by the target's own compiler")
+    plan.add_argument("--target", help="plan for this accelerator instead of this host's devices: a Cloud TPU type "
+                                       "(v4-8, v5e-8 = v5litepod-8, v5e-16, v5p-8, v6e-8, ...) or GPUs (h100, h100x8, "
+                                       "h200x8, a100x8, b200x8, h100x16 = 2 hosts); needs --compile_only")
+    plan.add_argument("--compile_only", action="store_true",
+                      help="compile the train step, eval step and generation chunk, print memory per device, FLOPs and a "
+                           "roofline bound, and exit (0: fits, 1: does not); reads no data, writes nothing")
+    plan.add_argument("--json", action="store_true", help="with --compile_only: the plan as one JSON object on stdout")
     cli.add_compile_cache_flag(parser)
     args = parser.parse_args(argv)
-    tune_host_allocator()  # before JAX starts its threads (CPU hosts only)
+    batch_auto = args.batch_size == "auto"  # the largest per-device batch that fits, accumulation filling the rest
+    if batch_auto:
+        args.batch_size = None
+    if args.target and not args.compile_only:
+        raise UserError(f"--target={args.target} plans a run for other chips: add --compile_only (run the same command "
+                        f"without --target and --compile_only on the {args.target} itself)")
+    if args.json and not args.compile_only:
+        raise UserError("--json prints the --compile_only plan; add --compile_only")
+    if args.target:  # compile for the target's chips from this host: JAX itself stays on the CPU
+        jax.config.update("jax_platforms", "cpu")
+        for name, value in plugin_env(parse_target(args.target)).items():
+            os.environ.setdefault(name, value)
+    else:
+        tune_host_allocator()  # before JAX starts its threads (CPU hosts only)
     cli.apply_compile_cache(args.compile_cache)
     if args.distributed or args.coordinator_address:
         init_distributed(args.coordinator_address, args.num_processes, args.process_id)
@@ -41,6 +70,8 @@ def main(argv: list[str]) -> int:
     preset = base_values(args.preset, train_flags.get("recipe", "nanogpt"))  # the size preset, then the recipe
     main_process = jax.process_index() == 0
     data_dir, dataset = train_flags.get("data_dir", "data"), train_flags.get("dataset", preset.get("dataset", "shakespeare"))
+    if args.compile_only:
+        return plan_only(args, model_flags, train_flags, preset, batch_auto)
     if (meta := prepare_if_missing(data_dir, dataset)) is not None and main_process:
         print(f"data: prepared {data_dir}/{dataset} from the Tiny Shakespeare bundled with jaxgpt "
               f"({meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens)")
@@ -52,6 +83,12 @@ def main(argv: list[str]) -> int:
     data_vocab = read_meta(f"{data_dir}/{dataset}")["vocab_size"] if Path(data_dir, dataset, "meta.json").is_file() else None
     paths.check_gcs(train_flags.get("out_dir") or f"out/{dataset}")  # an unreachable bucket: one line, before anything
     model_cfg, tc = resolve_configs(model_flags, train_flags, preset, init_cfg, data_vocab)
+    if batch_auto:  # chosen by compiling on this host's devices, then trained with
+        from jaxgpt.aot import plan_training
+        step = plan_training(model_cfg, tc, batch_auto=True)["programs"]["train_step"]
+        tc = replace(tc, batch_size=step["batch_size"], gradient_accumulation_steps=step["gradient_accumulation_steps"])
+        if main_process:
+            print(f"batch_size=auto: {tc.batch_size} x {tc.gradient_accumulation_steps} micro-steps (remat={step['remat']})")
     if train_flags.get("resume") == "auto" and main_process:
         print(f"resume=auto: {'continuing the run in' if tc.resume else 'no committed checkpoint: a new run in'} {tc.out_dir}")
     if init_cfg is not None:
@@ -79,6 +116,27 @@ def main(argv: list[str]) -> int:
               f"whole val split {summary.get('val_loss_full', float('nan')):.4f} ({summary.get('val_bpb') or float('nan'):.4f} "
               f"bits/byte); "
               f"checkpoints in {tc.out_dir}/checkpoints")
+    return 0
+
+
+def plan_only(args, model_flags: dict, train_flags: dict, preset: dict, batch_auto: bool) -> int:
+    """--compile_only: the run's programs compiled for --target (or this host), reported; nothing read
+    but the prepared data's meta.json (its vocabulary) when present, nothing written."""
+    from jaxgpt.aot import describe, finite, plan_training, shortfall
+
+    data_dir, dataset = train_flags.get("data_dir", "data"), train_flags.get("dataset", preset.get("dataset", "shakespeare"))
+    init_cfg = None
+    if train_flags.get("init_from"):  # the architecture of the checkpoint a fine-tune starts from
+        from formats.io import load_any
+        init_cfg = load_any(train_flags["init_from"])[0].config
+    data_vocab = read_meta(f"{data_dir}/{dataset}")["vocab_size"] if Path(data_dir, dataset, "meta.json").is_file() else None
+    model_cfg, tc = resolve_configs(model_flags, {**train_flags, "resume": False}, preset, init_cfg, data_vocab)
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if not args.json else (lambda m: None)
+    report = plan_training(model_cfg, tc, args.target, batch_auto=batch_auto, log=log)
+    print(json.dumps(finite(report)) if args.json else describe(report), flush=True)
+    if not report["fits"]:
+        print(f"error: {shortfall(report)}", file=sys.stderr)
+        return 1
     return 0
 
 
