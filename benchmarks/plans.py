@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,12 +55,12 @@ def row_text(name: str, target: str, r: dict) -> str:
     return (f"| {name} | {target} | yes | {gib:.2f} of {r['device_memory_bytes'] / 2**30:.2f} GiB | "
             f"remat={t['remat']}, {t['per_device_batch']}/chip x {t['gradient_accumulation_steps']} | "
             f"{r['compile_s']:.0f} s | {t['flops_per_step'] / 1e12:.2f} ({t['flops_source'].split(' ')[0]}) | "
-            + (f"{bound * 1e3:.1f} ms, {t['tokens_per_s_upper_bound'] / 1e6:.2f} M tok/s |" if bound else "|"))
+            + (f"{bound * 1e3:.3g} ms, {t['tokens_per_s_upper_bound'] / 1e6:.3g} M tok/s |" if bound else "|"))
 
 
 def table(tpu_python: str, gpu_python: str, targets: tuple[str, ...] = TARGETS,
           rows: dict[str, list[str]] | None = None, log: Callable[[str], None] = print) -> str:
-    lines = ["| model | target | fits | memory per chip (train step) | remat, batch chosen | compile | TFLOP per step | "
+    lines = ["| model | target | fits | memory per chip (train step) | remat, batch chosen | compile (chosen programs) | TFLOP per step | "
              "roofline bound (estimate) |", "|---|---|---|---|---|---|---|---|"]
     for name, flags in (rows or ROWS).items():
         for target in targets:
@@ -70,6 +69,3 @@ def table(tpu_python: str, gpu_python: str, targets: tuple[str, ...] = TARGETS,
             log(lines[-1])
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    print(table(sys.argv[1], sys.argv[2]))

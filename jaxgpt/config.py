@@ -252,7 +252,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         elif getattr(hint, "__origin__", None) is Literal:
             kwargs.update(type=str, choices=get_args(hint))
         elif f.name in AUTO_FLAGS:
-            kwargs.update(type=lambda t, hint=hint: "auto" if t.strip().lower() == "auto" else hint(t))
+            kwargs.update(type=lambda t, hint=hint: "auto" if t.strip().lower() == "auto" else hint(t),
+                          help=f"(default: {f.default!r}; auto: the largest that fits, chosen by the compiler)")
         else:
             kwargs.update(type=hint)
         group.add_argument(f"--{f.name}", **kwargs)

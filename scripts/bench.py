@@ -11,6 +11,7 @@ contender runs in fresh processes, alternating; figures are min / median / max o
   python scripts/bench.py --preset=cpu --recipes --processes=3    # each recipe exactly as run: wall clock, val loss
   python scripts/bench.py --preset=cpu --sections=serve --processes=3     # the server: 1 vs 16 clients, first token
   python scripts/bench.py --validate                              # on a GPU/TPU host: the checklist
+  python scripts/bench.py --plans                                 # compiled plans for v5e-8, v6e-8, h100x8 (.ci/aot's venvs)
   python scripts/bench.py --threads=4                             # both frameworks on 4 cores
 """
 import argparse
@@ -64,7 +65,18 @@ def main(argv: list[str]) -> int:
     b.add_argument("--validate", action="store_true", help="the accelerator checklist (see benchmarks/validate.py)")
     b.add_argument("--validate_parity", default="model,generation,training,bf16",
                    help="--validate: parity groups to run on the device")
+    b.add_argument("--plans", action="store_true",
+                   help="README's 'Before you rent a chip' table: train.py --target=T --compile_only for the seed config, "
+                        "the modern recipe and GPT-2's four shapes (benchmarks/plans.py), each by its compiler's virtualenv")
+    b.add_argument("--targets", default="v5e-8,v6e-8,h100x8", help="--plans: comma-separated targets (default: %(default)s)")
+    b.add_argument("--tpu_python", default=".venv-tpu/bin/python", help="--plans: a python with jaxgpt[tpu] (.ci/aot builds it)")
+    b.add_argument("--gpu_python", default=".venv-gpu/bin/python", help="--plans: a python with jaxgpt[gpu]")
     args = p.parse_args(argv)
+    if args.plans:
+        from benchmarks.plans import table
+        print(table(args.tpu_python, args.gpu_python, tuple(t.strip() for t in args.targets.split(",")),
+                    log=lambda msg: print(msg, file=sys.stderr, flush=True)))
+        return 0
     sections = args.sections.split(",")
     if unknown := set(sections) - set(SECTIONS):
         raise UserError(f"unknown --sections {sorted(unknown)}; choose from {SECTIONS}")
