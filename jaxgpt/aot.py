@@ -127,7 +127,8 @@ def plan_training(model_cfg: GPTConfig, tc: TrainConfig, target: str | None = No
                   log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Compile the run's programs for `target` (None: this host's devices) and report them. With
     remat=auto the cheapest policy that fits; with batch_auto, under each policy, the largest
-    micro-batch that fits (remat first: recomputing costs FLOPs, accumulation does not)."""
+    micro-batch that fits (remat first: recomputing costs FLOPs, accumulation does not). A choice
+    keeps platform.MEMORY_MARGIN of the memory, as the run's does; `fits` is against all of it."""
     w = where(target)
     mesh = make_mesh(tc.mesh_data, tc.mesh_fsdp, w.devices)
     site = w.site
@@ -138,8 +139,8 @@ def plan_training(model_cfg: GPTConfig, tc: TrainConfig, target: str | None = No
         raise UserError(f"--batch_size={tc.batch_size} must be divisible by the {mesh.size} devices of {w.name}")
     state = abstract_train_state(model_cfg, tc, mesh)
 
-    def fits(fit: Any) -> bool:
-        return not fit.refused and (fit.need is None or site.memory is None or fit.need <= site.memory)
+    def fits(fit: Any, margin: float = 1.0) -> bool:
+        return not fit.refused and (fit.need is None or site.memory is None or fit.need <= margin * site.memory)
 
     tried: list[dict[str, Any]] = []  # every compile of the train step (--batch_size=auto searches)
     tries = [cast(TrainConfig, dataclasses.replace(tc, remat=cast(Any, remat))) for remat in
@@ -152,7 +153,7 @@ def plan_training(model_cfg: GPTConfig, tc: TrainConfig, target: str | None = No
         chosen = cand
         tried.append({"remat": fit.remat, "batch_size": cand.batch_size, "fits": fits(fit), "compile_s": fit.compile_s,
                       "bytes": fit.need})
-        if fits(fit):
+        if fits(fit, platform.MEMORY_MARGIN):  # the run's own rule (train.fit_train_step): keep a margin
             break
     tokens = chosen.batch_size * chosen.gradient_accumulation_steps * T
     train: dict[str, Any] = {"remat": fit.remat, "batch_size": chosen.batch_size,

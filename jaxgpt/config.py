@@ -233,6 +233,15 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def int_or_auto(text: str) -> int | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {text!r}") from None
+
+
 AUTO_FLAGS = ("batch_size",)  # also take 'auto' on the command line: chosen by the compiler (scripts/train.py, jaxgpt.aot)
 
 
@@ -252,7 +261,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         elif getattr(hint, "__origin__", None) is Literal:
             kwargs.update(type=str, choices=get_args(hint))
         elif f.name in AUTO_FLAGS:
-            kwargs.update(type=lambda t, hint=hint: "auto" if t.strip().lower() == "auto" else hint(t),
+            kwargs.update(type=int_or_auto,
                           help=f"(default: {f.default!r}; auto: the largest that fits, chosen by the compiler)")
         else:
             kwargs.update(type=hint)

@@ -141,11 +141,14 @@ def parse(name: str) -> Target:
 def plugin_env(target: Target) -> dict[str, str]:
     """Environment for a process that compiles for `target` from a host without its chips (the CLI
     sets it for its own process, before the plugin starts): libtpu, finding no Cloud TPU metadata
-    server, otherwise asks for it and prints warnings about its accelerator type and workers."""
+    server, otherwise asks for it and prints warnings about its accelerator type and workers; and
+    it takes /tmp/libtpu_lockfile, which a killed process leaves behind (the next plan then fails)
+    and which two plans at once would contend for, though neither uses a chip."""
     if target.platform != "tpu":
         return {}
     cloud = target.name.lower().replace("v5e-", "v5litepod-")
-    return {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": cloud, "TPU_WORKER_HOSTNAMES": "localhost"}
+    return {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": cloud, "TPU_WORKER_HOSTNAMES": "localhost",
+            "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 
 
 def gpu_target_config(chip: Chip) -> str:

@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
                         "a user runs it: whole-process wall clock and final val loss")
     b.add_argument("--seeds", default="1337", help="--ablation: comma-separated seeds (default: %(default)s)")
     b.add_argument("--rows", default="", help="--ablation: comma-separated rows of benchmarks.time_to_loss.ABLATION "
-                                              "(default: all)")
+                                              "(default: all); --plans: rows whose name contains one of these")
     b.add_argument("--eval_every", type=int, default=50, help="--time_to_loss: steps between evaluations (default: %(default)s)")
     b.add_argument("--validate", action="store_true", help="the accelerator checklist (see benchmarks/validate.py)")
     b.add_argument("--validate_parity", default="model,generation,training,bf16",
@@ -73,8 +73,9 @@ def main(argv: list[str]) -> int:
     b.add_argument("--gpu_python", default=".venv-gpu/bin/python", help="--plans: a python with jaxgpt[gpu]")
     args = p.parse_args(argv)
     if args.plans:
-        from benchmarks.plans import table
-        print(table(args.tpu_python, args.gpu_python, tuple(t.strip() for t in args.targets.split(",")),
+        from benchmarks.plans import ROWS, table
+        rows = {k: v for k, v in ROWS.items() if not args.rows or any(r.strip() in k for r in args.rows.split(","))}
+        print(table(args.tpu_python, args.gpu_python, tuple(t.strip() for t in args.targets.split(",")), rows,
                     log=lambda msg: print(msg, file=sys.stderr, flush=True)))
         return 0
     sections = args.sections.split(",")

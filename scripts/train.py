@@ -86,7 +86,8 @@ def main(argv: list[str]) -> int:
     if batch_auto:  # chosen by compiling on this host's devices, then trained with
         from jaxgpt.aot import plan_training
         step = plan_training(model_cfg, tc, batch_auto=True)["programs"]["train_step"]
-        tc = replace(tc, batch_size=step["batch_size"], gradient_accumulation_steps=step["gradient_accumulation_steps"])
+        tc = replace(tc, batch_size=step["batch_size"], gradient_accumulation_steps=step["gradient_accumulation_steps"],
+                     remat=step["remat"])  # the very program the plan compiled
         if main_process:
             print(f"batch_size=auto: {tc.batch_size} x {tc.gradient_accumulation_steps} micro-steps (remat={step['remat']})")
     if train_flags.get("resume") == "auto" and main_process:

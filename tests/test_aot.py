@@ -193,7 +193,7 @@ def test_xla_tpu_refuses_an_oversized_model_in_one_line_and_fsdp_makes_room(tmp_
 
 @pytest.mark.aot
 @needs_tpu
-def test_the_tpu_table_states_the_compilers_own_usable_memory():
+def test_the_tpu_table_states_the_compilers_own_usable_memory(monkeypatch):
     """targets.CHIPS' usable bytes are what XLA:TPU itself allows one program (its out-of-memory
     message names the available HBM): a program of 64 GiB is refused on each generation."""
     import re
@@ -203,6 +203,8 @@ def test_the_tpu_table_states_the_compilers_own_usable_memory():
     from jax.sharding import SingleDeviceSharding
 
     jax.config.update("jax_platforms", "cpu")
+    for key, value in targets.plugin_env(targets.parse("v5e-4")).items():
+        monkeypatch.setenv(key, value)
     for name in ("v4-8", "v5e-4", "v5p-8", "v6e-4"):
         t = targets.parse(name)
         device = targets.devices(t)[0]

@@ -82,7 +82,7 @@ BAD = [
     ("train", ["--dataset=synth", "--n_layer=0"], "n_layer must be a positive integer"),
     ("train", ["--dataset=synth", "--block_size=-5"], "block_size must be a positive integer"),
     ("train", ["--dataset=synth", "--no_such_flag=1"], "unrecognized arguments"),
-    ("train", ["--dataset=synth", "--batch_size=abc"], "invalid int value"),
+    ("train", ["--dataset=synth", "--batch_size=abc"], "expected an integer or auto, got 'abc'"),
     ("train", ["--dataset=synth", "--dtype=float16"], "invalid choice"),
     ("train", ["--dataset=synth", "--dropout=1.5"], "dropout must be in [0, 1)"),
     ("train", ["--dataset=nothing", "--out_dir=out/x"], "python scripts/prepare.py"),
