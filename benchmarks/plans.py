@@ -55,7 +55,12 @@ def row_text(name: str, target: str, r: dict) -> str:
     return (f"| {name} | {target} | yes | {gib:.2f} of {r['device_memory_bytes'] / 2**30:.2f} GiB | "
             f"remat={t['remat']}, {t['per_device_batch']}/chip x {t['gradient_accumulation_steps']} | "
             f"{r['compile_s']:.0f} s | {t['flops_per_step'] / 1e12:.2f} ({t['flops_source'].split(' ')[0]}) | "
-            + (f"{bound * 1e3:.3g} ms, {t['tokens_per_s_upper_bound'] / 1e6:.3g} M tok/s |" if bound else "|"))
+            + (f"{_ms(bound)}, {t['tokens_per_s_upper_bound'] / 1e6:.3g} M tok/s |" if bound else "|"))
+
+
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.0f} ms" if ms >= 100 else f"{ms:.3g} ms"
 
 
 def table(tpu_python: str, gpu_python: str, targets: tuple[str, ...] = TARGETS,
