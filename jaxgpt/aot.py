@@ -139,9 +139,6 @@ def plan_training(model_cfg: GPTConfig, tc: TrainConfig, target: str | None = No
         raise UserError(f"--batch_size={tc.batch_size} must be divisible by the {mesh.size} devices of {w.name}")
     state = abstract_train_state(model_cfg, tc, mesh)
 
-    def fits(fit: Any, margin: float = 1.0) -> bool:
-        return not fit.refused and (fit.need is None or site.memory is None or fit.need <= margin * site.memory)
-
     tried: list[dict[str, Any]] = []  # every compile of the train step (--batch_size=auto searches)
     tries = [cast(TrainConfig, dataclasses.replace(tc, remat=cast(Any, remat))) for remat in
              (platform.remat_candidates(tc.remat, site.backend) if batch_auto else (tc.remat,))]
@@ -151,9 +148,9 @@ def plan_training(model_cfg: GPTConfig, tc: TrainConfig, target: str | None = No
             f"{cand.gradient_accumulation_steps})")
         fit, eval_graphdef = fit_train_step(model_cfg, cand, state, x, x, 0, attention, site)
         chosen = cand
-        tried.append({"remat": fit.remat, "batch_size": cand.batch_size, "fits": fits(fit), "compile_s": fit.compile_s,
+        tried.append({"remat": fit.remat, "batch_size": cand.batch_size, "fits": fit.fits(site.memory), "compile_s": fit.compile_s,
                       "bytes": fit.need})
-        if fits(fit, platform.MEMORY_MARGIN):  # the run's own rule (train.fit_train_step): keep a margin
+        if fit.fits(site.memory, platform.MEMORY_MARGIN):  # the run's own rule (train.fit_train_step): keep a margin
             break
     tokens = chosen.batch_size * chosen.gradient_accumulation_steps * T
     train: dict[str, Any] = {"remat": fit.remat, "batch_size": chosen.batch_size,

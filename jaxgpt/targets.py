@@ -151,6 +151,18 @@ def plugin_env(target: Target) -> dict[str, str]:
             "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 
 
+def compile_here(name: str) -> Target:
+    """Set up this process (a CLI's, before JAX starts a backend) to compile for target `name`: JAX
+    itself stays on the CPU and the plugin gets plugin_env. Returns the parsed Target."""
+    import jax
+
+    target = parse(name)
+    jax.config.update("jax_platforms", "cpu")
+    for key, value in plugin_env(target).items():
+        os.environ.setdefault(key, value)
+    return target
+
+
 def gpu_target_config(chip: Chip) -> str:
     """XLA:GPU's target description (GpuTargetConfigProto, text format) for `chip`: the device's
     published facts, with the cuDNN version of the installed CUDA plugin (the one a user on that

@@ -195,6 +195,10 @@ class Fit(NamedTuple):
     compile_s: float
     refused: str  # the compiler's out-of-memory message ('' when it compiled)
 
+    def fits(self, memory: int | None, margin: float = 1.0) -> bool:
+        """Compiled, and within `margin` of `memory` bytes per device (unknown sizes fit)."""
+        return not self.refused and (self.need is None or memory is None or self.need <= margin * memory)
+
 
 def fit_train_step(model_cfg: GPTConfig, tc: TrainConfig, state: TrainState, x: Any, y: Any, step: Any, attention: str,
                    site: platform.Site) -> tuple[Fit, nnx.GraphDef]:
@@ -215,7 +219,7 @@ def fit_train_step(model_cfg: GPTConfig, tc: TrainConfig, state: TrainState, x: 
                 raise
             compiled, need, refused = None, None, str(e).split("\n")[0]
         fit = Fit(compiled, remat, need, round(time.perf_counter() - t, 3), refused)
-        if not refused and (need is None or site.memory is None or need <= platform.MEMORY_MARGIN * site.memory):
+        if fit.fits(site.memory, platform.MEMORY_MARGIN):
             break
     return fit, eval_graphdef
 

@@ -96,16 +96,11 @@ def plan_only(args: argparse.Namespace) -> int:
     """--compile_only: the engine's programs for --target (or this host), from the checkpoint's config
     and weights' dtype; nothing served."""
     import json
-    import os
-
-    import jax
 
     from jaxgpt import targets
 
     if args.target:  # JAX stays on this host's CPU; the target's compiler is asked for its chips
-        jax.config.update("jax_platforms", "cpu")
-        for name, value in targets.plugin_env(targets.parse(args.target)).items():
-            os.environ.setdefault(name, value)
+        targets.compile_here(args.target)
     cli.apply_compile_cache(args.compile_cache)
     from formats.io import load_any
     from jaxgpt.aot import describe, finite, plan_serving, shortfall

@@ -10,7 +10,6 @@
   python scripts/train.py --target=h100x8 --compile_only --batch_size=auto --json    # 8 H100s (pip install -e ".[gpu]")
 """
 import json
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -26,8 +25,7 @@ from jaxgpt.model import crop_block_size
 from jaxgpt.platform import tune_host_allocator
 from jaxgpt.rundir import resolve_configs
 from jaxgpt.sharding import init_distributed
-from jaxgpt.targets import parse as parse_target
-from jaxgpt.targets import plugin_env
+from jaxgpt.targets import compile_here
 from jaxgpt.train import train
 
 
@@ -58,9 +56,7 @@ def main(argv: list[str]) -> int:
     if args.json and not args.compile_only:
         raise UserError("--json prints the --compile_only plan; add --compile_only")
     if args.target:  # compile for the target's chips from this host: JAX itself stays on the CPU
-        jax.config.update("jax_platforms", "cpu")
-        for name, value in plugin_env(parse_target(args.target)).items():
-            os.environ.setdefault(name, value)
+        compile_here(args.target)
     else:
         tune_host_allocator()  # before JAX starts its threads (CPU hosts only)
     cli.apply_compile_cache(args.compile_cache)
