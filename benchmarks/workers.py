@@ -67,7 +67,7 @@ def jax_train(spec: dict) -> dict:
     import jax
 
     from jaxgpt.perf import flops_per_token
-    from jaxgpt.train import compile_train_step, init_state
+    from jaxgpt.step import compile_train_step, init_state
 
     cfg, tc = _configs(spec)
     _, _, state = init_state(cfg, tc)
@@ -97,7 +97,8 @@ def torch_train(spec: dict) -> dict:
 
     import torchref
     from formats.table import to_torch_state_dict
-    from jaxgpt.train import init_state, lr_schedule
+    from jaxgpt.optim import lr_schedule
+    from jaxgpt.step import init_state
     from torchref.train import make_optimizer, train_step
 
     cfg, tc = _configs(spec)

@@ -1,7 +1,7 @@
 """Plans made by the real compilers: the programs a run would compile, compiled for a chip this host
 may not have, with their memory, FLOPs and a roofline bound.
 
-`plan_training` builds the train step with the same function the run uses (train.fit_train_step:
+`plan_training` builds the train step with the same function the run uses (step.fit_train_step:
 same step, dtype, remat, accumulation, mesh and shardings), the eval step and generation's chunk,
 and compiles them with XLA:TPU or XLA:GPU over deviceless devices (jaxgpt.targets) or with the
 local backend. `plan_serving` does the same for the serving engine's decode widths and KV cache.
@@ -28,7 +28,7 @@ from jaxgpt.errors import UserError
 from jaxgpt.export import HOST_CALLBACKS
 from jaxgpt.perf import flops_per_token, total_params
 from jaxgpt.sharding import BATCH_AXES, batch_sharding, make_mesh
-from jaxgpt.train import abstract_train_state, fit_train_step, make_eval_step
+from jaxgpt.step import abstract_train_state, fit_train_step, make_eval_step
 
 CUDNN_ATTENTION_MARK = "__cudnn$fmha"
 FLOPS_FLOOR = 0.9  # a compiler FLOP count below this fraction of the FLOP formula's is an undercount  # cuDNN fused attention's custom calls in a compiled GPU program
@@ -150,7 +150,7 @@ def plan_training(model_cfg: GPTConfig, tc: TrainConfig, target: str | None = No
         chosen = cand
         tried.append({"remat": fit.remat, "batch_size": cand.batch_size, "fits": fit.fits(site.memory), "compile_s": fit.compile_s,
                       "bytes": fit.need})
-        if fit.fits(site.memory, platform.MEMORY_MARGIN):  # the run's own rule (train.fit_train_step): keep a margin
+        if fit.fits(site.memory, platform.MEMORY_MARGIN):  # the run's own rule (step.fit_train_step): keep a margin
             break
     tokens = chosen.batch_size * chosen.gradient_accumulation_steps * T
     train: dict[str, Any] = {"remat": fit.remat, "batch_size": chosen.batch_size,

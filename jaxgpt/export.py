@@ -20,9 +20,10 @@ from jax.sharding import PartitionSpec as P
 
 from jaxgpt.config import GPTConfig, TrainConfig
 from jaxgpt.model import GPT
+from jaxgpt.optim import make_optimizer
 from jaxgpt.platform import DTYPES
 from jaxgpt.sharding import BATCH_AXES, batch_sharding
-from jaxgpt.train import abstract_train_state, graphdefs, loss_fn, make_optimizer, make_train_step
+from jaxgpt.step import abstract_train_state, graphdefs, loss_fn, make_train_step
 
 # Custom calls that run Python on the host: never acceptable inside a step for an accelerator.
 HOST_CALLBACKS = ("xla_python_cpu_callback", "xla_python_gpu_callback", "xla_ffi_python_cpu_callback",

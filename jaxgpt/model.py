@@ -129,7 +129,7 @@ class GPT(nnx.Module):
             layer_keys = jax.random.split(key_layers, cfg.n_layer)
         elif not self.drop.deterministic and cfg.dropout > 0:
             raise UserError("GPT in train mode with dropout > 0 needs key=...; call model.eval() for inference")
-        # The compute dtype is the weights' (train.loss_fn casts float32 master weights to bf16).
+        # The compute dtype is the weights' (step.loss_fn casts float32 master weights to bf16).
         # nnx.Embed returns its construction dtype (float32) whatever it holds, so cast back.
         dtype = self.wte.embedding.dtype
         tok = self.wte(idx)

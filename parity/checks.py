@@ -124,7 +124,8 @@ def train_twins(steps: int, accum: int = 1, dtype: str = "float32", torch_side: 
     otherwise (optimizer='muon', ...). Returns the per-step losses of each, both final models'
     state_dicts and a held-out loss of jaxgpt's."""
     from jaxgpt.config import TrainConfig
-    from jaxgpt.train import init_state, loss_fn, lr_schedule, make_optimizer, make_train_step
+    from jaxgpt.optim import lr_schedule, make_optimizer
+    from jaxgpt.step import init_state, loss_fn, make_train_step
     from torchref.train import make_optimizer as torch_optimizer
     from torchref.train import train_step as torch_step
 

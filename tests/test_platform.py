@@ -106,7 +106,7 @@ from jaxgpt import platform
 if sys.argv[1] == "tuned":
     assert platform.tune_host_allocator().startswith("glibc malloc")
 from jaxgpt import GPTConfig, TrainConfig
-from jaxgpt.train import compile_train_step, init_state
+from jaxgpt.step import compile_train_step, init_state
 platform.use_compile_cache(None)  # the test session's cache: the second process skips XLA
 cfg = GPTConfig(block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0)
 tc = TrainConfig(batch_size=12, remat="none")

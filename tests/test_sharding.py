@@ -60,7 +60,7 @@ def test_parameters_and_optimizer_state_are_really_sharded():
         import jax
         from jaxgpt import GPTConfig, TrainConfig
         from jaxgpt.sharding import make_mesh
-        from jaxgpt.train import init_state
+        from jaxgpt.step import init_state
         cfg = GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, bias=True)
         _, _, state = init_state(cfg, TrainConfig(), make_mesh(2, 4))
         kernel = state.params["h"]["mlp"]["c_fc"]["kernel"][...]

@@ -10,7 +10,8 @@ from jaxgpt import GPTConfig, TrainConfig, UserError
 from jaxgpt.data import prepare_text
 from jaxgpt.optim import decay_mask, lr_schedule, make_optimizer
 from jaxgpt.rundir import resolve_configs
-from jaxgpt.train import init_state, make_train_step, train
+from jaxgpt.step import init_state, make_train_step
+from jaxgpt.train import train
 from parity.checks import synthetic_corpus
 
 MODEL = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32, dropout=0.0, bias=True)

@@ -1,0 +1,189 @@
+"""The compiled programs of training: the train and eval steps, the fresh state, and the
+ahead-of-time compile that picks a remat policy which fits.
+
+The hot path is functional (Flax's Gemma example): the model is split once into
+(graphdef, params); `train_step` is a pure jitted function of arrays with its inputs
+donated, and merges the model inside. Every random choice derives from TrainConfig.seed
+and the step number, so a resumed run continues exactly where it stopped. The run around
+these programs (data, checkpoints, the loop) is jaxgpt.train.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple, cast
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import AbstractMesh, Mesh
+
+from jaxgpt import platform
+from jaxgpt.config import GPTConfig, TrainConfig
+from jaxgpt.errors import UserError
+from jaxgpt.model import GPT
+from jaxgpt.optim import make_optimizer
+from jaxgpt.platform import DTYPES, Platform
+from jaxgpt.sharding import param_shardings, state_shardings
+
+
+class TrainState(NamedTuple):
+    params: nnx.State  # float32 master weights
+    opt_state: optax.OptState
+
+
+def loss_fn(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, y: jax.Array,
+            key: jax.Array | None, dtype: Any) -> jax.Array:
+    """Mean next-token cross-entropy; compute in `dtype`, softmax in float32."""
+    if dtype != jnp.float32:
+        params = jax.tree.map(lambda p: p.astype(dtype), params)
+    logits = nnx.merge(graphdef, params)(x, key=key)
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, tc: TrainConfig,
+                    state_sharding: Any = None, backend: str | None = None) -> Callable:
+    """(state, x, y, step) -> (state, metrics); x, y (accum, batch, T). Gradients are averaged
+    over the micro-batches *before* clipping and AdamW, so accumulation equals one big batch.
+    Computes in tc.dtype (auto: the platform's); parameters and optimizer state stay float32.
+    `backend`: the platform it is compiled for (default: this process's; jaxgpt.aot's targets)."""
+    backend = backend or platform.backend()
+    dtype = DTYPES[platform.resolve_dtype(tc.dtype, backend)]
+    dropout_key = jax.random.fold_in(jax.random.key(tc.seed), 1)
+
+    def train_step(state: TrainState, x: jax.Array, y: jax.Array, step: jax.Array) -> tuple[TrainState, dict]:
+        keys = jax.random.split(jax.random.fold_in(dropout_key, step), x.shape[0])
+        grad_fn = jax.value_and_grad(loss_fn, argnums=1)
+
+        def micro(grads, batch):
+            loss, g = grad_fn(graphdef, state.params, *batch, dtype)
+            return jax.tree.map(jnp.add, grads, g), loss
+
+        if x.shape[0] == 1:  # no accumulation: skip the loop and the zero-initialised sum
+            loss, grads = grad_fn(graphdef, state.params, x[0], y[0], keys[0], dtype)
+            losses = loss[None]
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            grads, losses = jax.lax.scan(micro, zeros, (x, y, keys))
+            grads = jax.tree.map(lambda g: g / x.shape[0], grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(params, opt_state), {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads),
+                                               "param_norm": optax.tree.norm(params)}
+
+    # pin the output layout to the input's, so the donated buffers are reused step after step
+    return platform.jit(train_step, backend, donate_argnums=0,
+                        out_shardings=(state_sharding, None) if state_sharding else None)
+
+
+def make_eval_step(graphdef: nnx.GraphDef, tc: TrainConfig, backend: str | None = None) -> Callable:
+    backend = backend or platform.backend()
+    dtype = DTYPES[platform.resolve_dtype(tc.dtype, backend)]
+    return platform.jit(lambda params, x, y: loss_fn(graphdef, params, x, y, None, dtype), backend)
+
+
+def graphdefs(model_cfg: GPTConfig, remat: str, attention: str = "xla") -> tuple[nnx.GraphDef, nnx.GraphDef]:
+    """Train- and eval-mode graphdefs. Remat and the attention kernel live in the graph (static),
+    the parameters do not: one state serves every choice."""
+    model = nnx.eval_shape(lambda: GPT(model_cfg, rngs=nnx.Rngs(0), remat=remat, attention=attention))
+    model.eval()
+    eval_graphdef = nnx.graphdef(model)
+    model.train()
+    return nnx.graphdef(model), eval_graphdef
+
+
+def init_state(model_cfg: GPTConfig, tc: TrainConfig, mesh: Mesh | None = None, *, remat: str | None = None,
+               attention: str | None = None) -> tuple[nnx.GraphDef, nnx.GraphDef, TrainState]:
+    """Fresh model and optimizer; returns the train- and eval-mode graphdefs and the state.
+    remat/attention default to the platform's first choice. With a mesh, parameters are created
+    directly in their sharded layout (never whole on one device); the optimizer state inherits it."""
+    here = platform.backend()
+    remat = remat or platform.remat_candidates(tc.remat, here)[0]
+    attention = attention or platform.resolve_attention(model_cfg, platform.resolve_dtype(tc.dtype, here), here)
+    make = lambda: GPT(model_cfg, rngs=nnx.Rngs(tc.seed), remat=remat, attention=attention)  # noqa: E731
+    graphdef, eval_graphdef = graphdefs(model_cfg, remat, attention)
+    abstract = nnx.state(nnx.eval_shape(make))
+    shardings = param_shardings(abstract, mesh) if mesh is not None else None
+    params = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()
+    init = make_optimizer(tc).init
+    opt_shardings = state_shardings(jax.eval_shape(init, abstract), abstract, mesh) if mesh is not None else None
+    opt_state = jax.jit(init, out_shardings=opt_shardings)(params)
+    return graphdef, eval_graphdef, TrainState(params, opt_state)
+
+
+def _sds(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def abstract_train_state(model_cfg: GPTConfig, tc: TrainConfig, mesh: Mesh | AbstractMesh | None) -> TrainState:
+    """ShapeDtypeStructs of (params, optimizer state) laid out by jaxgpt.sharding's rule
+    (unsharded without a mesh)."""
+    params = nnx.state(nnx.eval_shape(lambda: GPT(model_cfg, rngs=nnx.Rngs(0))))
+    opt_state = jax.eval_shape(make_optimizer(tc).init, params)
+    if mesh is None:
+        return TrainState(params, opt_state)
+    return TrainState(_sds(params, param_shardings(params, mesh)),
+                      _sds(opt_state, state_shardings(opt_state, params, mesh)))
+
+
+
+class Fit(NamedTuple):
+    """One compile of the train step for a remat policy: the program, or None when the compiler
+    itself refused it for memory (XLA:TPU checks HBM while compiling); its bytes per device."""
+
+    compiled: Any
+    remat: str
+    need: int | None
+    compile_s: float
+    refused: str  # the compiler's out-of-memory message ('' when it compiled)
+
+    def fits(self, memory: int | None, margin: float = 1.0) -> bool:
+        """Compiled, and within `margin` of `memory` bytes per device (unknown sizes fit)."""
+        return not self.refused and (self.need is None or memory is None or self.need <= margin * memory)
+
+
+def fit_train_step(model_cfg: GPTConfig, tc: TrainConfig, state: TrainState, x: Any, y: Any, step: Any, attention: str,
+                   site: platform.Site) -> tuple[Fit, nnx.GraphDef]:
+    """The train step a run compiles, and the planner (jaxgpt.aot) too: under remat=auto the first
+    policy of none -> dots -> full whose program fits `site`'s memory with a margin. `state`, x and
+    y may be arrays or ShapeDtypeStructs carrying their shardings. Returns the last Fit tried and
+    its eval-mode graphdef; raises nothing for memory (the caller decides)."""
+    shardings = jax.tree.map(lambda a: a.sharding, state)
+    for remat in platform.remat_candidates(tc.remat, site.backend):
+        graphdef, eval_graphdef = graphdefs(model_cfg, remat, attention)
+        t = time.perf_counter()
+        lowered = cast(Any, make_train_step(graphdef, make_optimizer(tc), tc, shardings, site.backend)).lower(state, x, y, step)
+        try:
+            compiled, refused = lowered.compile(), ""
+            need = platform.step_memory(compiled)
+        except Exception as e:  # XLA:TPU: "RESOURCE_EXHAUSTED: Ran out of memory ... exceeds available HBM"
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            compiled, need, refused = None, None, str(e).split("\n")[0]
+        fit = Fit(compiled, remat, need, round(time.perf_counter() - t, 3), refused)
+        if fit.fits(site.memory, platform.MEMORY_MARGIN):
+            break
+    return fit, eval_graphdef
+
+
+def compile_train_step(model_cfg: GPTConfig, tc: TrainConfig, state: TrainState, x: jax.Array, y: jax.Array,
+                       step: int, attention: str | None = None) -> tuple[Callable, nnx.GraphDef, Platform, dict[str, Any]]:
+    """Compile the train step ahead of time for this process's devices (fit_train_step). Stops with
+    UserError, before any step runs, when even the chosen program cannot fit. Returns (compiled
+    step, eval graphdef, Platform, memory figures). `attention` overrides the platform's kernel
+    choice (benchmarks)."""
+    site = platform.local_site()
+    attention = attention or platform.resolve_attention(model_cfg, platform.resolve_dtype(tc.dtype, site.backend),
+                                                         site.backend)
+    fit, eval_graphdef = fit_train_step(model_cfg, tc, state, x, y, step, attention, site)
+    if fit.refused:
+        raise UserError(f"the train step does not fit on {site.device_kind} (remat={fit.remat}, batch_size={tc.batch_size}): "
+                        f"{fit.refused}; try --batch_size=auto, --remat=full, or --mesh_fsdp")
+    platform.check_fits(fit.need, site.memory, site.memory_source, tc, fit.remat)
+    memory = {"step_bytes_per_device": fit.need, "limit_bytes_per_device": site.memory, "limit_source": site.memory_source,
+              "compile_s": fit.compile_s}
+    return (fit.compiled, eval_graphdef, dataclasses.replace(platform.describe(model_cfg, tc, fit.remat, site), attention=attention),
+            memory)
+
