@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from jaxgpt.errors import Interrupted, UserError
 
@@ -98,3 +100,20 @@ def read_text_file(path: str, flag: str) -> str:
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise UserError(f"cannot read {flag} {path} ({reason}); pass an existing UTF-8 file") from None
+
+
+def progress_lines(quiet: bool) -> Callable[[str], None]:
+    """Progress as flushed stderr lines; none when quiet (--json: stdout is the answer)."""
+    return (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+
+
+def print_plan(report: dict[str, Any], as_json: bool, extra: str = "") -> int:
+    """A plan (jaxgpt.aot) as JSON or as its table (+ `extra`), then one `error:` line when it does
+    not fit; returns the exit code (0 fits, 1 does not)."""
+    from jaxgpt.aot import describe, finite, shortfall
+
+    print(json.dumps(finite(report)) if as_json else describe(report) + extra, flush=True)
+    if not report["fits"]:
+        print(f"error: {shortfall(report)}", file=sys.stderr)
+        return 1
+    return 0

@@ -95,7 +95,6 @@ def main(argv: list[str]) -> int:
 def plan_only(args: argparse.Namespace) -> int:
     """--compile_only: the engine's programs for --target (or this host), from the checkpoint's config
     and weights' dtype; nothing served."""
-    import json
 
     from jaxgpt import targets
 
@@ -103,17 +102,11 @@ def plan_only(args: argparse.Namespace) -> int:
         targets.compile_here(args.target)
     cli.apply_compile_cache(args.compile_cache)
     from formats.io import load_any
-    from jaxgpt.aot import describe, finite, plan_serving, shortfall
+    from jaxgpt.aot import plan_serving
 
     model, _ = load_any(args.checkpoint, args.meta, args.which)
-    log = (lambda m: print(m, file=sys.stderr, flush=True)) if not args.json else (lambda m: None)
-    report = plan_serving(model, args.target, args.slots, args.chunk, log)
-    print(json.dumps(finite(report)) if args.json else describe(report) +
-          f"\nKV cache: {report['kv_cache_bytes'] / 2**20:.1f} MiB for {args.slots} slots", flush=True)
-    if not report["fits"]:
-        print(f"error: {shortfall(report)}", file=sys.stderr)
-        return 1
-    return 0
+    report = plan_serving(model, args.target, args.slots, args.chunk, cli.progress_lines(args.json))
+    return cli.print_plan(report, args.json, f"\nKV cache: {report['kv_cache_bytes'] / 2**20:.1f} MiB for {args.slots} slots")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@
   python scripts/train.py --target=h100x8 --compile_only --batch_size=auto --json    # 8 H100s (pip install -e ".[gpu]")
 """
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -119,7 +118,7 @@ def main(argv: list[str]) -> int:
 def plan_only(args, model_flags: dict, train_flags: dict, preset: dict, batch_auto: bool) -> int:
     """--compile_only: the run's programs compiled for --target (or this host), reported; nothing read
     but the prepared data's meta.json (its vocabulary) when present, nothing written."""
-    from jaxgpt.aot import describe, finite, plan_training, shortfall
+    from jaxgpt.aot import plan_training
 
     data_dir, dataset = train_flags.get("data_dir", "data"), train_flags.get("dataset", preset.get("dataset", "shakespeare"))
     init_cfg = None
@@ -128,13 +127,8 @@ def plan_only(args, model_flags: dict, train_flags: dict, preset: dict, batch_au
         init_cfg = load_any(train_flags["init_from"])[0].config
     data_vocab = read_meta(f"{data_dir}/{dataset}")["vocab_size"] if Path(data_dir, dataset, "meta.json").is_file() else None
     model_cfg, tc = resolve_configs(model_flags, {**train_flags, "resume": False}, preset, init_cfg, data_vocab)
-    log = (lambda m: print(m, file=sys.stderr, flush=True)) if not args.json else (lambda m: None)
-    report = plan_training(model_cfg, tc, args.target, batch_auto=batch_auto, log=log)
-    print(json.dumps(finite(report)) if args.json else describe(report), flush=True)
-    if not report["fits"]:
-        print(f"error: {shortfall(report)}", file=sys.stderr)
-        return 1
-    return 0
+    report = plan_training(model_cfg, tc, args.target, batch_auto=batch_auto, log=cli.progress_lines(args.json))
+    return cli.print_plan(report, args.json)
 
 
 if __name__ == "__main__":
