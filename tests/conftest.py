@@ -54,6 +54,21 @@ def tiny_cfg() -> GPTConfig:
     return TINY
 
 
+@pytest.fixture(scope="module")
+def gcs():
+    """A Cloud Storage emulator for a test file (tests/gcs_emulator.py; the file skips when it is missing)."""
+    from tests.gcs_emulator import Emulator
+
+    emulator = Emulator()
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture(scope="module")
+def bucket(gcs) -> str:
+    return gcs.create_bucket("jaxgpt-test")
+
+
 @pytest.fixture()
 def tiny_model() -> GPT:
     model = GPT(TINY, rngs=nnx.Rngs(0))
@@ -63,11 +78,15 @@ def tiny_model() -> GPT:
 
 # pytest-xdist hands whole files to its workers in collection order: the longest files first, so
 # that no worker starts a long file when the others are finishing (seconds measured on 2 cores).
-_HEAVY_FIRST = ["test_gcs", "test_parity", "test_sharding", "test_cli", "test_report", "test_platform", "test_notebook",
+_HEAVY_FIRST = ["test_gcs", "test_gcs_hosts", "test_parity", "test_sharding", "test_cli", "test_report", "test_platform", "test_notebook",
                 "test_reliability", "test_hf", "test_bench", "test_tracking", "test_quickstart", "test_train",
                 "test_unattended_cli", "test_serve", "test_fuzz"]
 
 
+def _module(item: pytest.Item) -> str:
+    return item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(_HEAVY_FIRST)}
-    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1] if item.module else "", len(rank)))
+    items.sort(key=lambda item: rank.get(_module(item), len(rank)))

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from jaxgpt import GPTConfig, TrainConfig, UserError, targets
+from tests import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_TPU = importlib.util.find_spec("libtpu") is not None
@@ -30,7 +31,7 @@ GPT2_WIDE = ["--n_layer=2", "--n_head=12", "--n_embd=768", "--block_size=1024", 
 
 def plan(script: str, *args: str, cwd: Path, env: dict[str, str] | None = None) -> tuple[dict, subprocess.CompletedProcess]:
     """Run `script --compile_only --json args` in a subprocess; (its JSON, the process)."""
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{script}.py"), "--compile_only", "--json", *args],
+    proc = launch.run([sys.executable, str(ROOT / "scripts" / f"{script}.py"), "--compile_only", "--json", *args],
                           capture_output=True, text=True, timeout=900, cwd=cwd, env={**os.environ, **(env or {})})
     assert proc.returncode in (0, 1), f"{script} {args} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
     report = json.loads(proc.stdout)
@@ -108,7 +109,7 @@ def test_batch_auto_splits_the_global_batch_into_micro_batches_per_device():
 @pytest.mark.slow
 def test_target_flags_are_refused_with_one_line(tmp_path):
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *args], capture_output=True,
+        return launch.run([sys.executable, str(ROOT / "scripts" / "train.py"), *args], capture_output=True,
                               text=True, timeout=120, cwd=tmp_path)
     cases = [(["--target=v5e-8"], "add --compile_only"), (["--target=v9-8", "--compile_only"], "unknown --target"),
              (["--json"], "add --compile_only")]
@@ -135,7 +136,7 @@ def test_streaming_without_a_host_callback_prints_the_same_text(tmp_path):
             "if sys.argv.pop(1) == 'chunks': platform.streams_by_callback = lambda p: False\n"
             f"sys.argv[0] = {str(ROOT / 'scripts' / 'generate.py')!r}\n"
             "runpy.run_path(sys.argv[0], run_name='__main__')")
-    outs = [subprocess.run([sys.executable, "-c", code, how, "--checkpoint=m.safetensors", "--prompt=ab", "--max_new_tokens=40"],
+    outs = [launch.run([sys.executable, "-c", code, how, "--checkpoint=m.safetensors", "--prompt=ab", "--max_new_tokens=40"],
                            capture_output=True, text=True, timeout=300, cwd=tmp_path) for how in ("callback", "chunks")]
     assert all(o.returncode == 0 for o in outs), outs[1].stderr[-2000:]
     assert outs[0].stdout == outs[1].stdout and len(outs[0].stdout) > 2

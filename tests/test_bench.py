@@ -3,11 +3,12 @@ tiny model: every row is printed and passes, so that command cannot crash on a n
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests import launch
 
 pytestmark = pytest.mark.slow  # subprocesses / emulators / transformers: the full suite only
 
@@ -18,7 +19,7 @@ TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_
 
 
 def bench(*args: str) -> tuple[str, list[dict]]:
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), *TINY, *args], cwd=ROOT,
+    proc = launch.run([sys.executable, str(ROOT / "scripts" / "bench.py"), *TINY, *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"section"')]

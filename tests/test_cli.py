@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from parity.checks import synthetic_corpus
+from tests.launch import cli
 
 pytestmark = pytest.mark.slow  # subprocesses / emulators / transformers: the full suite only
 
@@ -22,12 +23,6 @@ TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_
         "--eval_interval=4", "--log_interval=2", "--progress=false", "--plot=false"]
 
 
-def cli(script: str, *args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{script}.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{script} {args} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +144,7 @@ def _rss_mib(pid: int) -> float:
 def test_a_billion_new_tokens_run_in_flat_memory(work):
     """Non-streamed, 2 samples, --max_new_tokens=1e9: the old decoder allocated the whole
     (samples, tokens) buffer up front and the kernel killed it within seconds."""
+    # a real process (not tests/launch.py's fork, which shares the zygote's pages): its memory is measured
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "generate.py"), "--out_dir=out/run",
                              "--max_new_tokens=1000000000", "--num_samples=2", "--no-stream", "--progress=false"],
                             cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -1,13 +1,11 @@
 """Cloud TPU jobs, tested offline: run folders and data on gs:// against a local Cloud Storage
 emulator (only STORAGE_EMULATOR_HOST is set; the CLIs do the rest), SIGKILL and SIGTERM with
---resume, two hosts that share no disk (each process its own working directory), preemption
-on both hosts, and resuming a 2-host run on 1 host."""
+--resume, storage faults; two hosts: tests/test_gcs_hosts.py (the fixtures `gcs` and `bucket` are in conftest.py)."""
 from __future__ import annotations
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +17,7 @@ import pytest
 from jaxgpt.data import prepare_text
 from jaxgpt.platform import default_compile_cache
 from parity.rows import synthetic_corpus
+from tests import launch
 from tests.fault_proxy import FaultProxy
 from tests.gcs_emulator import Emulator, available
 
@@ -27,18 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ["--dataset=synth", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=8",
          "--eval_iters=2", "--eval_interval=4", "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=16",
          "--progress=false", "--keep_checkpoints=2"]
-
-
-@pytest.fixture(scope="module")
-def gcs():
-    emulator = Emulator()
-    yield emulator
-    emulator.stop()
-
-
-@pytest.fixture(scope="module")
-def bucket(gcs) -> str:
-    return gcs.create_bucket("jaxgpt-test")
 
 
 def host_dir(root: Path, name: str) -> Path:
@@ -55,7 +42,7 @@ def env_for(gcs: Emulator, devices: int = 1) -> dict:
 
 
 def train(cwd: Path, gcs: Emulator, *args: str, devices: int = 1) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *FLAGS, *args], cwd=cwd,
+    return launch.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *FLAGS, *args], cwd=cwd,
                             env=env_for(gcs, devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -106,15 +93,15 @@ def test_a_run_on_gcs_writes_resumes_after_sigkill_and_sigterm_and_is_used_from_
     assert {"config.json", "loss.png", "metrics.jsonl"} <= set(gcs.names(run))
     assert not list(host.glob("gs*")), "a local folder named after the bucket was created"
     env = env_for(gcs)
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), f"--checkpoint={run}", "--prompt=the",
+    out = launch.run([sys.executable, str(ROOT / "scripts" / "generate.py"), f"--checkpoint={run}", "--prompt=the",
                           "--max_new_tokens=20", "--temperature=0"], cwd=host, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and out.stdout.startswith("the") and out.stderr.startswith("# gs://"), out.stderr[-2000:]
     assert len([l for l in out.stderr.splitlines() if l.strip()]) == 1, f"noise on stderr: {out.stderr}"
-    conv = subprocess.run([sys.executable, str(ROOT / "scripts" / "convert.py"), run, f"{bucket}/single.safetensors",
+    conv = launch.run([sys.executable, str(ROOT / "scripts" / "convert.py"), run, f"{bucket}/single.safetensors",
                            "--verify"], cwd=host, env=env, capture_output=True, text=True, timeout=300)
     assert conv.returncode == 0, conv.stderr[-2000:]
-    check = subprocess.run([sys.executable, "-m", "parity", f"--checkpoint={bucket}/single.safetensors", "--tokens=20",
+    check = launch.run([sys.executable, "-m", "parity", f"--checkpoint={bucket}/single.safetensors", "--tokens=20",
                             "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert check.returncode == 0 and json.loads(check.stdout)["passed"], check.stderr[-2000:]
 
@@ -125,13 +112,13 @@ def test_data_on_gcs_is_copied_once_and_checked_by_hash(gcs, bucket, tmp_path):
     (host / "corpus.txt").write_bytes(synthetic_corpus(20_000).astype(np.uint8).tobytes())
     env = {**env_for(gcs), "XDG_CACHE_HOME": str(tmp_path / "cache")}  # data cache only; compiled programs:
     compiled = f"--compile_cache={default_compile_cache()}"  # the session's
-    prep = subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare.py"), "text", "--input", "corpus.txt",
+    prep = launch.run([sys.executable, str(ROOT / "scripts" / "prepare.py"), "text", "--input", "corpus.txt",
                            "--name", "synth", f"--data_dir={bucket}/data"], cwd=host, env=env, capture_output=True,
                           text=True, timeout=300)
     assert prep.returncode == 0, prep.stderr[-2000:]
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), *FLAGS, compiled, "--max_iters=4", f"--data_dir={bucket}/data"]
     for run in ("a", "b"):
-        proc = subprocess.run([*cmd, f"--out_dir=out/{run}"], cwd=host, env=env, capture_output=True, text=True, timeout=300)
+        proc = launch.run([*cmd, f"--out_dir=out/{run}"], cwd=host, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         [cached] = list((tmp_path / "cache" / "jaxgpt" / "data").glob("*/synth/train.bin"))
         if run == "a":  # damage the cached copy: the next run must notice and fetch it again
@@ -142,65 +129,6 @@ def test_data_on_gcs_is_copied_once_and_checked_by_hash(gcs, bucket, tmp_path):
     a, b = ((host / "out" / r / "metrics.jsonl").read_text() for r in ("a", "b"))
     assert [json.loads(l)["train_loss"] for l in a.splitlines()] == [json.loads(l)["train_loss"] for l in b.splitlines()]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def two_hosts(hosts: list[Path], gcs: Emulator, *args: str) -> list[subprocess.Popen]:
-    coordinator = f"127.0.0.1:{_free_port()}"
-    return [train(h, gcs, *args, f"--coordinator_address={coordinator}", "--num_processes=2", f"--process_id={i}",
-                  devices=2) for i, h in enumerate(hosts)]
-
-
-def test_two_hosts_without_a_shared_disk_refuse_a_local_out_dir(gcs, tmp_path):
-    hosts = [host_dir(tmp_path, f"host{i}") for i in range(2)]
-    procs = two_hosts(hosts, gcs, "--max_iters=4", "--out_dir=out/run")
-    for p in procs:
-        err = finish(p, 2)
-        lines = [l for l in err.splitlines() if l.strip() and not l.startswith(("[Gloo]", "I1", "W1"))]
-        assert len(lines) == 1 and "multi-host runs need a shared path" in lines[0], err[-2000:]
-    assert not [p for h in hosts for p in (h / "out" / "run").rglob("*") if p.is_file()], "nothing is written"
-
-
-def test_two_hosts_on_gcs_survive_sigkill_and_preemption_and_resume_on_two_and_on_one(gcs, bucket, tmp_path):
-    """Two hosts with their own disks train on gs://: SIGKILL both after a checkpoint, resume on
-    both, then SIGTERM reaches the hosts 0.1 s apart (preemption; JAX notices it up to ~0.6 s
-    late, so the run is long enough to still be going): both stop at the same step, save it and
-    exit 143. Resuming on both is bit-identical to an uninterrupted 2-host run; the last steps
-    then run on one host with one device (another reduction order: within 1e-5)."""
-    hosts = [host_dir(tmp_path, f"host{i}") for i in range(2)]
-    same = ["--max_iters=120", "--eval_interval=40"]
-    for p in two_hosts(hosts, gcs, *same, f"--out_dir={bucket}/straight"):
-        finish(p)
-    straight = [(s, loss) for s, loss, _ in metrics(gcs, f"{bucket}/straight")]
-    run = f"{bucket}/two-hosts"
-    procs = two_hosts(hosts, gcs, *same, f"--out_dir={run}")
-    wait_for(lambda: committed(gcs, run, 40) and any(s >= 45 for s, *_ in metrics(gcs, run)), procs[0])
-    for p in procs:
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-    killed_at = max(s for s, *_ in metrics(gcs, run))
-    procs = two_hosts(hosts, gcs, *same, f"--out_dir={run}", "--resume")
-    wait_for(lambda: any(s > killed_at for s, *_ in metrics(gcs, run)), procs[0])
-    procs[0].send_signal(signal.SIGTERM)
-    time.sleep(0.1)
-    procs[1].send_signal(signal.SIGTERM)
-    errs = [finish(p, 143) for p in procs]
-    steps = {int(e.split(" at step ")[1].split(";")[0]) for e in errs}
-    assert len(steps) == 1, f"the hosts stopped at different steps: {errs}"
-    step = steps.pop()
-    assert committed(gcs, run, step) and killed_at < step < 110, (killed_at, step)
-    for p in two_hosts(hosts, gcs, f"--max_iters={step + 10}", "--eval_interval=40", f"--out_dir={run}", "--resume"):
-        finish(p)
-    got = [(s, loss) for s, loss, _ in metrics(gcs, run)]
-    assert got == straight[:step + 10], "resume after SIGKILL and preemption is not bit-identical"
-    finish(train(hosts[1], gcs, *same, f"--out_dir={run}", "--resume"))  # one host, one device
-    got = [loss for _, loss, _ in metrics(gcs, run)]
-    assert len(got) == 120 and got[:step + 10] == [loss for _, loss in straight[:step + 10]]
-    assert max(abs(a - b) / b for a, (_, b) in zip(got, straight, strict=True)) <= 1e-5
 
 
 def test_storage_faults_are_retried_stalls_time_out_and_a_failed_save_keeps_the_last_checkpoint(gcs, bucket, tmp_path):
@@ -214,27 +142,27 @@ def test_storage_faults_are_retried_stalls_time_out_and_a_failed_save_keeps_the_
     env = {**env_for(gcs), "STORAGE_EMULATOR_HOST": proxy.url, "JAXGPT_GCS_TIMEOUT": "3"}
     run = f"{bucket}/faulty"
 
-    def launch(*args: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *FLAGS, f"--out_dir={run}", *args],
+    def start(*args: str) -> subprocess.Popen:
+        return launch.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *FLAGS, f"--out_dir={run}", *args],
                                 cwd=host, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         finish(train(host, gcs, "--max_iters=8", "--out_dir=out/clean"))
         clean = [(r["step"], r["train_loss"]) for r in map(json.loads, (host / "out/clean/metrics.jsonl").read_text().splitlines())]
         proxy.set(fail=0.12, drop=0.03)
-        finish(launch("--max_iters=8"), timeout=600)
+        finish(start("--max_iters=8"), timeout=600)
         faults = {k: v for k, v in proxy.counts.items() if k != "requests"}
         assert sum(faults.values()) >= 10, proxy.counts
         assert [(s, loss) for s, loss, _ in metrics(gcs, run)] == clean and committed(gcs, run, 8)
 
         proxy.set(stall=1.0)
         t = time.time()
-        err = finish(launch("--max_iters=12", "--resume"), 2, timeout=300)
+        err = finish(start("--max_iters=12", "--resume"), 2, timeout=300)
         lines = [line for line in err.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: cannot reach gs://jaxgpt-test/faulty"), err[-2000:]
         assert time.time() - t < 120, f"gave up only after {time.time() - t:.0f} s"
 
         proxy.set()
-        proc = launch("--max_iters=16", "--resume=auto")
+        proc = start("--max_iters=16", "--resume=auto")
         wait_for(lambda: any(s >= 10 for s, *_ in metrics(gcs, run)), proc)
         proxy.set(fail=1.0, codes=(403,), methods=("POST", "PUT"))
         err = finish(proc, 2, timeout=300)
@@ -242,7 +170,7 @@ def test_storage_faults_are_retried_stalls_time_out_and_a_failed_save_keeps_the_
         # the first write refused may be the checkpoint's or the metrics' (timing): either way one line saying what is intact
         assert len(lines) == 1 and lines[0].startswith("error: ") and "is intact" in lines[0], err[-2000:]
         proxy.set()
-        out = finish(launch("--max_iters=16", "--resume=auto"), timeout=300)
+        out = finish(start("--max_iters=16", "--resume=auto"), timeout=300)
         assert committed(gcs, run, 16) and [s for s, *_ in metrics(gcs, run)] == list(range(1, 17)), out[-2000:]
     finally:
         proxy.close()

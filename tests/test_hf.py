@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,18 +13,14 @@ import numpy as np
 import pytest
 
 from parity.hf_checks import hf_checks, make_hf_model, missing
+from tests import launch
+from tests.launch import cli
 
 pytestmark = [pytest.mark.slow,  # transformers and subprocesses: the full suite only
               pytest.mark.skipif(missing() is not None, reason=f"Hugging Face checks need it: {missing()}")]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cli(script: str, *args: str, cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{script}.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{script} {args} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +57,7 @@ def test_export_loads_in_transformers_without_custom_code(work, tmp_path):
     code = ("import sys; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
             "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); t = AutoTokenizer.from_pretrained(sys.argv[1])\n"
             "print(type(m).__name__, m.config.vocab_size, t.decode(t.encode('the king')))")
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    proc = launch.run([sys.executable, "-c", code, str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     vocab = json.loads((work / "bpe" / "config.json").read_text())["vocab_size"]
     assert proc.stdout.split()[:2] == ["GPT2LMHeadModel", str(vocab)] and proc.stdout.strip().endswith("the king")

@@ -20,6 +20,7 @@ from jaxgpt.data import prepare_text
 from jaxgpt.rundir import read_metrics
 from jaxgpt.train import train
 from parity.checks import synthetic_corpus
+from tests import launch
 
 pytestmark = pytest.mark.slow  # subprocesses / emulators / transformers: the full suite only
 
@@ -37,7 +38,7 @@ def work(tmp_path_factory) -> Path:
 
 
 def start(work: Path, out: str, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *FLAGS, f"--out_dir={out}", *extra],
+    return launch.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *FLAGS, f"--out_dir={out}", *extra],
                             cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -137,7 +138,7 @@ def test_names_inside_a_checkpoint_never_become_write_paths(tmp_path):
     torch.save({"model": sd, "model_args": cfg.to_dict(), "config": {"dataset": "../../escape", "out_dir": "/"}}, src)
     load_any(src)
     before = {p for p in tmp_path.parent.rglob("*")}
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "convert.py"), str(src), str(tmp_path / "o.safetensors")],
+    proc = launch.run([sys.executable, str(ROOT / "scripts" / "convert.py"), str(src), str(tmp_path / "o.safetensors")],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     created = {p for p in tmp_path.parent.rglob("*")} - before

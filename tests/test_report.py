@@ -16,6 +16,7 @@ import torchref
 from jaxgpt import GPTConfig
 from jaxgpt.data import prepare_text
 from parity.rows import synthetic_corpus
+from tests import launch
 
 pytestmark = pytest.mark.slow  # subprocesses / emulators / transformers: the full suite only
 
@@ -24,7 +25,7 @@ CFG = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32, bias=True, dropou
 
 
 def run(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+    return launch.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import pytest
 
 from jaxgpt import ByteTokenizer
 from jaxgpt.server import Choice, StopFilter
+from tests import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,6 +61,7 @@ class Served:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile("w+")  # not a pipe: a line per request would fill it and block the server
+        # a real process (not tests/launch.py's fork): its memory is measured
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), f"--checkpoint={checkpoint}",
                                       f"--port={self.port}", *flags], cwd=cwd, stdout=subprocess.DEVNULL,
                                      stderr=self.log, text=True)
@@ -146,7 +148,7 @@ def test_the_openai_client_gets_completions_streams_choices_stops_and_seeds(clie
     stop = text[20:23]
     stopped = client.completions.create(model="tiny", prompt="KING", max_tokens=60, temperature=0, stop=[stop, "\x00\x01"])
     assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].text == text[:text.index(stop)]
-    gen = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), f"--checkpoint={model_dir / 'run'}",
+    gen = launch.run([sys.executable, str(ROOT / "scripts" / "generate.py"), f"--checkpoint={model_dir / 'run'}",
                           "--prompt=KING", "--max_new_tokens=60", "--temperature=0"], cwd=model_dir, capture_output=True,
                          timeout=300)
     assert gen.returncode == 0 and gen.stdout.decode("utf-8", "replace").rstrip("\n") == "KING" + text, gen.stderr[-2000:]

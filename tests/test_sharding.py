@@ -14,6 +14,7 @@ import pytest
 
 from jaxgpt.data import prepare_text
 from parity.checks import synthetic_corpus
+from tests import launch
 
 pytestmark = pytest.mark.slow  # subprocesses / emulators / transformers: the full suite only
 
@@ -22,7 +23,7 @@ RTOL = 1e-5
 
 
 def run_worker(*args: str, timeout: int = 240) -> dict:
-    proc = subprocess.run([sys.executable, str(WORKER), *args], capture_output=True, text=True, timeout=timeout)
+    proc = launch.run([sys.executable, str(WORKER), *args], capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -68,7 +69,7 @@ def test_parameters_and_optimizer_state_are_really_sharded():
         print(kernel.shape, kernel.addressable_shards[0].data.shape, kernel.sharding.spec)
         print(mu.addressable_shards[0].data.shape, state.params["wte"]["embedding"][...].addressable_shards[0].data.shape)
     """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = launch.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert lines[0] == "(2, 32, 128) (2, 8, 128) P(None, 'fsdp')", lines  # 32 / fsdp 4
@@ -97,7 +98,7 @@ def _free_port() -> int:
 def test_two_processes_on_localhost_match_one_process(data_dir, tmp_path, single):
     """jax.distributed over a loopback coordinator, 4 CPU devices per process, gloo collectives."""
     coordinator = f"127.0.0.1:{_free_port()}"
-    procs = [subprocess.Popen([sys.executable, str(WORKER), "--devices", "4", "--max_iters", "8", "--data_dir", data_dir,
+    procs = [launch.Popen([sys.executable, str(WORKER), "--devices", "4", "--max_iters", "8", "--data_dir", data_dir,
                                "--out_dir", str(tmp_path / "run"), "--coordinator", coordinator,
                                "--num_processes", "2", "--process_id", str(i)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]

@@ -20,6 +20,7 @@ import pytest
 from jaxgpt.data import prepare_text
 from jaxgpt.rundir import read_metrics
 from parity.rows import synthetic_corpus
+from tests import launch
 
 pytestmark = pytest.mark.slow  # subprocesses: the full suite only
 
@@ -37,7 +38,7 @@ def work(tmp_path_factory) -> Path:
 
 
 def run(work: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *FLAGS, *args], cwd=work,
+    return launch.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *FLAGS, *args], cwd=work,
                             env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -126,7 +127,7 @@ def test_wandb_missing_is_one_line_naming_the_install(work, tmp_path):
 
 
 def evaluate(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "eval.py"), *args, "--progress=false"], cwd=cwd,
+    return launch.run([sys.executable, str(ROOT / "scripts" / "eval.py"), *args, "--progress=false"], cwd=cwd,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -17,6 +17,7 @@ from jaxgpt.data import prepare_text
 from jaxgpt.lock import LOCK_FILE
 from jaxgpt.rundir import read_metrics
 from parity.rows import synthetic_corpus
+from tests import launch
 
 pytestmark = pytest.mark.slow  # subprocesses: the full suite only
 
@@ -33,7 +34,7 @@ def work(tmp_path) -> Path:
 
 
 def start(work: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *FLAGS, *args], cwd=work,
+    return launch.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *FLAGS, *args], cwd=work,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
