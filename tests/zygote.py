@@ -31,14 +31,6 @@ for _name in ("absl.logging", "flax.nnx", "optax", "orbax.checkpoint", "torch", 
         pass
 from jax._src import xla_bridge  # noqa: E402
 
-import formats.hf  # noqa: E402,F401
-import formats.io  # noqa: E402,F401
-import jaxgpt.aot  # noqa: E402,F401
-import jaxgpt.cli  # noqa: E402,F401
-import jaxgpt.sample  # noqa: E402,F401
-import jaxgpt.train  # noqa: E402,F401
-import parity.checks  # noqa: E402,F401
-
 
 def _child(req: dict) -> None:
     """Become the requested process: fds, cwd, environment, argv, then run it as __main__."""
