@@ -58,6 +58,7 @@ TIED_HEAD = "lm_head.weight"  # == transformer.wte.weight when tied
 COMPILE_PREFIX = "_orig_mod."  # torch.compile wraps the module and prefixes every key
 # causal-mask buffers: nanoGPT without flash attention, and transformers before v5
 _MASK_BUFFER = re.compile(r"^transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
+_BLOCK = re.compile(r"^transformer\.h\.(\d+)\.")
 
 
 def _entries(cfg: GPTConfig, with_bias: bool | None = None) -> list[tuple[str, int | None, str, bool]]:
@@ -149,6 +150,11 @@ def _as_numpy(value: Any) -> np.ndarray | None:
     return None
 
 
+def _some(names: list[str], most: int = 8) -> str:
+    """A list of names for an error line: the first few and how many more."""
+    return str(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def from_state_dict(sd: Mapping[str, Any], cfg: GPTConfig, layout: str = "linear") -> GPT:
     """State_dict (numpy arrays or torch tensors, nanoGPT names) -> jaxgpt GPT (eval mode, float32).
 
@@ -157,6 +163,12 @@ def from_state_dict(sd: Mapping[str, Any], cfg: GPTConfig, layout: str = "linear
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     check_model_fits(cfg, "the checkpoint")
     sd = _clean(sd)
+    # a config that disagrees with the weights on the number of blocks is refused before the work
+    # below, which grows with the config's claim (a damaged config.json may claim a million layers)
+    blocks = {int(m.group(1)) for k in sd if (m := _BLOCK.match(k))}
+    if blocks and len(blocks) != cfg.n_layer:
+        raise UserError(f"the weights hold {len(blocks)} transformer block(s) but the model config says n_layer="
+                        f"{cfg.n_layer}; use the config that was saved with these weights")
     entries = _entries(cfg)
     tied = {TIED_HEAD} if cfg.tie_embeddings else set()  # optional in a tied state_dict (nanoGPT has it)
     expected = {name for _, _, name, _ in entries} | tied
@@ -164,9 +176,9 @@ def from_state_dict(sd: Mapping[str, Any], cfg: GPTConfig, layout: str = "linear
     shapes = _shapes(cfg)
     problems = []
     if missing := sorted(expected - tied - sd.keys()):
-        problems.append(f"missing tensors {missing}")
+        problems.append(f"missing tensors {_some(missing)}")
     if unexpected := sorted(sd.keys() - expected):
-        problems.append(f"unexpected tensors {unexpected}")
+        problems.append(f"unexpected tensors {_some(unexpected)}")
     values: dict[str, list[np.ndarray]] = {}
     for jax_path, layer, name, kernel in entries:
         if name not in sd:
