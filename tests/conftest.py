@@ -16,8 +16,9 @@ from jaxgpt.platform import use_compile_cache
 # The CLIs keep JAX's compilation cache under $XDG_CACHE_HOME; give the test session its own (the
 # CLI subprocesses and pytest-xdist workers inherit it), so tests neither read nor fill the user's
 # cache, and every session's CLIs start cold, as a user's first run does.
-_OWN_CACHE = "JAXGPT_TEST_CACHE" not in os.environ  # this process made it (not an xdist worker)
-os.environ.setdefault("JAXGPT_TEST_CACHE", tempfile.mkdtemp(prefix="jaxgpt-test-cache-"))
+_OWN_CACHE = "JAXGPT_TEST_CACHE" not in os.environ  # this process makes it (not an xdist worker, which inherits it)
+if _OWN_CACHE:
+    os.environ["JAXGPT_TEST_CACHE"] = tempfile.mkdtemp(prefix="jaxgpt-test-cache-")
 os.environ["XDG_CACHE_HOME"] = os.environ["JAXGPT_TEST_CACHE"]
 # The test processes themselves keep theirs between sessions (in .pytest_cache, bounded): the quick
 # tier is mostly compiling tiny programs, and a rerun after changing one function recompiles only
@@ -32,6 +33,31 @@ jax.config.update("jax_compilation_cache_max_size", 512 * 2**20)  # least recent
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _OWN_CACHE:
         shutil.rmtree(os.environ["JAXGPT_TEST_CACHE"], ignore_errors=True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):  # type: ignore[no-untyped-def]
+    """With JAXGPT_TEST_CPU_REPORT=file: one JSON line per test with its wall and CPU seconds (this
+    process, its subprocesses, and its CLIs forked from the zygote) -- where the suite's time goes."""
+    report = os.environ.get("JAXGPT_TEST_CPU_REPORT")
+    if not report:
+        yield
+        return
+    import json
+    import resource
+    import time
+
+    from tests import launch
+
+    def cpu() -> tuple[float, float]:
+        own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime + launch.child_cpu_s
+    wall, (own, kids) = time.perf_counter(), cpu()
+    yield
+    own2, kids2 = cpu()
+    with open(report, "a") as f:
+        f.write(json.dumps({"test": item.nodeid, "wall_s": round(time.perf_counter() - wall, 2),
+                            "cpu_s": round(own2 - own, 2), "children_cpu_s": round(kids2 - kids, 2)}) + "\n")
 
 
 def pytest_report_header() -> str:

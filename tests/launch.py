@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,7 +21,10 @@ from typing import Any
 _ZYGOTE = Path(__file__).with_name("zygote.py")
 _server: subprocess.Popen | None = None
 _base_env: dict[str, str] = {}  # the zygote's environment (its JAX_* variables were read at import)
-_log = os.path.join(tempfile.gettempdir(), f"jaxgpt-zygote-{os.getpid()}.log")
+_dir = tempfile.mkdtemp(prefix="jaxgpt-launch-")  # the zygote's log and the children's output, removed at exit
+_log = os.path.join(_dir, "zygote.log")
+atexit.register(shutil.rmtree, _dir, ignore_errors=True)
+child_cpu_s = 0.0  # CPU seconds of the forked children that have ended (their parent is the zygote, not us)
 
 
 def _start() -> subprocess.Popen:
@@ -92,9 +96,9 @@ class Forked:
     stdout / stderr readable when asked for with subprocess.PIPE."""
 
     def __init__(self, args: list[str], *, cwd: Any = None, env: dict | None = None, stdout: Any = None,
-                 stderr: Any = None, text: bool = True, **kwargs: Any) -> None:
+                 stderr: Any = None) -> None:
         self.args, self.returncode = args, None
-        self._dir = tempfile.mkdtemp(prefix="launch-")
+        self._dir = tempfile.mkdtemp(dir=_dir)
         paths = {}
         for name, how in (("stdout", stdout), ("stderr", stderr)):
             if how not in (None, subprocess.PIPE, subprocess.DEVNULL):
@@ -110,9 +114,12 @@ class Forked:
         self._echo = {n: p for n, p in paths.items() if p and {"stdout": stdout, "stderr": stderr}[n] is None}
 
     def poll(self) -> int | None:
+        global child_cpu_s
         if self.returncode is None:
-            self.returncode = _request({"op": "poll", "pid": self.pid})["code"]
+            reply = _request({"op": "poll", "pid": self.pid})
+            self.returncode = reply["code"]
             if self.returncode is not None:
+                child_cpu_s += reply["cpu_s"]
                 for name, path in self._echo.items():  # not captured: the test's own output, as a subprocess's would be
                     getattr(sys, name).write(Path(path).read_text(errors="replace"))
         return self.returncode
@@ -127,8 +134,13 @@ class Forked:
 
     def communicate(self, timeout: float | None = None) -> tuple[str | None, str | None]:
         self.wait(timeout)
-        return tuple(Path(self._paths[n]).read_text(errors="replace") if getattr(self, n) else None
-                     for n in ("stdout", "stderr"))  # type: ignore[return-value]
+        out = tuple(Path(self._paths[n]).read_text(errors="replace") if getattr(self, n) else None
+                    for n in ("stdout", "stderr"))
+        for tail in (self.stdout, self.stderr):
+            if tail is not None:
+                tail.close()
+        shutil.rmtree(self._dir, ignore_errors=True)  # all read: nothing else needs the files
+        return out  # type: ignore[return-value]
 
     def send_signal(self, signum: int) -> None:
         if self.poll() is None:
@@ -145,14 +157,14 @@ def Popen(args: Any, **kwargs: Any) -> Any:  # noqa: N802  (subprocess's name)
     """subprocess.Popen, forked from the zygote when it can be (see the module's docstring)."""
     others = {k: v for k, v in kwargs.items() if k not in ("cwd", "env", "text")}
     if kwargs.get("text") and _forkable(args, kwargs.get("env"), others):
-        return Forked(args, **kwargs)
+        return Forked(args, cwd=kwargs.get("cwd"), env=kwargs.get("env"), **others)
     return subprocess.Popen(args, **kwargs)
 
 
 def run(args: Any, *, cwd: Any = None, env: dict | None = None, capture_output: bool = False, text: bool = False,
         timeout: float | None = None, **kwargs: Any) -> subprocess.CompletedProcess:
     """subprocess.run, forked from the zygote when it can be (see the module's docstring)."""
-    if not (text and _forkable(args, env, kwargs)):  # bytes, or options beyond these: the real subprocess
+    if not (text and not kwargs and _forkable(args, env, {})):  # bytes, or other options: the real subprocess
         return subprocess.run(args, cwd=cwd, env=env, capture_output=capture_output, text=text, timeout=timeout, **kwargs)
     pipe = subprocess.PIPE if capture_output else None
     proc = Forked(args, cwd=cwd, env=env, stdout=pipe, stderr=pipe)

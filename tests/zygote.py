@@ -5,7 +5,7 @@ interpreter pays. Nothing here starts JAX's backend or a thread, so forking is s
 
 Protocol (one JSON object per line on stdin, one reply per line on stdout):
   {"op": "spawn", "argv": [...], "cwd": ..., "env": {...}, "stdout": path, "stderr": path} -> {"pid": N}
-  {"op": "poll", "pid": N} -> {"code": None | exit code (negative: killed by that signal)}
+  {"op": "poll", "pid": N} -> {"code": None | exit code (negative: killed by that signal), "cpu_s": its CPU seconds}
 """
 from __future__ import annotations
 
@@ -95,9 +95,9 @@ def main() -> None:
     for line in sys.stdin:
         req = json.loads(line)
         if req["op"] == "poll":
-            pid, status = os.waitpid(req["pid"], os.WNOHANG)
+            pid, status, usage = os.wait4(req["pid"], os.WNOHANG)
             code = None if pid == 0 else os.waitstatus_to_exitcode(status)
-            reply.write(json.dumps({"code": code}) + "\n")
+            reply.write(json.dumps({"code": code, "cpu_s": usage.ru_utime + usage.ru_stime if pid else 0.0}) + "\n")
             continue
         sys.stdout.flush()
         sys.stderr.flush()
