@@ -9,18 +9,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from parity.checks import synthetic_corpus
+from tests import tiny
 from tests.launch import cli
 
 pytestmark = pytest.mark.slow  # subprocesses / emulators / transformers: the full suite only
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--eval_iters=2",
-        "--eval_interval=4", "--log_interval=2", "--progress=false", "--plot=false"]
+TINY = [*tiny.TRAIN, "--eval_interval=4", "--log_interval=2", "--plot=false"]
 
 
 
@@ -29,7 +27,7 @@ TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_
 def work(tmp_path_factory) -> Path:
     """A folder with a prepared dataset `synth`, a 4-step run in out/run and a .pt of it."""
     w = tmp_path_factory.mktemp("cli")
-    (w / "corpus.txt").write_bytes(synthetic_corpus(20_000).astype(np.uint8).tobytes())
+    (w / "corpus.txt").write_bytes(tiny.corpus())
     cli("prepare", "text", "--input", "corpus.txt", "--name", "synth", cwd=w)
     cli("train", "--dataset=synth", "--out_dir=out/run", "--max_iters=4", *TINY, cwd=w)
     cli("convert", "out/run", "run.pt", cwd=w)

@@ -11,28 +11,22 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from jaxgpt.data import prepare_text
 from jaxgpt.platform import default_compile_cache
-from parity.rows import synthetic_corpus
-from tests import launch
+from tests import launch, tiny
 from tests.fault_proxy import FaultProxy
 from tests.gcs_emulator import Emulator, available
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(available() is not None, reason=f"the Cloud Storage emulator needs it: {available()}")]
 ROOT = Path(__file__).resolve().parents[1]
-FLAGS = ["--dataset=synth", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=8",
-         "--eval_iters=2", "--eval_interval=4", "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=16",
-         "--progress=false", "--keep_checkpoints=2"]
+FLAGS = ["--dataset=synth", *tiny.TRAIN, "--eval_interval=4", "--log_interval=1", "--keep_checkpoints=2"]
 
 
 def host_dir(root: Path, name: str) -> Path:
     """A 'host': its own working directory with its own local copy of the data."""
     d = root / name
-    prepare_text(synthetic_corpus(20_000).astype(np.uint8).tobytes(), d / "data" / "synth", "synthetic")
-    return d
+    return tiny.prepare(d)
 
 
 def env_for(gcs: Emulator, devices: int = 1) -> dict:
@@ -109,7 +103,7 @@ def test_a_run_on_gcs_writes_resumes_after_sigkill_and_sigterm_and_is_used_from_
 def test_data_on_gcs_is_copied_once_and_checked_by_hash(gcs, bucket, tmp_path):
     host = tmp_path / "host"
     host.mkdir()
-    (host / "corpus.txt").write_bytes(synthetic_corpus(20_000).astype(np.uint8).tobytes())
+    (host / "corpus.txt").write_bytes(tiny.corpus())
     env = {**env_for(gcs), "XDG_CACHE_HOME": str(tmp_path / "cache")}  # data cache only; compiled programs:
     compiled = f"--compile_cache={default_compile_cache()}"  # the session's
     prep = launch.run([sys.executable, str(ROOT / "scripts" / "prepare.py"), "text", "--input", "corpus.txt",

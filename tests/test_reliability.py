@@ -9,32 +9,27 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import torchref
 from formats.io import load_any
 from jaxgpt import GPTConfig, TrainConfig, UserError
-from jaxgpt.data import prepare_text
 from jaxgpt.rundir import read_metrics
 from jaxgpt.train import train
-from parity.checks import synthetic_corpus
-from tests import launch
+from tests import launch, tiny
 
 pytestmark = pytest.mark.slow  # subprocesses / emulators / transformers: the full suite only
 
 ROOT = Path(__file__).resolve().parents[1]
-FLAGS = ["--dataset=synth", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
-         "--eval_iters=2", "--eval_interval=4", "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=24",
-         "--max_iters=24", "--progress=false", "--plot=false", "--keep_checkpoints=2"]
+FLAGS = ["--dataset=synth", *tiny.TRAIN, "--eval_interval=4", "--log_interval=1", "--max_iters=24", "--plot=false",
+         "--keep_checkpoints=2"]
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     w = tmp_path_factory.mktemp("rel")
-    prepare_text(synthetic_corpus(20_000).astype(np.uint8).tobytes(), w / "data" / "synth", "synthetic")
-    return w
+    return tiny.prepare(w)
 
 
 def start(work: Path, out: str, *extra: str) -> subprocess.Popen:
@@ -104,7 +99,7 @@ def test_damaged_checkpoint_is_reported_and_skipped(work, reference):
 def test_sigterm_and_sigint_save_a_checkpoint_and_exit(work, sig, code):
     name = f"out/sig{code}"
     out = work / name
-    proc = start(work, name, "--max_iters=100000", "--lr_decay_iters=100000", "--eval_interval=1000")
+    proc = start(work, name, "--max_iters=100000", "--eval_interval=1000")
     wait_for_step(out / "metrics.jsonl", 3, proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)

@@ -16,7 +16,7 @@ import torchref
 from jaxgpt import GPTConfig
 from jaxgpt.data import prepare_text
 from parity.rows import synthetic_corpus
-from tests import launch
+from tests import launch, tiny
 
 pytestmark = pytest.mark.slow  # subprocesses / emulators / transformers: the full suite only
 
@@ -33,9 +33,8 @@ def work(tmp_path_factory) -> Path:
     """A 6-step jaxgpt run, a ckpt.pt saved by torchref's model, its .safetensors, a text file."""
     w = tmp_path_factory.mktemp("report")
     prepare_text(synthetic_corpus(10_000).astype(np.uint8).tobytes(), w / "data" / "synth", "synthetic")
-    proc = run(str(ROOT / "scripts" / "train.py"), "--dataset=synth", "--n_layer=1", "--n_head=2", "--n_embd=32",
-               "--block_size=16", "--batch_size=4", "--max_iters=6", "--eval_interval=3", "--eval_iters=1",
-               "--progress=false", "--plot=false", "--out_dir=run", cwd=w)
+    proc = run(str(ROOT / "scripts" / "train.py"), "--dataset=synth", *tiny.TRAIN, "--max_iters=6",
+               "--eval_interval=3", "--plot=false", "--out_dir=run", cwd=w)
     assert proc.returncode == 0, proc.stderr[-2000:]
     torch.manual_seed(0)
     sd = torchref.GPT(CFG).state_dict()

@@ -17,24 +17,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxgpt.data import prepare_text
 from jaxgpt.rundir import read_metrics
-from parity.rows import synthetic_corpus
-from tests import launch
+from tests import launch, tiny
 
 pytestmark = pytest.mark.slow  # subprocesses: the full suite only
 
 ROOT = Path(__file__).resolve().parents[1]
-FLAGS = ["--dataset=synth", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
-         "--eval_iters=2", "--eval_interval=8", "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=24",
-         "--max_iters=24", "--progress=false", "--plot=false"]
+FLAGS = ["--dataset=synth", *tiny.TRAIN, "--eval_interval=8", "--log_interval=1", "--max_iters=24", "--plot=false"]
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     w = tmp_path_factory.mktemp("track")
-    prepare_text(synthetic_corpus(20_000).astype(np.uint8).tobytes(), w / "data" / "synth", "synthetic")
-    return w
+    return tiny.prepare(w)
 
 
 def run(work: Path, *args: str, env: dict | None = None) -> subprocess.Popen:

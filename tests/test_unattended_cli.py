@@ -10,27 +10,21 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from jaxgpt.data import prepare_text
 from jaxgpt.lock import LOCK_FILE
 from jaxgpt.rundir import read_metrics
-from parity.rows import synthetic_corpus
-from tests import launch
+from tests import launch, tiny
 
 pytestmark = pytest.mark.slow  # subprocesses: the full suite only
 
 ROOT = Path(__file__).resolve().parents[1]
-FLAGS = ["--dataset=synth", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
-         "--eval_iters=2", "--eval_interval=8", "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=32",
-         "--max_iters=32", "--progress=false", "--plot=false"]
+FLAGS = ["--dataset=synth", *tiny.TRAIN, "--eval_interval=8", "--log_interval=1", "--max_iters=32", "--plot=false"]
 
 
 @pytest.fixture()
 def work(tmp_path) -> Path:
-    prepare_text(synthetic_corpus(20_000).astype(np.uint8).tobytes(), tmp_path / "data" / "synth", "synthetic")
-    return tmp_path
+    return tiny.prepare(tmp_path)
 
 
 def start(work: Path, *args: str) -> subprocess.Popen:
@@ -46,7 +40,7 @@ def one_error_line(proc: subprocess.Popen, timeout: float = 300) -> str:
 
 
 def test_a_second_run_in_the_same_folder_is_refused_and_the_first_finishes(work):
-    first = start(work, "--out_dir=out/x", "--max_iters=400", "--lr_decay_iters=400")
+    first = start(work, "--out_dir=out/x", "--max_iters=400")
     end = time.time() + 120
     while not (work / "out" / "x" / LOCK_FILE).exists() and time.time() < end:
         time.sleep(0.05)
