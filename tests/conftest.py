@@ -9,6 +9,7 @@ from pathlib import Path
 import jax
 import pytest
 from flax import nnx
+from hypothesis import settings
 
 from jaxgpt import GPT, GPTConfig
 from jaxgpt.platform import use_compile_cache
@@ -28,6 +29,12 @@ _PROGRAMS = Path(os.environ.get("JAXGPT_TEST_PROGRAMS", Path(__file__).parents[1
 if use_compile_cache(str(_PROGRAMS)) is None:
     use_compile_cache(None)  # an unwritable checkout: the session's cache, as before
 jax.config.update("jax_compilation_cache_max_size", 512 * 2**20)  # least recently used entries go first
+
+# Property tests draw the same examples every run (a suite's result and time must not depend on the
+# draw: a random config once cost one run 3 minutes); `--hypothesis-profile=explore` draws new ones.
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile("repeatable")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
