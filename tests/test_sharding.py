@@ -9,12 +9,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from jaxgpt.data import prepare_text
-from parity.checks import synthetic_corpus
-from tests import launch
+from tests import launch, tiny
 
 pytestmark = pytest.mark.slow  # subprocesses / emulators / transformers: the full suite only
 
@@ -31,8 +28,7 @@ def run_worker(*args: str, timeout: int = 240) -> dict:
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("shard")
-    prepare_text(synthetic_corpus(20_000).astype(np.uint8).tobytes(), root / "data" / "synth", "synthetic")
-    return str(root / "data")
+    return str(tiny.prepare(root) / "data")
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from jaxgpt import GPTConfig, TrainConfig, UserError, paths
-from jaxgpt.data import check_dataset, prepare_text, read_meta
+from jaxgpt.data import check_dataset, read_meta
 from jaxgpt.lock import LOCK_FILE, RunLock
 from jaxgpt.rundir import resolve_resume
-from parity.rows import synthetic_corpus
+from tests import tiny
 
 
 def _write_lock(folder: Path, **record) -> None:
@@ -58,8 +57,7 @@ def test_another_hosts_lock_is_stale_only_once_its_lease_lapsed(tmp_path):
 
 @pytest.fixture()
 def data(tmp_path) -> Path:
-    prepare_text(synthetic_corpus(20_000).astype(np.uint8).tobytes(), tmp_path / "data" / "synth", "synthetic")
-    return tmp_path / "data" / "synth"
+    return tiny.prepare(tmp_path) / "data" / "synth"
 
 
 def test_a_truncated_data_file_is_refused_with_the_remedy(data):
