@@ -146,16 +146,28 @@ class Engine:
         self.thread = threading.Thread(target=self._loop, name="jaxgpt-engine", daemon=True)
         self.thread.start()
 
-    def submit(self, job: Job) -> None:
-        check_sampling(job.temperature, job.top_k, job.top_p, self.vocab)
-        if job.max_tokens < 1 or len(job.prompt) < 1:
-            raise UserError("a request needs at least one prompt token and max_tokens >= 1")
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue all of a request's sequences or none (QueueFull): a refused request leaves nothing
+        behind. The queue holds up to max_queue sequences beyond the free slots; cancelled ones that
+        still wait are dropped first, so they never count against a new request."""
+        for job in jobs:
+            check_sampling(job.temperature, job.top_k, job.top_p, self.vocab)
+            if job.max_tokens < 1 or len(job.prompt) < 1:
+                raise UserError("a request needs at least one prompt token and max_tokens >= 1")
+        if len(jobs) > self.slots + self.max_queue:
+            raise UserError(f"the request asks for {len(jobs)} sequences; this server holds at most "
+                            f"{self.slots + self.max_queue} at once ({self.slots} slots + a queue of {self.max_queue})")
         with self.cv:
             if self.error is not None:
                 raise EngineDown(self.error)
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting already (the queue holds {self.max_queue})")
-            self.waiting.append(job)
+            for job in [j for j in self.waiting if j.cancelled]:
+                self.waiting.remove(job)
+                job.emit([], "cancelled")
+            room = self.max_queue + self.slots - len(self.jobs) - len(self.waiting)
+            if len(jobs) > room:
+                raise QueueFull(f"{len(self.waiting)} sequences are waiting for a slot and {len(self.jobs)} of "
+                                f"{self.slots} slots are busy; {len(jobs)} more do not fit the queue of {self.max_queue}")
+            self.waiting.extend(jobs)
             self.cv.notify()
 
     def stats(self) -> dict[str, Any]:

@@ -4,7 +4,7 @@
   python scripts/serve.py --checkpoint=HF_DIR --slots=32 --api_key=secret --host=0.0.0.0
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (a plain "role: content" template),
-GET /v1/models, GET /health. Any checkpoint generate.py reads (run folder, ckpt.pt, .safetensors,
+GET /v1/models, GET /health, and GET / (a playground page; --no_ui turns it off). Any checkpoint generate.py reads (run folder, ckpt.pt, .safetensors,
 Hugging Face folder; local or gs://). SIGTERM (or Ctrl-C) finishes the requests in flight, up to
 --shutdown_grace seconds, and exits.
 """
@@ -27,12 +27,20 @@ def main(argv: list[str]) -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--slots", type=int, default=16, help="sequences decoded together (KV-cache slots)")
     p.add_argument("--chunk", type=int, default=8, help="tokens per compiled decode call between admissions")
-    p.add_argument("--max_queue", type=int, default=64, help="requests allowed to wait for a slot; more get 429")
+    p.add_argument("--max_queue", type=int, default=64,
+                   help="sequences (each of a request's n choices and prompts is one) allowed to wait for a slot; a "
+                        "request whose sequences do not all fit gets 429 and leaves nothing queued")
     p.add_argument("--api_key", help="require 'Authorization: Bearer KEY' (default: $JAXGPT_API_KEY, else none)")
     p.add_argument("--model_name", help="the model id the API reports (default: the checkpoint's folder or file name)")
-    p.add_argument("--max_tokens", type=int, default=4096, help="largest max_tokens a request may ask for")
-    p.add_argument("--max_prompt_tokens", type=int, default=8192)
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take")
+    p.add_argument("--max_tokens", type=int, help="largest max_tokens a request may ask for (default: the model's "
+                   "block_size; past it every token recomputes its window)")
+    p.add_argument("--max_prompt_tokens", type=int, help="longest prompt in tokens (default: the model's block_size; a "
+                   "longer one, if allowed, is cropped to its last block_size tokens, as nanoGPT does)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take, streaming included")
+    p.add_argument("--max_connections", type=int, default=256, help="open connections at once; more get 503")
+    p.add_argument("--header_timeout", type=float, default=10.0,
+                   help="seconds a connection may take to send a request's headers")
+    p.add_argument("--no_ui", action="store_true", help="no playground page at GET /")
     p.add_argument("--shutdown_grace", type=float, default=10.0, help="seconds SIGTERM waits for requests in flight")
     p.add_argument("--target", help="with --compile_only: plan for this accelerator (as train.py --target: v5e-8, h100, ...)")
     p.add_argument("--compile_only", action="store_true",
@@ -43,41 +51,52 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if (args.target or args.json) and not args.compile_only:
         raise UserError("--target and --json go with --compile_only")
-    for name in ("slots", "chunk", "max_queue", "max_tokens", "max_prompt_tokens"):
-        if getattr(args, name) < 1:
+    for name in ("slots", "chunk", "max_queue", "max_tokens", "max_prompt_tokens", "max_connections"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not (args.timeout > 0 and args.header_timeout > 0):
+        raise UserError(f"--timeout and --header_timeout must be > 0, got {args.timeout} and {args.header_timeout}")
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in [1, 65535], got {args.port}")
     if args.compile_only:
         return plan_only(args)
     try:
+        import pydantic  # noqa: F401
         import uvicorn
     except ImportError:
-        raise UserError("serving needs starlette and uvicorn; pip install 'jaxgpt[serve]'") from None
+        raise UserError("serving needs starlette, uvicorn and pydantic; pip install 'jaxgpt[serve]'") from None
     cli.apply_compile_cache(args.compile_cache)
     from formats.io import load_any, need_tokenizer
     from jaxgpt import paths
     from jaxgpt.engine import Engine
-    from jaxgpt.server import Limits, Server, api_key_from
+    from jaxgpt.server import Limits, Server, api_key_from, http_config, is_loopback
 
     model, info = load_any(args.checkpoint, args.meta, args.which)
     tokenizer = need_tokenizer(model, info, args.checkpoint)
     name = args.model_name or paths.path(args.checkpoint).name.removesuffix(".safetensors").removesuffix(".pt") or "jaxgpt"
     engine = Engine(model, slots=args.slots, chunk=args.chunk, max_queue=args.max_queue)
     engine.warm_up()
-    limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, timeout_s=args.timeout)
-    app = Server(engine, tokenizer, name, api_key_from(args.api_key), limits).app()
+    block = model.config.block_size
+    limits = Limits(max_prompt_tokens=args.max_prompt_tokens or block, max_tokens=args.max_tokens or block,
+                    timeout_s=args.timeout)
+    key = api_key_from(args.api_key)
+    app = Server(engine, tokenizer, name, key, limits, ui=not args.no_ui).app()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     served = logging.getLogger("jaxgpt.serve")
     served.addHandler(handler)
     served.setLevel(logging.INFO)
     served.propagate = False
-    print(f"serving {name} (step {info.get('step')}, {model.config.n_layer} layers, block {model.config.block_size}) on "
-          f"http://{args.host}:{args.port}/v1 with {args.slots} slots{', API key required' if api_key_from(args.api_key) else ''}",
-          file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=args.shutdown_grace)
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    say(f"serving {name} (step {info.get('step')}, {model.config.n_layer} layers, block {block}) on "
+        f"http://{args.host}:{args.port}/v1 with {args.slots} slots{', API key required' if key else ''}; "
+        f"prompts up to {limits.max_prompt_tokens} tokens, max_tokens up to {limits.max_tokens}")
+    if limits.max_prompt_tokens > block:
+        say(f"note: prompts longer than {block} tokens are cropped to their last {block} (the model's context)")
+    if not is_loopback(args.host) and not key:
+        say(f"warning: {args.host} is reachable from other machines and no API key is set: anyone who can reach it can "
+            f"use it; set --api_key or JAXGPT_API_KEY")
+    config = http_config(app, args.host, args.port, args.max_connections, args.header_timeout, args.shutdown_grace)
     # uvicorn handles SIGTERM/SIGINT itself (graceful shutdown) and then re-raises the signal to the handler
     # that was there before it; a recording handler there makes a requested shutdown a clean exit 0.
     stopped_by: list[int] = []

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from jaxgpt import ByteTokenizer
-from jaxgpt.server import Choice, StopFilter
+from jaxgpt.textstream import Choice, Params, StopFilter
 from tests import launch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,8 +37,9 @@ def test_utf8_characters_and_stop_strings_are_never_sent_broken_or_retracted():
     right before the stop string even when it arrives split over chunks."""
     async def run() -> list[str]:
         loop = asyncio.get_running_loop()
-        params = {"max_tokens": 100, "temperature": 0.0, "top_k": None, "top_p": 1.0, "seed": 0, "n": 1}
-        choice = Choice(0, np.zeros(1, np.int32), params, ByteTokenizer(), ["世界!"], loop)
+        params = Params(max_tokens=100, temperature=0.0, top_k=None, top_p=1.0, n=1, seed=0, stream=False,
+                        stops=["世界!"], include_usage=False)
+        choice = Choice(0, np.zeros(1, np.int32), params, ByteTokenizer(), loop)
         for byte in "héllo 世界? 世界! tail".encode():
             choice.queue.put_nowait(([byte], None))
         choice.queue.put_nowait(([], "length"))
@@ -113,7 +114,8 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    s = Served(model_dir / "run", model_dir, "--slots=4", "--api_key=secret", "--model_name=tiny")
+    s = Served(model_dir / "run", model_dir, "--slots=4", "--api_key=secret", "--model_name=tiny",
+               "--max_tokens=4096", "--max_prompt_tokens=64")
     yield s
     code, err = s.stop()
     assert code == 0 and "Traceback" not in err, err[-3000:]
@@ -188,9 +190,9 @@ def test_a_disconnected_stream_frees_its_slot(server):
 
 
 @pytest.mark.parametrize("how, status, message", [
-    (dict(content=b"{not json"), 400, "not valid JSON"),
+    (dict(content=b"{not json", headers={"Content-Type": "application/json"}), 400, "not valid JSON"),
     (dict(json={"prompt": "x", "temperature": 5}), 400, "temperature"),
-    (dict(json={"prompt": "x", "n": 0}), 400, "n must be"),
+    (dict(json={"prompt": "x", "n": 0}), 400, "n: Input should be greater than or equal to 1"),
     (dict(json={"prompt": "x", "logprobs": 3}), 400, "logprobs is not supported"),
     (dict(json={"prompt": "x", "frobnicate": 1}), 400, "unsupported parameter"),
     (dict(json={"prompt": ""}, key="wrong"), 401, "API key"),
@@ -200,14 +202,15 @@ def test_a_disconnected_stream_frees_its_slot(server):
 def test_bad_requests_get_an_openai_error_and_the_server_lives_on(server, how, status, message):
     import httpx
     key = how.pop("key", "secret")
-    r = httpx.post(f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {key}"}, timeout=30, **how)
+    headers = {"Authorization": f"Bearer {key}", **how.pop("headers", {})}
+    r = httpx.post(f"{server.url}/v1/completions", headers=headers, timeout=30, **how)
     assert r.status_code == status and message in r.json()["error"]["message"], r.text
     assert server.health("secret")["status"] == "ok"
 
 
 def test_a_full_queue_answers_429_and_sigterm_exits_cleanly(model_dir):
     import httpx
-    s = Served(model_dir / "run", model_dir, "--slots=1", "--max_queue=1")
+    s = Served(model_dir / "run", model_dir, "--slots=1", "--max_queue=1", "--max_tokens=300")
     try:
         async def burst() -> list[int]:
             async with httpx.AsyncClient() as c:
