@@ -4,7 +4,9 @@ A `scripts/serve.py` process (the preset's model, random weights: speed does not
 loopback port, driven by streaming HTTP clients (httpx): one client alone; 16 clients at once (the
 aggregate tokens/s, and the time to first token under that load); time to first token for a short
 prompt with the server otherwise idle; and the server's resident memory over 1,000 requests.
-Each figure is min / median / max over `rounds`.
+Each figure is min / median / max over `rounds`. Before the server starts, the engine's compiled decode
+step is timed in this process at every width it runs (1, 2, 4, 8, 16 slots), inside block_size and past
+it: the ceiling any HTTP layer can reach is set there.
 """
 from __future__ import annotations
 
@@ -70,6 +72,43 @@ async def _clients(url: str, clients: int, requests_each: int, max_tokens: int, 
             "per_request_tokens_per_s": [r["tokens"] / r["total"] for r in results]}
 
 
+def decode_widths(cfg: Any, slots: int = 16, chunk: int = 8, calls: int = 4, repeats: int = 6,
+                  log: Callable[[str], None] = print) -> list[Figure]:
+    """ms per decode step of the engine's program at each width, every slot sampling at temperature 0.8
+    (as the clients below): `calls` chunks from a context of 1 token (inside) or block_size + 1 (past)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxgpt import engine as E
+    from jaxgpt.model import GPT
+
+    eng = E.Engine(GPT(cfg, rngs=nnx.Rngs(0)), slots=slots, chunk=chunk)
+    figures, width = [], 1
+    try:
+        while width <= slots:
+            rows = jnp.arange(width, dtype=jnp.int32)
+            sampling = (jnp.zeros((width, 2), jnp.uint32), jnp.full(width, 0.8, jnp.float32),
+                        jnp.full(width, cfg.vocab_size, jnp.int32), jnp.ones(width, jnp.float32), jnp.ones(width, bool))
+            for where, start in (("inside block_size", 1), ("past block_size", cfg.block_size + 1)):
+                times = []
+                for _ in range(repeats + 1):  # the first compiles
+                    ctx, n, j, cache = eng.carry
+                    eng.carry = (ctx, jnp.full_like(n, start), j, cache)
+                    t = time.perf_counter()
+                    for _ in range(calls):
+                        eng.carry, tokens = E._decode(eng.graphdef, eng.state, eng.carry, rows, *sampling, steps=chunk)
+                    jax.block_until_ready(tokens)
+                    times.append((time.perf_counter() - t) / (calls * chunk) * 1000)
+                figures.append(figure("serve", f"decode step, width {width}, {where}", times[1:], "ms",
+                                      f"{calls * chunk} tokens per slot, {repeats} repeats"))
+                log(f"  decode width {width:2d} {where}: {statistics.median(times[1:]):.3f} ms/step")
+            width *= 2
+    finally:
+        eng.close()
+    return figures
+
+
 def serve_figures(cfg: Any, rounds: int = 3, slots: int = 16, max_tokens: int = 256, memory_requests: int = 1000,
                   log: Callable[[str], None] = print) -> list[Figure]:
     from flax import nnx
@@ -87,7 +126,7 @@ def serve_figures(cfg: Any, rounds: int = 3, slots: int = 16, max_tokens: int = 
     env = {**os.environ, "XDG_CACHE_HOME": str(work / "cache")}
     log_file = open(work / "server.log", "w")  # a file, not a pipe: the server logs a line per request
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), f"--checkpoint={work / 'model.safetensors'}",
-                             f"--port={port}", f"--slots={slots}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                             f"--port={port}", f"--slots={slots}", f"--max_tokens={max_tokens}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=log_file, text=True)
     try:
         import httpx

@@ -143,8 +143,9 @@ def main(argv: list[str]) -> int:
                 log(f"generation, block {gen_cfg.block_size}:")
                 figures += bench.generation_figures(gen_cfg, gen, args.processes, args.recompute, args.threads, log)
         if "serve" in sections:
-            from benchmarks.serve import serve_figures
+            from benchmarks.serve import decode_widths, serve_figures
             log("serving:")
+            figures += decode_widths(cfg, log=log)
             figures += serve_figures(cfg, rounds=args.processes, log=log)
     context = {**info, "model": cfg.to_dict(), "batch_size": tc.batch_size, "accum": tc.gradient_accumulation_steps,
                "dtype": tc.dtype, "remat": tc.remat, "threads": args.threads or "all"}
