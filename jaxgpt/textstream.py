@@ -34,7 +34,8 @@ def _failure(s: str) -> list[int]:
 class StopFilter:
     """Text in, text out: holds back the end of the text while it could still begin a stop string,
     and stops at the first stop string to be completed (the text before it is emitted, the rest
-    dropped) — where generation would stop, however the text was split into pieces.
+    dropped; of two completed by the same character, the longer) — where generation would stop,
+    however the text was split into pieces.
 
     One matcher state per stop string (how much of it the text now ends with), advanced a character
     at a time: amortised O(1) per character and stop string, where searching the held-back text
@@ -51,16 +52,17 @@ class StopFilter:
         held = len(self.pending)
         text = self.pending + text
         for i in range(held, len(text)):
-            ch = text[i]
+            ch, done = text[i], 0
             for n, s in enumerate(self.stops):
                 k = self.state[n]
                 while k and s[k] != ch:
                     k = self.fail[n][k - 1]
-                k = k + 1 if s[k] == ch else 0
+                self.state[n] = k = k + 1 if s[k] == ch else 0
                 if k == len(s):
-                    self.stopped, self.pending = True, ""
-                    return text[:i + 1 - len(s)]
-                self.state[n] = k
+                    done = max(done, k)  # of the stops completed here, the longest starts first
+            if done:
+                self.stopped, self.pending = True, ""
+                return text[:i + 1 - done]
         keep = max(self.state, default=0)
         self.pending = text[len(text) - keep:] if keep else ""
         return text[:len(text) - keep]

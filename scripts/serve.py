@@ -39,7 +39,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take, streaming included")
     p.add_argument("--max_connections", type=int, default=256, help="open connections at once; more get 503")
     p.add_argument("--header_timeout", type=float, default=10.0,
-                   help="seconds a connection may take to send a request's headers")
+                   help="seconds a connection may take to send a request's headers (idle ones are closed then)")
+    p.add_argument("--body_timeout", type=float, default=30.0, help="seconds a request's body may take to arrive")
     p.add_argument("--no_ui", action="store_true", help="no playground page at GET /")
     p.add_argument("--shutdown_grace", type=float, default=10.0, help="seconds SIGTERM waits for requests in flight")
     p.add_argument("--target", help="with --compile_only: plan for this accelerator (as train.py --target: v5e-8, h100, ...)")
@@ -54,8 +55,9 @@ def main(argv: list[str]) -> int:
     for name in ("slots", "chunk", "max_queue", "max_tokens", "max_prompt_tokens", "max_connections"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if not (args.timeout > 0 and args.header_timeout > 0):
-        raise UserError(f"--timeout and --header_timeout must be > 0, got {args.timeout} and {args.header_timeout}")
+    for name in ("timeout", "header_timeout", "body_timeout"):
+        if not getattr(args, name) > 0:
+            raise UserError(f"--{name} must be > 0 seconds, got {getattr(args, name)}")
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in [1, 65535], got {args.port}")
     if args.compile_only:
@@ -71,6 +73,10 @@ def main(argv: list[str]) -> int:
     from jaxgpt.engine import Engine
     from jaxgpt.server import Limits, Server, api_key_from, http_config, is_loopback
 
+    key = api_key_from(args.api_key)
+    if not is_loopback(args.host) and not key:
+        print(f"warning: {args.host} is reachable from other machines and no API key is set: anyone who can reach it "
+              f"can use the model; set --api_key or JAXGPT_API_KEY", file=sys.stderr, flush=True)
     model, info = load_any(args.checkpoint, args.meta, args.which)
     tokenizer = need_tokenizer(model, info, args.checkpoint)
     name = args.model_name or paths.path(args.checkpoint).name.removesuffix(".safetensors").removesuffix(".pt") or "jaxgpt"
@@ -78,8 +84,7 @@ def main(argv: list[str]) -> int:
     engine.warm_up()
     block = model.config.block_size
     limits = Limits(max_prompt_tokens=args.max_prompt_tokens or block, max_tokens=args.max_tokens or block,
-                    timeout_s=args.timeout)
-    key = api_key_from(args.api_key)
+                    timeout_s=args.timeout, body_timeout_s=args.body_timeout)
     app = Server(engine, tokenizer, name, key, limits, ui=not args.no_ui).app()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
@@ -93,9 +98,6 @@ def main(argv: list[str]) -> int:
         f"prompts up to {limits.max_prompt_tokens} tokens, max_tokens up to {limits.max_tokens}")
     if limits.max_prompt_tokens > block:
         say(f"note: prompts longer than {block} tokens are cropped to their last {block} (the model's context)")
-    if not is_loopback(args.host) and not key:
-        say(f"warning: {args.host} is reachable from other machines and no API key is set: anyone who can reach it can "
-            f"use it; set --api_key or JAXGPT_API_KEY")
     config = http_config(app, args.host, args.port, args.max_connections, args.header_timeout, args.shutdown_grace)
     # uvicorn handles SIGTERM/SIGINT itself (graceful shutdown) and then re-raises the signal to the handler
     # that was there before it; a recording handler there makes a requested shutdown a clean exit 0.

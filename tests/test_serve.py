@@ -1,15 +1,11 @@
 """scripts/serve.py, started as a subprocess on a tiny model (loopback only) and driven by the official
 openai client: completions, streaming, n > 1, stop, seeds, models; a bounded load test where every
 request equals its solo run; disconnects, a full queue, bad inputs, SIGTERM. The text pipeline (UTF-8
-and stop-string holdback) is tested on its own first."""
+and stop-string holdback) is tested in test_textstream.py; the hardening in test_serve_limits.py."""
 from __future__ import annotations
 
 import asyncio
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,104 +13,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxgpt import ByteTokenizer
-from jaxgpt.textstream import Choice, Params, StopFilter
-from tests import launch
+from tests import launch, served
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_stop_filter_holds_back_a_possible_stop_prefix_and_cuts_at_the_stop():
-    f = StopFilter(["\n\n", "END"])
-    assert f.push("Hello\n") == "Hello" and f.push("World") == "\nWorld"
-    assert f.push(" E") == " " and f.push("N") == "" and f.push("Dgame") == "" and f.stopped
-    g = StopFilter(["abc"])
-    assert g.push("xxab") == "xx" and g.push("d") == "abd" and not g.stopped and g.flush() == ""
-
-
-def test_utf8_characters_and_stop_strings_are_never_sent_broken_or_retracted():
-    """Byte by byte through a choice's pipeline: every delta is whole characters, and the text stops
-    right before the stop string even when it arrives split over chunks."""
-    async def run() -> list[str]:
-        loop = asyncio.get_running_loop()
-        params = Params(max_tokens=100, temperature=0.0, top_k=None, top_p=1.0, n=1, seed=0, stream=False,
-                        stops=["世界!"], include_usage=False)
-        choice = Choice(0, np.zeros(1, np.int32), params, ByteTokenizer(), loop)
-        for byte in "héllo 世界? 世界! tail".encode():
-            choice.queue.put_nowait(([byte], None))
-        choice.queue.put_nowait(([], "length"))
-        out = [d async for d in choice.deltas()]
-        assert choice.finish == "stop" and choice.job.cancelled
-        return out
-    deltas = asyncio.run(run())
-    assert "".join(deltas) == "héllo 世界? "
-    assert all("\ufffd" not in d for d in deltas), deltas
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Served:
-    def __init__(self, checkpoint: Path, cwd: Path, *flags: str):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.TemporaryFile("w+")  # not a pipe: a line per request would fill it and block the server
-        # a real process (not tests/launch.py's fork): its memory is measured
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), f"--checkpoint={checkpoint}",
-                                      f"--port={self.port}", *flags], cwd=cwd, stdout=subprocess.DEVNULL,
-                                     stderr=self.log, text=True)
-        import httpx
-        deadline = time.time() + 300
-        while True:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code in (200, 401):
-                    return
-            except httpx.HTTPError:
-                pass
-            assert self.proc.poll() is None and time.time() < deadline, self.errors()[-3000:]
-            time.sleep(0.1)
-
-    def health(self, key: str | None = None) -> dict:
-        import httpx
-        return httpx.get(f"{self.url}/health", timeout=10, headers={"Authorization": f"Bearer {key}"} if key else {}).json()
-
-    def rss_mib(self) -> float:
-        line = next(ln for ln in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines() if ln.startswith("VmRSS:"))
-        return int(line.split()[1]) / 1024
-
-    def errors(self) -> str:
-        self.log.seek(0)
-        return self.log.read()
-
-    def stop(self) -> tuple[int, str]:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        return self.proc.returncode, self.errors()
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from flax import nnx
-
-    from formats.io import save_jaxgpt
-    from jaxgpt import GPT, GPTConfig
-
-    work = tmp_path_factory.mktemp("serve")
-    model = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0), rngs=nnx.Rngs(7))
-    save_jaxgpt(model, work / "run", {"step": 1, "tokenizer": ByteTokenizer()})
-    return work
+    return served.tiny_model(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    s = Served(model_dir / "run", model_dir, "--slots=4", "--api_key=secret", "--model_name=tiny",
+    s = served.Served(model_dir / "run", model_dir, "--slots=4", "--api_key=secret", "--model_name=tiny",
                "--max_tokens=4096", "--max_prompt_tokens=64")
     yield s
     code, err = s.stop()
@@ -210,7 +121,7 @@ def test_bad_requests_get_an_openai_error_and_the_server_lives_on(server, how, s
 
 def test_a_full_queue_answers_429_and_sigterm_exits_cleanly(model_dir):
     import httpx
-    s = Served(model_dir / "run", model_dir, "--slots=1", "--max_queue=1", "--max_tokens=300")
+    s = served.Served(model_dir / "run", model_dir, "--slots=1", "--max_queue=1", "--max_tokens=300")
     try:
         async def burst() -> list[int]:
             async with httpx.AsyncClient() as c:
