@@ -5,7 +5,8 @@ tokens into text (jaxgpt.textstream) and streams it. Every answer other than 200
 JSON error: 400 bad request, 401 wrong key, 404, 405, 408 body too slow, 413 body too large, 415 not
 JSON, 429 queue full, 500 unexpected (one line in the log, never a traceback), 503 engine down, 504
 timeout. The work of a request is bounded by the limits, not by what it asks for; a client that goes
-away or stops reading frees its slots. Chat completions use a plain template (CHAT_TEMPLATE).
+away or stops reading frees its slots (jaxgpt/http.py: the connections' deadlines). Chat completions
+use a plain template (CHAT_TEMPLATE).
 `GET /` is the playground page (playground.html), unless the server runs with --no_ui.
 """
 from __future__ import annotations
@@ -25,12 +26,13 @@ import numpy as np
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from jaxgpt.api import ApiError, ChatRequest, CompletionRequest, Sampling
 from jaxgpt.engine import Engine, EngineDown, QueueFull
 from jaxgpt.errors import UserError
+from jaxgpt.http import TimedStream
 from jaxgpt.textstream import Choice, Params
 
 log = logging.getLogger("jaxgpt.serve")
@@ -55,32 +57,10 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
-class _Stalled(Exception):
-    """The client stopped reading a stream past the request's deadline."""
-
-
-class TimedStream(StreamingResponse):
-    """A stream with a deadline on every send: a client that stops reading (the socket's buffers
-    fill and uvicorn waits for them to drain) cannot hold its slots past the request timeout."""
-
-    def __init__(self, content: AsyncIterator[str], deadline: float, name: str):
-        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self.deadline, self.name = deadline, name
-
-    async def stream_response(self, send: Any) -> None:
-        async def timed(message: Any) -> None:
-            try:
-                await asyncio.wait_for(send(message), max(self.deadline - time.perf_counter(), 0.001))
-            except asyncio.TimeoutError:
-                raise _Stalled from None
-        try:
-            await super().stream_response(timed)
-        except _Stalled:
-            log.warning("%s: the client stopped reading; stream closed at the request timeout", self.name)
-            await self.body_iterator.aclose()  # type: ignore[attr-defined]  # its finally cancels the jobs
-
-
 class Server:
+    """The endpoints: each reads its request, checks it against the limits and hands it to the
+    engine; a Reply answers. Every error on the way is an ApiError (guarded)."""
+
     def __init__(self, engine: Engine, tokenizer: Any, model_name: str, api_key: str | None, limits: Limits,
                  ui: bool = True):
         self.engine, self.tokenizer, self.model_name, self.api_key, self.limits = engine, tokenizer, model_name, api_key, limits
@@ -182,115 +162,10 @@ class Server:
             raise ApiError(400, str(e)) from None
         except EngineDown as e:
             raise ApiError(503, f"the engine stopped ({e}); restart the server", kind="server_error") from None
-        meta: dict[str, Any] = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}", "created": int(time.time()),
-                                "start": time.perf_counter(), "prompt_tokens": sum(len(x) for x in prompts), "first": None}
+        reply = Reply(self, choices, sum(len(x) for x in prompts), chat)
         if p.stream:
-            return TimedStream(self.stream(choices, meta, p, chat), meta["start"] + self.limits.timeout_s, meta["id"])
-        return await self.whole(request, choices, meta, chat)
-
-    async def whole(self, request: Request, choices: list[Choice], meta: dict, chat: bool) -> Response:
-        async def collect(choice: Choice) -> None:
-            async for _ in choice.deltas():
-                meta["first"] = meta["first"] or time.perf_counter()
-        gather = asyncio.gather(*(collect(c) for c in choices))
-        status = 200
-        try:
-            while not gather.done():
-                await asyncio.wait({gather}, timeout=0.1)
-                if not gather.done() and await request.is_disconnected():
-                    status = 499  # nginx's "client closed request": logged, never sent
-                    return Response(status_code=status)
-                if time.perf_counter() - meta["start"] > self.limits.timeout_s:
-                    status = 504
-                    raise ApiError(504, f"the request took longer than {self.limits.timeout_s:.0f} s", kind="timeout")
-            gather.result()
-            if any(c.finish == "error" for c in choices):
-                status = 503
-                raise ApiError(503, f"the engine stopped ({self.engine.stats()['status']}); restart the server",
-                               kind="server_error")
-        finally:
-            gather.cancel()
-            for choice in choices:
-                choice.job.cancel()
-            self.log_request(meta, choices, status)
-        usage = self.usage(meta, choices)
-        if chat:
-            items = [{"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
-                      "finish_reason": c.finish} for c in choices]
-            return JSONResponse({"id": meta["id"], "object": "chat.completion", "created": meta["created"],
-                                 "model": self.model_name, "choices": items, "usage": usage})
-        items = [{"text": c.text, "index": c.index, "logprobs": None, "finish_reason": c.finish} for c in choices]
-        return JSONResponse({"id": meta["id"], "object": "text_completion", "created": meta["created"],
-                             "model": self.model_name, "choices": items, "usage": usage})
-
-    async def stream(self, choices: list[Choice], meta: dict, p: Params, chat: bool) -> AsyncIterator[str]:
-        kind = "chat.completion.chunk" if chat else "text_completion"
-
-        def event(items: list[dict], **extra: Any) -> str:
-            return "data: " + json.dumps({"id": meta["id"], "object": kind, "created": meta["created"],
-                                          "model": self.model_name, "choices": items, **extra}) + "\n\n"
-
-        def item(index: int, text: str | None, finish: str | None, first: bool = False) -> dict:
-            if not chat:
-                return {"text": text or "", "index": index, "logprobs": None, "finish_reason": finish}
-            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
-            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-
-        merged: asyncio.Queue = asyncio.Queue()
-
-        async def pump(choice: Choice) -> None:
-            async for text in choice.deltas():
-                await merged.put((choice.index, text, None))
-            await merged.put((choice.index, None, choice.finish))
-        tasks = [asyncio.ensure_future(pump(c)) for c in choices]
-        finished, status = 0, 200
-        try:
-            for c in choices if chat else []:
-                yield event([item(c.index, None, None, first=True)])
-            while finished < len(choices):
-                left = self.limits.timeout_s - (time.perf_counter() - meta["start"])
-                try:
-                    index, text, finish = await asyncio.wait_for(merged.get(), timeout=max(left, 0.001))
-                except asyncio.TimeoutError:
-                    status = 504
-                    yield "data: " + json.dumps(ApiError(504, f"the request took longer than {self.limits.timeout_s:.0f} s",
-                                                         kind="timeout").body()) + "\n\n"
-                    break
-                if finish == "error":
-                    status = 503
-                    yield "data: " + json.dumps(ApiError(503, f"the engine stopped ({self.engine.stats()['status']})",
-                                                         kind="server_error").body()) + "\n\n"
-                    break
-                finished += finish is not None
-                meta["first"] = meta["first"] or (time.perf_counter() if finish is None else None)
-                yield event([item(index, None if chat and finish else text, finish)])
-            if p.include_usage and status == 200:
-                yield event([], usage=self.usage(meta, choices))
-            yield "data: [DONE]\n\n"
-        except Exception as e:  # the last resort inside a stream (its status is sent already): one line, no traceback
-            status = 500
-            log.error("%s: unexpected %s", meta["id"], _one_line(e))
-            yield "data: " + json.dumps(ApiError(500, "internal error; the server's log has the details",
-                                                 kind="server_error").body()) + "\n\n"
-        finally:  # a client that went away cancels its jobs: their slots free at the next chunk
-            for choice in choices:
-                choice.job.cancel()
-            for task in tasks:
-                task.cancel()
-            self.log_request(meta, choices, status)
-
-    def usage(self, meta: dict, choices: list[Choice]) -> dict[str, int]:
-        completion = sum(c.returned_tokens() for c in choices)
-        return {"prompt_tokens": meta["prompt_tokens"], "completion_tokens": completion,
-                "total_tokens": meta["prompt_tokens"] + completion}
-
-    def log_request(self, meta: dict, choices: list[Choice], status: int) -> None:
-        elapsed = time.perf_counter() - meta["start"]
-        tokens = sum(c.tokens for c in choices)
-        ttft = f"{(meta['first'] - meta['start']) * 1000:.0f} ms" if meta["first"] else "-"
-        log.info("%s %d: %d choice(s), %d prompt tokens, %d tokens, first token %s, %.0f tokens/s, %s", meta["id"], status,
-                 len(choices), meta["prompt_tokens"], tokens, ttft, tokens / max(elapsed, 1e-9),
-                 ",".join(sorted({c.finish or "cancelled" for c in choices})))
+            return TimedStream(reply.events(p.include_usage), reply.start + self.limits.timeout_s, reply.id)
+        return await reply.whole(request)
 
     # --- the application ---
     def authorized(self, request: Request) -> bool:
@@ -330,54 +205,127 @@ class Server:
         return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_allowed})
 
 
+class Reply:
+    """One request's answer: its choices, as one JSON object (whole) or as server-sent events."""
+
+    def __init__(self, server: Server, choices: list[Choice], prompt_tokens: int, chat: bool):
+        self.server, self.choices, self.prompt_tokens, self.chat = server, choices, prompt_tokens, chat
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
+        self.created, self.start = int(time.time()), time.perf_counter()
+        self.first: float | None = None  # when the first text was ready
+        self.timeout_s = server.limits.timeout_s
+
+    def too_slow(self) -> ApiError:
+        return ApiError(504, f"the request took longer than {self.timeout_s:.0f} s", kind="timeout")
+
+    def failure(self) -> ApiError | None:
+        """Why the request cannot end with a 200: too slow, or the engine failed."""
+        if time.perf_counter() - self.start > self.timeout_s:
+            return self.too_slow()
+        if any(c.finish == "error" for c in self.choices):
+            return ApiError(503, f"the engine stopped ({self.server.engine.stats()['status']}); restart the server",
+                            kind="server_error")
+        return None
+
+    async def whole(self, request: Request) -> Response:
+        async def collect(choice: Choice) -> None:
+            async for _ in choice.deltas():
+                self.first = self.first or time.perf_counter()
+        gather = asyncio.gather(*(collect(c) for c in self.choices))
+        status = 200
+        try:
+            while not gather.done():
+                await asyncio.wait({gather}, timeout=0.1)
+                if not gather.done() and await request.is_disconnected():
+                    status = 499  # nginx's "client closed request": logged, never sent
+                    return Response(status_code=status)
+                if (error := self.failure()) is not None and not gather.done():
+                    status = error.status
+                    raise error
+            gather.result()
+            if (error := self.failure()) is not None and error.status == 503:
+                status = error.status
+                raise error
+        finally:
+            gather.cancel()
+            for choice in self.choices:
+                choice.job.cancel()
+            self.log(status)
+        if self.chat:
+            items = [{"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
+                      "finish_reason": c.finish} for c in self.choices]
+        else:
+            items = [{"text": c.text, "index": c.index, "logprobs": None, "finish_reason": c.finish} for c in self.choices]
+        return JSONResponse({"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
+                             "created": self.created, "model": self.server.model_name, "choices": items,
+                             "usage": self.usage()})
+
+    def event(self, items: list[dict], **extra: Any) -> str:
+        return "data: " + json.dumps({"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                                      "created": self.created, "model": self.server.model_name, "choices": items,
+                                      **extra}) + "\n\n"
+
+    def item(self, index: int, text: str | None, finish: str | None, first: bool = False) -> dict:
+        if not self.chat:
+            return {"text": text or "", "index": index, "logprobs": None, "finish_reason": finish}
+        delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None and not finish else {})
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    async def events(self, include_usage: bool) -> AsyncIterator[str]:
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(choice: Choice) -> None:
+            async for text in choice.deltas():
+                await merged.put((choice.index, text, None))
+            await merged.put((choice.index, None, choice.finish))
+        tasks = [asyncio.ensure_future(pump(c)) for c in self.choices]
+        finished, status = 0, 200
+        try:
+            for c in self.choices if self.chat else []:
+                yield self.event([self.item(c.index, None, None, first=True)])
+            while finished < len(self.choices):
+                left = self.timeout_s - (time.perf_counter() - self.start)
+                try:
+                    index, text, finish = await asyncio.wait_for(merged.get(), timeout=max(left, 0.001))
+                    error = self.failure()
+                except asyncio.TimeoutError:
+                    error = self.too_slow()
+                if error is not None:
+                    status = error.status
+                    yield "data: " + json.dumps(error.body()) + "\n\n"
+                    break
+                finished += finish is not None
+                self.first = self.first or (time.perf_counter() if finish is None else None)
+                yield self.event([self.item(index, text, finish)])
+            if include_usage and status == 200:
+                yield self.event([], usage=self.usage())
+            yield "data: [DONE]\n\n"
+        except Exception as e:  # the last resort inside a stream (its status is sent already): one line, no traceback
+            status = 500
+            log.error("%s: unexpected %s", self.id, _one_line(e))
+            yield "data: " + json.dumps(ApiError(500, "internal error; the server's log has the details",
+                                                 kind="server_error").body()) + "\n\n"
+        finally:  # a client that went away cancels its jobs: their slots free at the next chunk
+            for choice in self.choices:
+                choice.job.cancel()
+            for task in tasks:
+                task.cancel()
+            self.log(status)
+
+    def usage(self) -> dict[str, int]:
+        completion = sum(c.returned_tokens() for c in self.choices)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}
+
+    def log(self, status: int) -> None:
+        elapsed = time.perf_counter() - self.start
+        tokens = sum(c.tokens for c in self.choices)
+        ttft = f"{(self.first - self.start) * 1000:.0f} ms" if self.first else "-"
+        log.info("%s %d: %d choice(s), %d prompt tokens, %d tokens, first token %s, %.0f tokens/s, %s", self.id, status,
+                 len(self.choices), self.prompt_tokens, tokens, ttft, tokens / max(elapsed, 1e-9),
+                 ",".join(sorted({c.finish or "cancelled" for c in self.choices})))
+
+
 def api_key_from(flag: str | None) -> str | None:
     """--api_key, else $JAXGPT_API_KEY, else none (open, on the address it binds)."""
     return flag or os.environ.get("JAXGPT_API_KEY") or None
-
-
-def is_loopback(host: str) -> bool:
-    """Whether binding `host` keeps the server on this machine."""
-    import ipaddress
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-def http_config(app: Starlette, host: str, port: int, max_connections: int, header_timeout_s: float,
-                grace_s: float) -> Any:
-    """uvicorn's settings for a server on a network: at most `max_connections` at once (more get 503),
-    idle keep-alive connections closed after 5 s, and a deadline for each request's headers, which
-    uvicorn lacks (a connection that sends nothing, or its headers a byte at a time, is closed after
-    `header_timeout_s`); the body's deadline is Limits.body_timeout_s."""
-    import uvicorn
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    class Protocol(H11Protocol):
-        def connection_made(self, transport: Any) -> None:
-            super().connection_made(transport)
-            self._deadline()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._deadline()
-
-        header_timer: asyncio.TimerHandle | None = None
-
-        def _deadline(self) -> None:
-            if self.header_timer is not None:
-                self.header_timer.cancel()
-            self.header_timer = self.loop.call_later(header_timeout_s, self._expire)
-
-        def _expire(self) -> None:
-            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
-                self.transport.close()  # no request is in progress: the next one's headers are late
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self.header_timer is not None:
-                self.header_timer.cancel()
-            super().connection_lost(exc)
-
-    return uvicorn.Config(app, host=host, port=port, http=Protocol, log_level="warning", access_log=False,
-                          limit_concurrency=max_connections, timeout_keep_alive=5,
-                          timeout_graceful_shutdown=grace_s)  # type: ignore[arg-type]

@@ -71,7 +71,8 @@ def main(argv: list[str]) -> int:
     from formats.io import load_any, need_tokenizer
     from jaxgpt import paths
     from jaxgpt.engine import Engine
-    from jaxgpt.server import Limits, Server, api_key_from, http_config, is_loopback
+    from jaxgpt.http import http_config, is_loopback
+    from jaxgpt.server import Limits, Server, api_key_from
 
     key = api_key_from(args.api_key)
     if not is_loopback(args.host) and not key:

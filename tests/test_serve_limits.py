@@ -307,7 +307,7 @@ def test_a_stream_send_that_blocks_past_the_deadline_closes_the_stream(caplog):
     them to drain: the deadline on every send ends the stream there, and closing the generator runs
     its cleanup (which cancels the request's jobs). Loopback buffers absorb megabytes, so this is
     shown with a send that never returns."""
-    from jaxgpt.server import TimedStream
+    from jaxgpt.http import TimedStream
 
     cleaned = []
 
