@@ -104,8 +104,12 @@ def _steps(graphdef: nnx.GraphDef, state: nnx.State, carry: Carry, keys: jax.Arr
         ctx, n, j, (kc, vc) = carry
         rows = jnp.arange(ctx.shape[0])
         newest = ctx[rows, jnp.minimum(n, bs) - 1]
-        cached, kc, vc = jax.vmap(one, in_axes=(0, 1, 1, 0), out_axes=(0, 1, 1))(newest, kc, vc,
-                                                                                  jnp.clip(n - 1, 0, bs - 1))
+        at = jnp.clip(n - 1, 0, bs - 1)
+        if model.config.pos_embedding == "learned":  # one batched step, each row at its own position
+            logits, (kc, vc) = model.decode(newest[:, None], (kc, vc), at)
+            cached = logits[:, 0]
+        else:  # RoPE's rolling cache: the one-position step, vmapped over the rows
+            cached, kc, vc = jax.vmap(one, in_axes=(0, 1, 1, 0), out_axes=(0, 1, 1))(newest, kc, vc, at)
         past = active & (n > bs)  # crop: the window of the last block_size tokens, run again
         windowed = jax.lax.cond(past.any(), lambda: model.last_logits(ctx).astype(cached.dtype),
                                 lambda: jnp.zeros_like(cached))

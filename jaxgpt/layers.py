@@ -135,6 +135,8 @@ class CausalSelfAttention(nnx.Module):
         k_all, v_all, layer = cache
         T, D, S = q.shape[1], q.shape[3], k_all.shape[3]
         kh, vh = (t.transpose(0, 2, 1, 3).astype(k_all.dtype)[None] for t in (k, v))  # (1, B, H, T, D)
+        if isinstance(pos, jax.Array) and pos.ndim == 1:  # one position per sequence (the server's slots)
+            return self._cached_rows(q, kh, vh, cache, pos)
         query = pos + jnp.arange(T)  # absolute positions of the new tokens
         if self.rope_base:
             last = pos + T - 1
@@ -152,6 +154,23 @@ class CausalSelfAttention(nnx.Module):
             keys = rope(keys, held - start, self.rope_base, axis=2)
             q = rope(q, query - start, self.rope_base, axis=1)
         att = jnp.einsum("bthd,bhsd->bhts", q, keys) / math.sqrt(D)
+        att = jax.nn.softmax(jnp.where(visible, att, -jnp.inf), axis=-1)
+        y = jnp.einsum("bhts,bhsd->bthd", att.astype(q.dtype), v_all[layer])
+        return y, (k_all, v_all, layer)
+
+    def _cached_rows(self, q: jax.Array, kh: jax.Array, vh: jax.Array, cache: LayerCache,
+                     pos: jax.Array) -> tuple[jax.Array, LayerCache]:
+        """_cached for one new token per sequence at its own position pos (B,) (learned positions):
+        each row's key and value are scattered into its slot, in place. vmapping the one-position
+        form over the rows instead made XLA:CPU transpose the whole stacked cache twice per token."""
+        k_all, v_all, layer = cache
+        if self.rope_base or q.shape[1] != 1:
+            raise ValueError("per-sequence positions take one token per sequence and learned positions")
+        rows, D, S = jnp.arange(q.shape[0]), q.shape[3], k_all.shape[3]
+        k_all = k_all.at[layer, rows, :, pos, :].set(kh[0, :, :, 0])
+        v_all = v_all.at[layer, rows, :, pos, :].set(vh[0, :, :, 0])
+        visible = jnp.arange(S)[None, None, None, :] <= pos[:, None, None, None]  # (B, 1, 1, S)
+        att = jnp.einsum("bthd,bhsd->bhts", q, k_all[layer]) / math.sqrt(D)
         att = jax.nn.softmax(jnp.where(visible, att, -jnp.inf), axis=-1)
         y = jnp.einsum("bhts,bhsd->bthd", att.astype(q.dtype), v_all[layer])
         return y, (k_all, v_all, layer)

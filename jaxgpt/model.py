@@ -85,7 +85,8 @@ class GPT(nnx.Module):
     def decode(self, idx: jax.Array, cache: KVCache, pos: jax.Array | int) -> tuple[jax.Array, KVCache]:
         """Cached forward for generation: the T tokens of idx are written into `cache` (from
         init_cache) at positions pos..pos+T-1 and attend to everything before them. One call
-        with the prompt is the prefill; then one call per new token. pos + T <= block_size
+        with the prompt is the prefill; then one call per new token. pos + T <= block_size.
+        pos may also be (B,), one position per sequence, for one token each (learned positions).
         (RoPE: any pos; the cache rolls, see layers.CausalSelfAttention._cached)."""
         logits, cache_out = self._forward(idx, cache=cache, pos=pos)
         assert cache_out is not None
@@ -133,7 +134,9 @@ class GPT(nnx.Module):
         # nnx.Embed returns its construction dtype (float32) whatever it holds, so cast back.
         dtype = self.wte.embedding.dtype
         tok = self.wte(idx)
-        x = (_add_positions(tok, self.wpe(pos + jnp.arange(T))) if self.wpe is not None else tok).astype(dtype)  # (B, T, C)
+        per_row = isinstance(pos, jax.Array) and pos.ndim == 1
+        positions = (pos[:, None] if per_row else pos) + jnp.arange(T)  # type: ignore[index]  # (T,); (B, T) per row
+        x = (_add_positions(tok, self.wpe(positions)) if self.wpe is not None else tok).astype(dtype)  # (B, T, C)
         x = self.drop(x, rngs=key_drop)
         graphdef, stacked = nnx.split(self.h)
 

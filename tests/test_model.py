@@ -115,3 +115,28 @@ def test_num_params_equals_nanogpt_printout_for_shakespeare_char():
     cfg = GPTConfig(block_size=256, vocab_size=65, n_layer=6, n_head=6, n_embd=384, bias=False)
     model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
     assert round(model.num_params() / 1e6, 2) == 10.65
+
+
+def test_decode_with_a_position_per_sequence_equals_each_sequence_decoded_alone():
+    """The server's batched step: one new token per sequence, each at its own position (B,), against
+    the same sequences decoded one at a time with a scalar position; a RoPE model refuses it."""
+    model = GPT(GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0), rngs=nnx.Rngs(3))
+    model.eval()
+    rng = np.random.default_rng(0)
+    prompts = [jnp.asarray(rng.integers(0, 256, (1, n)), jnp.int32) for n in (3, 7, 15)]
+    nxt = jnp.asarray(rng.integers(0, 256, (3, 1)), jnp.int32)
+    alone, caches = [], []
+    for i, p in enumerate(prompts):
+        _, cache = model.decode(p, model.init_cache(1), 0)
+        caches.append(cache)
+        alone.append(model.decode(nxt[i:i + 1], cache, p.shape[1]))
+    batch = tuple(jnp.concatenate([c[j] for c in caches], axis=1) for j in range(2))
+    logits, (k, v) = model.decode(nxt, batch, jnp.asarray([p.shape[1] for p in prompts]))
+    for i, (one_logits, (k1, v1)) in enumerate(alone):
+        np.testing.assert_allclose(logits[i], one_logits[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(k[:, i], k1[:, 0])
+        np.testing.assert_array_equal(v[:, i], v1[:, 0])
+    rope = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32, pos_embedding="rope"), rngs=nnx.Rngs(0))
+    rope.eval()
+    with pytest.raises(ValueError, match="learned positions"):
+        rope.decode(nxt, rope.init_cache(3), jnp.asarray([1, 2, 3]))
