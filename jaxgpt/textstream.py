@@ -49,6 +49,8 @@ class StopFilter:
     def push(self, text: str) -> str:
         if self.stopped:
             return ""
+        if not self.stops:
+            return text
         held = len(self.pending)
         text = self.pending + text
         for i in range(held, len(text)):
