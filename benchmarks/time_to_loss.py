@@ -69,19 +69,23 @@ def _evaluations(name: str, out_dir: Path, stdout: str) -> list[dict[str, Any]]:
     return [r for r in map(json.loads, lines) if "val_loss" in r and "eval_s" in r]
 
 
-def run_to_loss(name: str, flags: list[str], loss: float, work: Path, env: dict[str, str], tag: str) -> dict[str, Any]:
-    """One whole process until its first evaluation <= loss (or its last step)."""
+def run_to_loss(name: str, flags: list[str], loss: float, work: Path, env: dict[str, str], tag: str,
+                eval_below: float | None = None) -> dict[str, Any]:
+    """One whole process until its first evaluation <= loss (or its last step). `eval_below` (jaxgpt's
+    --eval_below) skips the evaluations while the train loss is above it; the run then fails loudly if its
+    first evaluation is already <= loss, since the step that first reached it was never evaluated."""
     out_dir = work / f"out-{tag}"
+    gate = [] if eval_below is None else [f"--eval_below={eval_below}"]
     launch = time.time()
-    proc = subprocess.run(_command(name, [*flags, f"--stop_loss={loss}"], out_dir), capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=7200)
+    proc = subprocess.run(_command(name, [*flags, *gate, f"--stop_loss={loss}"], out_dir), capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=7200)
     wall = time.time() - launch
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
     evals = _evaluations(name, out_dir, proc.stdout)
     shutil.rmtree(out_dir, ignore_errors=True)
     hit = next((r for r in evals if r["val_loss"] <= loss), None)
-    if "--eval_below" in " ".join(flags) and evals and evals[0]["val_loss"] <= loss:
+    if eval_below is not None and evals and evals[0]["val_loss"] <= loss:
         raise RuntimeError(f"{name}: its first evaluation (step {evals[0]['step']}) is already <= {loss}: the "
                            f"evaluation gate opened too late to find the first step; raise EVAL_GATE_MARGIN")
     last = evals[-1] if evals else {"step": 0, "val_loss": float("nan")}
@@ -157,9 +161,9 @@ def ablation(preset_flags: list[str], loss: float, seeds: list[int], eval_interv
             for name, extra in rows.items():
                 iters = [f"--max_iters={max_iters}"] if max_iters else []
                 flags = [*preset_flags, *data, "--eval_full=true", f"--eval_interval={eval_interval}", f"--seed={seed}",
-                         f"--eval_below={loss + EVAL_GATE_MARGIN}", *extra, *iters]
-                result = {**run_to_loss(f"jaxgpt {name}", flags, loss, work, env, f"{seed}"), "seed": seed,
-                          "flags": " ".join(extra + iters)}
+                         *extra, *iters]
+                result = {**run_to_loss(f"jaxgpt {name}", flags, loss, work, env, f"{seed}",
+                                        eval_below=loss + EVAL_GATE_MARGIN), "seed": seed, "flags": " ".join(extra + iters)}
                 runs[name].append(result)
                 records.append(result)
                 log(f"  seed {seed} {name}: " + (f"{result['seconds']:.1f} s, {result['steps']} steps" if result["reached"]
