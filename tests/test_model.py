@@ -119,24 +119,24 @@ def test_num_params_equals_nanogpt_printout_for_shakespeare_char():
 
 def test_decode_with_a_position_per_sequence_equals_each_sequence_decoded_alone():
     """The server's batched step: one new token per sequence, each at its own position (B,), against
-    the same sequences decoded one at a time with a scalar position; a RoPE model refuses it."""
+    the same sequences decoded one at a time with a scalar position; a RoPE model refuses it. One
+    prefill of 15 tokens serves every row: a row at position p sees only the cache's first p keys."""
     model = GPT(GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0), rngs=nnx.Rngs(3))
     model.eval()
+    graphdef, state = nnx.split(model)
+    decode = jax.jit(lambda state, idx, cache, pos: nnx.merge(graphdef, state).decode(idx, cache, pos))
     rng = np.random.default_rng(0)
-    prompts = [jnp.asarray(rng.integers(0, 256, (1, n)), jnp.int32) for n in (3, 7, 15)]
+    prompts = jnp.asarray(rng.integers(0, 256, (3, 15)), jnp.int32)
     nxt = jnp.asarray(rng.integers(0, 256, (3, 1)), jnp.int32)
-    alone, caches = [], []
-    for i, p in enumerate(prompts):
-        _, cache = model.decode(p, model.init_cache(1), 0)
-        caches.append(cache)
-        alone.append(model.decode(nxt[i:i + 1], cache, p.shape[1]))
-    batch = tuple(jnp.concatenate([c[j] for c in caches], axis=1) for j in range(2))
-    logits, (k, v) = model.decode(nxt, batch, jnp.asarray([p.shape[1] for p in prompts]))
-    for i, (one_logits, (k1, v1)) in enumerate(alone):
+    positions = jnp.asarray([3, 7, 15], jnp.int32)
+    _, cache = decode(state, prompts, model.init_cache(3), 0)
+    logits, (k, v) = decode(state, nxt, cache, positions)
+    for i in range(3):
+        one_logits, (k1, v1) = decode(state, nxt[i:i + 1], tuple(c[:, i:i + 1] for c in cache), positions[i])
         np.testing.assert_allclose(logits[i], one_logits[0], rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(k[:, i], k1[:, 0])
         np.testing.assert_array_equal(v[:, i], v1[:, 0])
     rope = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32, pos_embedding="rope"), rngs=nnx.Rngs(0))
     rope.eval()
     with pytest.raises(ValueError, match="learned positions"):
-        rope.decode(nxt, rope.init_cache(3), jnp.asarray([1, 2, 3]))
+        rope.decode(nxt, rope.init_cache(3), positions)
