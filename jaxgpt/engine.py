@@ -26,6 +26,7 @@ from flax import nnx
 
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT
+from jaxgpt.paths import describe
 from jaxgpt.sample import check_sampling, pick_rows, prompt_bucket, state_dtype
 
 
@@ -231,7 +232,7 @@ class Engine:
             self._serve()
         except Exception as e:  # a bug or the device failing: every request learns it, none hangs
             with self.cv:
-                self.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                self.error = describe(e, 200)
                 for job in [*self.jobs.values(), *self.waiting]:
                     job.emit([], "error")
                 self.jobs.clear()

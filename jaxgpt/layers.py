@@ -67,6 +67,14 @@ def rope(x: jax.Array, positions: jax.Array, base: float, axis: int) -> jax.Arra
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+def _attend(q: jax.Array, keys: jax.Array, values: jax.Array, visible: jax.Array) -> jax.Array:
+    """Cached attention: q (B, T, H, D) over keys and values (B, H, S, D), each query seeing the
+    positions `visible` (broadcast to (B, H, T, S)) allows -> (B, T, H, D)."""
+    att = jnp.einsum("bthd,bhsd->bhts", q, keys) / math.sqrt(q.shape[3])
+    att = jax.nn.softmax(jnp.where(visible, att, -jnp.inf), axis=-1)
+    return jnp.einsum("bhts,bhsd->bthd", att.astype(q.dtype), values)
+
+
 def attention_path(dropout_active: bool, kernel: str) -> str:
     """How a training or inference forward computes attention: 'explicit' (softmax written out)
     when attention dropout is active, since jax.nn.dot_product_attention has no dropout and the
@@ -133,7 +141,7 @@ class CausalSelfAttention(nnx.Module):
         computes exactly nanoGPT's crop (attention depends only on relative positions) without
         recomputing the window, and no angle ever exceeds the context. T > 1 only from pos 0."""
         k_all, v_all, layer = cache
-        T, D, S = q.shape[1], q.shape[3], k_all.shape[3]
+        T, S = q.shape[1], k_all.shape[3]
         kh, vh = (t.transpose(0, 2, 1, 3).astype(k_all.dtype)[None] for t in (k, v))  # (1, B, H, T, D)
         if isinstance(pos, jax.Array) and pos.ndim == 1:  # one position per sequence (the server's slots)
             return self._cached_rows(q, kh, vh, cache, pos)
@@ -153,10 +161,7 @@ class CausalSelfAttention(nnx.Module):
         if self.rope_base:
             keys = rope(keys, held - start, self.rope_base, axis=2)
             q = rope(q, query - start, self.rope_base, axis=1)
-        att = jnp.einsum("bthd,bhsd->bhts", q, keys) / math.sqrt(D)
-        att = jax.nn.softmax(jnp.where(visible, att, -jnp.inf), axis=-1)
-        y = jnp.einsum("bhts,bhsd->bthd", att.astype(q.dtype), v_all[layer])
-        return y, (k_all, v_all, layer)
+        return _attend(q, keys, v_all[layer], visible), (k_all, v_all, layer)
 
     def _cached_rows(self, q: jax.Array, kh: jax.Array, vh: jax.Array, cache: LayerCache,
                      pos: jax.Array) -> tuple[jax.Array, LayerCache]:
@@ -166,14 +171,11 @@ class CausalSelfAttention(nnx.Module):
         k_all, v_all, layer = cache
         if self.rope_base or q.shape[1] != 1:
             raise ValueError("per-sequence positions take one token per sequence and learned positions")
-        rows, D, S = jnp.arange(q.shape[0]), q.shape[3], k_all.shape[3]
+        rows, S = jnp.arange(q.shape[0]), k_all.shape[3]
         k_all = k_all.at[layer, rows, :, pos, :].set(kh[0, :, :, 0])
         v_all = v_all.at[layer, rows, :, pos, :].set(vh[0, :, :, 0])
         visible = jnp.arange(S)[None, None, None, :] <= pos[:, None, None, None]  # (B, 1, 1, S)
-        att = jnp.einsum("bthd,bhsd->bhts", q, k_all[layer]) / math.sqrt(D)
-        att = jax.nn.softmax(jnp.where(visible, att, -jnp.inf), axis=-1)
-        y = jnp.einsum("bhts,bhsd->bthd", att.astype(q.dtype), v_all[layer])
-        return y, (k_all, v_all, layer)
+        return _attend(q, k_all[layer], v_all[layer], visible), (k_all, v_all, layer)
 
     def last(self, x: jax.Array) -> jax.Array:
         """Attention output (B, 1, C) of the last position only; every position's keys and

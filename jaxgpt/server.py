@@ -33,6 +33,7 @@ from jaxgpt.api import ApiError, ChatRequest, CompletionRequest, Sampling
 from jaxgpt.engine import Engine, EngineDown, QueueFull
 from jaxgpt.errors import UserError
 from jaxgpt.http import TimedStream
+from jaxgpt.paths import describe
 from jaxgpt.textstream import Choice, Params
 
 log = logging.getLogger("jaxgpt.serve")
@@ -53,8 +54,9 @@ class Limits:
     body_timeout_s: float = 30.0  # the whole body must arrive within this
 
 
-def _one_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+def _sse(payload: dict) -> str:
+    """One server-sent event."""
+    return "data: " + json.dumps(payload) + "\n\n"
 
 
 class Server:
@@ -186,7 +188,7 @@ class Server:
                 log.info("%s %s: the client disconnected before sending its whole body", request.method, request.url.path)
                 return Response(status_code=400)
             except Exception as e:  # the last resort: one line in the log, a JSON 500 to the client
-                log.error("%s %s: unexpected %s", request.method, request.url.path, _one_line(e))
+                log.error("%s %s: unexpected %s", request.method, request.url.path, describe(e, 200))
                 return ApiError(500, "internal error; the server's log has the details", kind="server_error").response()
         return run
 
@@ -261,9 +263,8 @@ class Reply:
                              "usage": self.usage()})
 
     def event(self, items: list[dict], **extra: Any) -> str:
-        return "data: " + json.dumps({"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                                      "created": self.created, "model": self.server.model_name, "choices": items,
-                                      **extra}) + "\n\n"
+        return _sse({"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                     "created": self.created, "model": self.server.model_name, "choices": items, **extra})
 
     def item(self, index: int, text: str | None, finish: str | None, first: bool = False) -> dict:
         if not self.chat:
@@ -292,7 +293,7 @@ class Reply:
                     error = self.too_slow()
                 if error is not None:
                     status = error.status
-                    yield "data: " + json.dumps(error.body()) + "\n\n"
+                    yield _sse(error.body())
                     break
                 finished += finish is not None
                 self.first = self.first or (time.perf_counter() if finish is None else None)
@@ -302,9 +303,8 @@ class Reply:
             yield "data: [DONE]\n\n"
         except Exception as e:  # the last resort inside a stream (its status is sent already): one line, no traceback
             status = 500
-            log.error("%s: unexpected %s", self.id, _one_line(e))
-            yield "data: " + json.dumps(ApiError(500, "internal error; the server's log has the details",
-                                                 kind="server_error").body()) + "\n\n"
+            log.error("%s: unexpected %s", self.id, describe(e, 200))
+            yield _sse(ApiError(500, "internal error; the server's log has the details", kind="server_error").body())
         finally:  # a client that went away cancels its jobs: their slots free at the next chunk
             for choice in self.choices:
                 choice.job.cancel()

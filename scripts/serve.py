@@ -4,8 +4,8 @@
   python scripts/serve.py --checkpoint=HF_DIR --slots=32 --api_key=secret --host=0.0.0.0
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (a plain "role: content" template),
-GET /v1/models, GET /health, and GET / (a playground page; --no_ui turns it off). Any checkpoint generate.py reads (run folder, ckpt.pt, .safetensors,
-Hugging Face folder; local or gs://). SIGTERM (or Ctrl-C) finishes the requests in flight, up to
+GET /v1/models, GET /health, and GET / (a playground page; --no_ui turns it off). Any checkpoint
+generate.py reads (run folder, ckpt.pt, .safetensors, Hugging Face folder; local or gs://). SIGTERM (or Ctrl-C) finishes the requests in flight, up to
 --shutdown_grace seconds, and exits.
 """
 import argparse
