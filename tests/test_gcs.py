@@ -126,8 +126,9 @@ def test_data_on_gcs_is_copied_once_and_checked_by_hash(gcs, bucket, tmp_path):
 
 
 def test_storage_faults_are_retried_stalls_time_out_and_a_failed_save_keeps_the_last_checkpoint(gcs, bucket, tmp_path):
-    """Through a fault-injecting proxy in front of the emulator (loopback): (1) 15 % of requests answered
-    429/500/503 or dropped: the run completes, losses as without faults; (2) an endpoint that accepts
+    """Through a fault-injecting proxy in front of the emulator (loopback): (1) 6 % of requests answered
+    429/500/503 or dropped (~25 faults of every kind over the ~430 requests of an 8-step run; each costs a
+    client back-off of 1-2 s, so 15 % spent a minute waiting): the run completes, losses as without faults; (2) an endpoint that accepts
     connections but never answers: --resume ends in one line, within the timeouts, instead of hanging;
     (3) writes refused for good mid-run: one line naming the intact checkpoint, and --resume=auto
     continues from it once the storage answers again."""
@@ -142,10 +143,11 @@ def test_storage_faults_are_retried_stalls_time_out_and_a_failed_save_keeps_the_
     try:
         finish(train(host, gcs, "--max_iters=8", "--out_dir=out/clean"))
         clean = [(r["step"], r["train_loss"]) for r in map(json.loads, (host / "out/clean/metrics.jsonl").read_text().splitlines())]
-        proxy.set(fail=0.12, drop=0.03)
+        proxy.set(fail=0.045, drop=0.015)
         finish(start("--max_iters=8"), timeout=600)
         faults = {k: v for k, v in proxy.counts.items() if k != "requests"}
-        assert sum(faults.values()) >= 10, proxy.counts
+        kinds = {"status 429", "status 500", "status 503", "dropped"}
+        assert sum(faults.values()) >= 10 and kinds <= faults.keys(), proxy.counts
         assert [(s, loss) for s, loss, _ in metrics(gcs, run)] == clean and committed(gcs, run, 8)
 
         proxy.set(stall=1.0)
