@@ -151,8 +151,9 @@ def _to_global(a: np.ndarray, bsh: NamedSharding, batch_size: int) -> jax.Array:
 
 def _set_up(model_cfg: GPTConfig, tc: TrainConfig, out_dir: Any, tokenizer: Tokenizer | None,
             init_params: nnx.State | None) -> _Run:
-    """Check the data, lay out the mesh and samplers, compile the step (sizes first: nothing is
-    allocated unless the parameters, optimizer state and compiled step fit), then a fresh state."""
+    """Check the data, lay out the mesh and samplers, check the run folder, compile the step (sizes
+    first: nothing is allocated unless the parameters, optimizer state and compiled step fit), then a
+    fresh state."""
     data = dataset_dir(tc.data_dir, tc.dataset)
     data_meta = read_meta(data)
     check_dataset(data, data_meta)
@@ -179,14 +180,16 @@ def _set_up(model_cfg: GPTConfig, tc: TrainConfig, out_dir: Any, tokenizer: Toke
     abstract = abstract_train_state(model_cfg, tc, mesh)
     platform.check_state_fits(platform.bytes_per_device(abstract), "the parameters and optimizer state",
                               f"a smaller model, or shard them with --mesh_fsdp=N (N devices; now {tc.mesh_fsdp})")
+    # the run folder before the compile (minutes for a large model): writable, room for two
+    # checkpoints, and on many hosts the same folder for all of them
+    rundir.preflight(out_dir, sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(abstract)))
+    check_shared_folder(out_dir)
     x0, y0 = (_to_global(a, bsh, tc.batch_size) for a in samplers["train"].get(0))
     train_step, eval_graphdef, plat, memory = compile_train_step(model_cfg, tc, abstract, x0, y0, 0)
     _, _, state = init_state(model_cfg, tc, mesh, remat=plat.remat, attention=plat.attention)
     if init_params is not None and not tc.resume:  # fine-tuning: these weights, laid out like the fresh ones
         copy = lambda new, old: jax.device_put(np.asarray(new), old.sharding)  # noqa: E731  (the step donates it)
         state = TrainState(jax.tree.map(copy, init_params, state.params), state.opt_state)
-    rundir.preflight(out_dir, sum(a.nbytes for a in jax.tree.leaves(state)))
-    check_shared_folder(out_dir)
     return _Run(model_cfg, tc, out_dir, data, data_meta, identity, tokenizer, mesh, bsh, samplers, eval_samplers,
                 jax.process_index() == 0, train_step, eval_graphdef, plat, memory, state,
                 Checkpointer(out_dir, tc.keep_checkpoints))
