@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import secrets
 import shutil
 from dataclasses import replace
 from typing import Any
@@ -24,7 +25,9 @@ def preflight(out_dir: Any, checkpoint_bytes: int) -> None:
     paths.check_gcs(out_dir)
     try:
         paths.ensure_dir(out_dir)
-        probe = out_dir / f".write-test-{os.getpid()}"
+        # a name of its own on every host: on a pod, each host's trainer may have the same pid (containers),
+        # and one host's unlink must not remove another's probe from the shared bucket
+        probe = out_dir / f".write-test-{os.getpid()}-{secrets.token_hex(6)}"
         paths.write_bytes(probe, b"0" * 1024)
         probe.unlink()
     except OSError as e:
