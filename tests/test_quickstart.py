@@ -30,8 +30,11 @@ def _copy_checkout(dst: Path) -> None:
     """The files a fresh clone has: what git tracks, and new files it does not ignore (never the
     virtualenvs, data, runs or caches: CI's compile tier puts 7 GB of .venv-gpu / .venv-tpu beside the
     suite, and copying them was most of this test's time), tests/ left out."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, check=True).stdout.decode().split("\0")
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                                capture_output=True, check=True).stdout.decode().split("\0")
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("the quick-start test copies what git tracks: run it in a git checkout (with git installed)")
     for name in listed:
         src = ROOT / name
         if name and not name.startswith("tests/") and src.is_file():
