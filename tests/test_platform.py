@@ -116,18 +116,23 @@ step = compile_train_step(cfg, tc, state, x, x, 0)[0]
 for _ in range(8):
     state, m = step(state, x, x, 0)
 m["loss"].block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
-    state, m = step(state, x, x, 0)
-m["loss"].block_until_ready()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
+per_step = []  # three windows, the quietest counts: a busy host (CI compiles beside the suite) adds stray faults
+for _window in range(3):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        state, m = step(state, x, x, 0)
+    m["loss"].block_until_ready()
+    per_step.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+print(min(per_step))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the host allocator tuning is glibc (Linux) only")
 def test_tuned_host_allocator_stops_the_step_from_faulting_its_buffers_back_in():
     """The CPU preset without remat has 42 MiB of temporaries, one buffer per step: glibc mmaps
-    and unmaps it every step (page faults = its size / 4 KiB) unless tune_host_allocator ran."""
+    and unmaps it every step (page faults = its size / 4 KiB) unless tune_host_allocator ran. Each
+    process reports its quietest of three 10-step windows (measured here: untuned ~13,100 in every
+    window, tuned 0-0.1; one CI run under the compile tier's load once saw 1,858 in a single 20-step window)."""
     faults = {}
     for mode in ("untuned", "tuned"):
         proc = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, timeout=300, cwd=ROOT)
