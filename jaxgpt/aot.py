@@ -236,7 +236,7 @@ def plan_serving(model: Any, target: str | None, slots: int, chunk: int,
                                    bucket=cfg.block_size).compile()
     programs["prefill"] = figures(compiled, time.perf_counter() - t)
     report = _report(w, cfg, programs)
-    report["kv_cache_bytes"] = sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(cache))
+    report["kv_cache_bytes"] = platform.total_bytes(cache)
     return report
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import math
 import os
 import sys
 import warnings
@@ -198,11 +199,14 @@ def bytes_per_device(tree: Any) -> int:
     for leaf in jax.tree.leaves(tree):
         sharding = getattr(leaf, "sharding", None)
         shape = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
-        size = 1
-        for n in shape:
-            size *= int(n)
-        total += size * jnp.dtype(leaf.dtype).itemsize
+        total += math.prod(int(n) for n in shape) * jnp.dtype(leaf.dtype).itemsize
     return total
+
+
+def total_bytes(tree: Any) -> int:
+    """Bytes of a tree of arrays or ShapeDtypeStructs counted once, however sharded: what a checkpoint
+    or a KV cache holds in all."""
+    return sum(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree))
 
 
 def check_state_fits(state_bytes: int, what: str, remedies: str, device: jax.Device | None = None) -> None:

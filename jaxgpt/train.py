@@ -182,7 +182,7 @@ def _set_up(model_cfg: GPTConfig, tc: TrainConfig, out_dir: Any, tokenizer: Toke
                               f"a smaller model, or shard them with --mesh_fsdp=N (N devices; now {tc.mesh_fsdp})")
     # the run folder before the compile (minutes for a large model): writable, room for two
     # checkpoints, and on many hosts the same folder for all of them
-    rundir.preflight(out_dir, sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(abstract)))
+    rundir.preflight(out_dir, platform.total_bytes(abstract))
     check_shared_folder(out_dir)
     x0, y0 = (_to_global(a, bsh, tc.batch_size) for a in samplers["train"].get(0))
     train_step, eval_graphdef, plat, memory = compile_train_step(model_cfg, tc, abstract, x0, y0, 0)

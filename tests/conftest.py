@@ -47,9 +47,10 @@ def _prune(folder: Path, budget: int) -> None:
     entries = []
     for f in folder.iterdir():
         try:
-            entries.append((f.stat().st_mtime, f.stat().st_size, f))
-        except OSError:
+            st = f.stat()
+        except OSError:  # removed meanwhile
             continue
+        entries.append((st.st_mtime, st.st_size, f))
     total = sum(size for _, size, _ in entries)
     for _, size, f in sorted(entries, key=lambda e: e[0]):
         if total <= budget:
