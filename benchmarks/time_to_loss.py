@@ -1,6 +1,7 @@
 """Time to a target loss, as whole processes: `scripts/bench.py --time_to_loss=LOSS` (jaxgpt's recipes
 against nanoGPT's CPU recipe in plain PyTorch eager) and `--ablation` (each switch of the modern
-recipe on its own, over seeds).
+recipe on its own, over seeds), `--leave_one_out` (the recipe as shipped less one part) and `--recipes`
+(each recipe exactly as a user runs it).
 
 Every contender evaluates the *whole* val split (deterministic windows, jaxgpt.data.eval_windows,
 the same on both sides) every `eval_interval` steps and stops at the first evaluation at or below
@@ -22,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from benchmarks.harness import ROOT, Figure, figure
 
 # contender -> command-line flags on top of the preset ("pytorch" runs torchref.train)
@@ -42,6 +45,19 @@ ABLATION: dict[str, list[str]] = {
     "softcap 15": ["--logit_softcap=15"],
     "muon": ["--optimizer=muon"],
     "modern (full recipe)": ["--recipe=modern"],
+}
+# the leave-one-out ablation: the modern recipe as shipped with one part set back to nanoGPT's
+LEAVE_ONE_OUT: dict[str, list[str]] = {
+    "modern (full recipe)": [],
+    "- rope (learned positions)": ["--pos_embedding=learned"],
+    "- rmsnorm (layernorm)": ["--norm=layernorm"],
+    "- qk_norm": ["--qk_norm=false"],
+    "- relu2 (gelu)": ["--activation=gelu"],
+    "- untied head (tied)": ["--tie_embeddings=true"],
+    "- zero-init projections": ["--zero_init_proj=false"],
+    "- softcap": ["--logit_softcap=0"],
+    "- muon (adamw for all at the recipe's lr)": ["--optimizer=adamw"],
+    "- muon (adamw for all at nanoGPT's lr)": ["--optimizer=adamw", "--learning_rate=1e-3", "--min_lr=1e-4"],
 }
 
 
@@ -125,8 +141,9 @@ def _figures(section: str, runs: dict[str, list[dict[str, Any]]], loss: float, b
 
 
 def time_to_loss(preset_flags: list[str], loss: float, processes: int, eval_interval: int,
-                 log: Callable[[str], None] = print) -> list[Figure]:
-    """The CONTENDERS in alternation (the first rotating), `processes` rounds."""
+                 log: Callable[[str], None] = print, seeds: list[int] | None = None) -> list[Figure]:
+    """The CONTENDERS in alternation (the first rotating), `processes` rounds; with `seeds`, one round
+    per seed, every contender run with --seed=S."""
     work, env, data = _work()
     flags = [*preset_flags, *data, "--eval_full=true", f"--eval_interval={eval_interval}"]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in CONTENDERS}
@@ -134,12 +151,13 @@ def time_to_loss(preset_flags: list[str], loss: float, processes: int, eval_inte
         for name, extra in CONTENDERS.items():  # warm jaxgpt's compilation cache (untimed): the user's steady state
             if not name.startswith("pytorch"):
                 run_to_loss(name, [*flags, *extra], 100.0, work, env, "warm")
-        for r in range(processes):
+        rounds = [[f"--seed={s}"] for s in seeds] if seeds else [[] for _ in range(processes)]
+        for r, seed in enumerate(rounds):
             names = list(CONTENDERS)
             for name in names[r % len(names):] + names[:r % len(names)]:
-                result = run_to_loss(name, [*flags, *CONTENDERS[name]], loss, work, env, f"{r}")
+                result = run_to_loss(name, [*flags, *CONTENDERS[name], *seed], loss, work, env, f"{r}")
                 runs[name].append(result)
-                log(f"  round {r + 1}/{processes} {name}: " + (f"{result['seconds']:.1f} s, {result['steps']} steps"
+                log(f"  round {r + 1}/{len(rounds)} {name} {' '.join(seed)}: " + (f"{result['seconds']:.1f} s, {result['steps']} steps"
                     if result["reached"] else f"not reached, val {result['final_val_loss']:.4f}"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -174,44 +192,119 @@ def ablation(preset_flags: list[str], loss: float, seeds: list[int], eval_interv
     return _figures("ablation", runs, loss, "nanogpt"), records
 
 
-def recipes_as_run(preset_flags: list[str], processes: int, log: Callable[[str], None] = print) -> list[Figure]:
+def leave_one_out(preset_flags: list[str], seeds: list[int], log: Callable[[str], None] = print,
+                  only: list[str] | None = None) -> tuple[list[Figure], list[dict]]:
+    """Each LEAVE_ONE_OUT row for every seed: `scripts/train.py --recipe=modern` with one part set back, run
+    exactly as a user runs it (the recipe's own steps and its evaluations), one process each; its wall
+    clock and the whole val split's loss it prints at the end."""
+    import re
+
+    work, env, data = _work()
+    rows = {k: v for k, v in LEAVE_ONE_OUT.items() if not only or k in only}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in rows}
+    base = [sys.executable, str(ROOT / "scripts" / "train.py"), "--progress=false", *preset_flags, "--recipe=modern", *data]
+    try:
+        for extra in rows.values():  # each row's programs compiled once, untimed: a returning user's cache
+            subprocess.run([*base, *extra, f"--out_dir={work / 'warm'}", "--max_iters=2"], capture_output=True,
+                           cwd=ROOT, env=env, timeout=3600, check=True)
+            shutil.rmtree(work / "warm", ignore_errors=True)
+        for seed in seeds:
+            for name, extra in rows.items():
+                launch = time.time()
+                proc = subprocess.run([*base, *extra, f"--seed={seed}", f"--out_dir={work / 'out'}"], capture_output=True,
+                                      text=True, cwd=ROOT, env=env, timeout=7200)
+                wall = time.time() - launch
+                shutil.rmtree(work / "out", ignore_errors=True)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
+                whole = float(re.findall(r"whole val split ([0-9.]+)", proc.stdout.strip().splitlines()[-1])[0])
+                runs[name].append({"row": name, "flags": " ".join(extra), "seed": seed, "wall_s": wall, "val_loss_full": whole})
+                log(f"  seed {seed} {name}: {wall:.1f} s, whole val split {whole:.4f}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out = []
+    for name, rs in runs.items():
+        out.append(figure("leave one out", f"{name}: whole-split val loss", [r["val_loss_full"] for r in rs], "nats",
+                          "per seed " + ", ".join(f"{r['val_loss_full']:.4f}" for r in rs)))
+        out.append(figure("leave one out", f"{name}: wall clock", [r["wall_s"] for r in rs], "s"))
+    return out, [r for rs in runs.values() for r in rs]
+
+
+def _pytorch_whole_split(out_dir: Path, max_iters: int) -> float:
+    """torchref.train's final model (its ckpt.pt, saved at the last evaluation when it improved) scored on
+    the whole val split after its process has ended, so the timed command stays nanoGPT's own; nan when the
+    last evaluation did not improve (the file holds an earlier step)."""
+    import torch
+
+    from jaxgpt.config import GPTConfig
+    from jaxgpt.data import dataset_dir
+    from torchref.model import GPT
+    from torchref.train import full_split_loss
+
+    ckpt = torch.load(out_dir / "ckpt.pt", map_location="cpu", weights_only=True)
+    if ckpt["iter_num"] != max_iters:
+        return float("nan")
+    cfg = GPTConfig(**ckpt["model_args"])
+    model = GPT(cfg)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    data = dataset_dir(str(out_dir.parent / "data"), "shakespeare")
+    return full_split_loss(model, np.fromfile(data / "val.bin", dtype=np.uint8), cfg.block_size)
+
+
+def recipes_as_run(preset_flags: list[str], processes: int, log: Callable[[str], None] = print,
+                   seeds: list[int] | None = None) -> list[Figure]:
     """Each recipe run exactly as a user runs it — `scripts/train.py --preset=cpu [--recipe=modern]` and
     nanoGPT's CPU recipe in PyTorch eager (`python -m torchref.train --preset=cpu`) — as whole processes,
-    alternating: wall clock and the final val loss each prints (its own eval_iters-batch estimate)."""
+    alternating: wall clock, the final val loss each prints (its own eval_iters-batch estimate) and the
+    whole val split's (jaxgpt prints it; PyTorch's final model is scored after its process, untimed).
+    With `seeds`, one round per seed, every contender run with --seed=S."""
     import re
+
+    from jaxgpt.config import base_values
 
     work, env, data = _work()
     commands = {"pytorch nanogpt": [sys.executable, "-m", "torchref.train", *preset_flags, *data],
                 "jaxgpt nanogpt": [sys.executable, str(ROOT / "scripts" / "train.py"), "--progress=false", *preset_flags, *data],
                 "jaxgpt modern": [sys.executable, str(ROOT / "scripts" / "train.py"), "--progress=false", *preset_flags,
                                   "--recipe=modern", *data]}
-    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
+    preset = next(f.split("=", 1)[1] for f in preset_flags if f.startswith("--preset="))
+    rounds = [[f"--seed={s}"] for s in seeds] if seeds else [[] for _ in range(processes)]
+    runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in commands}
     try:
         for name, cmd in commands.items():  # jaxgpt's compilation cache warmed (untimed), as for a returning user
             if not name.startswith("pytorch"):
                 subprocess.run([*cmd, f"--out_dir={work / 'warm'}", "--max_iters=2"], capture_output=True, cwd=ROOT,
                                env=env, timeout=3600, check=True)
                 shutil.rmtree(work / "warm", ignore_errors=True)
-        for r in range(processes):
+        for r, seed in enumerate(rounds):
             names = list(commands)
             for name in names[r % len(names):] + names[:r % len(names)]:
                 launch = time.time()
                 out_dir = work / f"out-{r}-{name.replace(' ', '-')}"
-                proc = subprocess.run([*commands[name], f"--out_dir={out_dir}"], capture_output=True,
+                proc = subprocess.run([*commands[name], *seed, f"--out_dir={out_dir}"], capture_output=True,
                                       text=True, cwd=ROOT, env=env, timeout=7200)
                 wall = time.time() - launch
                 if proc.returncode != 0:
                     raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
-                found = re.findall(r"val (?:loss )?([0-9.]+)", proc.stdout.strip().splitlines()[-1]) if name.startswith("jaxgpt") \
-                    else re.findall(r"val ([0-9.]+)", [ln for ln in proc.stdout.splitlines() if ", val " in ln][-1])
-                runs[name].append((wall, float(found[0])))
-                log(f"  round {r + 1}/{processes} {name}: {wall:.1f} s, final val loss {found[0]}")
+                if name.startswith("jaxgpt"):
+                    last = proc.stdout.strip().splitlines()[-1]
+                    estimate, whole = float(re.findall(r"val loss ([0-9.]+)", last)[0]), \
+                        float(re.findall(r"whole val split ([0-9.]+)", last)[0])
+                else:
+                    estimate = float(re.findall(r"val ([0-9.]+)", [ln for ln in proc.stdout.splitlines() if ", val " in ln][-1])[0])
+                    whole = _pytorch_whole_split(out_dir, base_values(preset)["max_iters"])
+                runs[name].append((wall, estimate, whole))
+                log(f"  round {r + 1}/{len(rounds)} {name} {' '.join(seed)}: {wall:.1f} s, final val loss {estimate:.4f} "
+                    f"(whole split {whole:.4f})")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = []
     for name, rs in runs.items():
-        out.append(figure("recipes as run", f"{name}: wall clock", [w for w, _ in rs], "s"))
-        out.append(figure("recipes as run", f"{name}: final val loss", [v for _, v in rs], "nats", "its own estimate"))
+        out.append(figure("recipes as run", f"{name}: wall clock", [w for w, _, _ in rs], "s"))
+        out.append(figure("recipes as run", f"{name}: final val loss", [v for _, v, _ in rs], "nats", "its own estimate"))
+        out.append(figure("recipes as run", f"{name}: final val loss, whole split", [v for _, _, v in rs], "nats",
+                          "every seed: " + ", ".join(f"{v:.4f}" for _, _, v in rs)))
     base = runs["pytorch nanogpt"]
     for name in ("jaxgpt nanogpt", "jaxgpt modern"):
         out.append(figure("recipes as run", f"{name} / pytorch nanogpt wall clock",

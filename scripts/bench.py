@@ -9,6 +9,8 @@ contender runs in fresh processes, alternating; figures are min / median / max o
   python scripts/bench.py --preset=cpu --time_to_loss=1.8857 --processes=3   # seconds to a val loss: recipes vs PyTorch
   python scripts/bench.py --preset=cpu --time_to_loss=1.8857 --ablation --seeds=1337,1338,1339 --eval_every=50   # each switch alone
   python scripts/bench.py --preset=cpu --recipes --processes=3    # each recipe exactly as run: wall clock, val loss
+  python scripts/bench.py --preset=cpu --recipes --seeds=1337,1338,1339   # the same, a round per seed
+  python scripts/bench.py --preset=cpu --leave_one_out --seeds=1337,1338,1339   # the recipe less one part at a time
   python scripts/bench.py --preset=cpu --sections=serve --processes=3     # the server: 1 vs 16 clients, first token
   python scripts/bench.py --validate                              # on a GPU/TPU host: the checklist
   python scripts/bench.py --plans                                 # compiled plans for v5e-8, v6e-8, h100x8 (.ci/aot's venvs)
@@ -58,7 +60,10 @@ def main(argv: list[str]) -> int:
     b.add_argument("--recipes", action="store_true",
                    help="train.py --recipe=nanogpt and =modern against nanoGPT's recipe in PyTorch, each run exactly as "
                         "a user runs it: whole-process wall clock and final val loss")
-    b.add_argument("--seeds", default="1337", help="--ablation: comma-separated seeds (default: %(default)s)")
+    b.add_argument("--leave_one_out", action="store_true",
+                   help="the modern recipe as run with one part at a time set back to nanoGPT's, over --seeds")
+    b.add_argument("--seeds", default="", help="comma-separated seeds: --ablation and --leave_one_out (default 1337), "
+                                              "--time_to_loss and --recipes (a round per seed instead of --processes)")
     b.add_argument("--rows", default="", help="--ablation: comma-separated rows of benchmarks.time_to_loss.ABLATION "
                                               "(default: all); --plans: rows whose name contains one of these")
     b.add_argument("--eval_every", type=int, default=50, help="--time_to_loss: steps between evaluations (default: %(default)s)")
@@ -91,9 +96,21 @@ def main(argv: list[str]) -> int:
 
     from benchmarks import harness as bench  # heavy imports after argument checks
     info = bench.machine()
-    if args.recipes:
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    except ValueError:
+        raise UserError(f"--seeds must be comma-separated integers like 1337,1338, got {args.seeds!r}") from None
+    if args.leave_one_out:
         from benchmarks import time_to_loss as ttl
-        figures = ttl.recipes_as_run([f"--preset={args.preset}"], args.processes, log)
+        rows = [r.strip() for r in args.rows.split(",") if r.strip()] or None
+        if unknown_rows := set(rows or []) - set(ttl.LEAVE_ONE_OUT):
+            raise UserError(f"unknown --rows {sorted(unknown_rows)}; choose from {list(ttl.LEAVE_ONE_OUT)}")
+        figures, records = ttl.leave_one_out([f"--preset={args.preset}"], seeds or [1337], log, only=rows)
+        for record in records:
+            print(json.dumps({"run": record}))
+    elif args.recipes:
+        from benchmarks import time_to_loss as ttl
+        figures = ttl.recipes_as_run([f"--preset={args.preset}"], args.processes, log, seeds)
     elif args.time_to_loss is not None:
         from benchmarks import time_to_loss as ttl
         preset_flags = [f"--preset={args.preset}"] + [f"--{k}={v}" for k, v in explicit_flags(args, GPTConfig).items()]
@@ -101,12 +118,12 @@ def main(argv: list[str]) -> int:
             rows = [r.strip() for r in args.rows.split(",") if r.strip()] or None
             if unknown_rows := set(rows or []) - set(ttl.ABLATION):
                 raise UserError(f"unknown --rows {sorted(unknown_rows)}; choose from {list(ttl.ABLATION)}")
-            figures, records = ttl.ablation(preset_flags, args.time_to_loss, [int(s) for s in args.seeds.split(",")],
+            figures, records = ttl.ablation(preset_flags, args.time_to_loss, seeds or [1337],
                                             args.eval_every, args.max_iters, log, only=rows)
             for record in records:
                 print(json.dumps({"run": record}))
         else:
-            figures = ttl.time_to_loss(preset_flags, args.time_to_loss, args.processes, args.eval_every, log)
+            figures = ttl.time_to_loss(preset_flags, args.time_to_loss, args.processes, args.eval_every, log, seeds)
     elif args.ablation:
         raise UserError("--ablation needs --time_to_loss=LOSS (the loss each run must reach)")
     elif args.validate:

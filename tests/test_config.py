@@ -57,7 +57,7 @@ def test_recipe_composes_with_the_preset_and_explicit_flags_win():
     base = base_values(args.preset, args.recipe)
     model, train = build(GPTConfig, args, base), build(TrainConfig, args, base)
     assert (model.n_layer, model.n_embd, model.block_size) == (4, 128, 64)  # the cpu preset's model
-    assert (train.batch_size, train.max_iters) == (16, 200)  # the recipe's own batch and schedule at this preset
+    assert (train.batch_size, train.max_iters, train.warmup_iters) == (24, 150, 15)  # the recipe's own batch and schedule here
     assert model.pos_embedding == "rope" and model.norm == "rmsnorm" and not model.qk_norm  # recipe, then the flag
     assert train.optimizer == "muon" and train.muon_lr == 0.03 and train.recipe == "modern"
     assert base_values("cpu", "nanogpt") == PRESETS["cpu"]  # the default recipe changes nothing

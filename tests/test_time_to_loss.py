@@ -36,3 +36,34 @@ def test_the_gate_is_passed_on_and_a_first_evaluation_already_under_the_target_i
     # without a gate every step is evaluated: a first evaluation under the target is simply the answer
     result = ttl.run_to_loss("jaxgpt", ["--preset=cpu"], 1.9, tmp_path, {}, "c")
     assert not any(a.startswith("--eval_below") for a in seen[-1]) and result["steps"] == 50
+
+
+def _parsed(flags: list[str]) -> tuple:
+    from jaxgpt.config import GPTConfig, TrainConfig, base_values, build, make_parser
+
+    args = make_parser("t", GPTConfig, TrainConfig, presets=True).parse_args(["--preset=cpu", "--recipe=modern", *flags])
+    base = base_values(args.preset, args.recipe)
+    return build(GPTConfig, args, base), build(TrainConfig, args, base)
+
+
+def test_each_leave_one_out_row_sets_exactly_one_part_of_the_recipe_back_and_every_part_has_a_row():
+    import dataclasses
+
+    from jaxgpt.config import RECIPES, GPTConfig, TrainConfig
+
+    recipe_model, recipe_train = _parsed([])
+    nanogpt = {**dataclasses.asdict(GPTConfig()), **dataclasses.asdict(TrainConfig())}
+    undone = set()
+    for name, flags in ttl.LEAVE_ONE_OUT.items():
+        model, train = _parsed(flags)
+        changed = {k for obj, ref in ((model, recipe_model), (train, recipe_train))
+                   for k, v in dataclasses.asdict(obj).items() if v != getattr(ref, k)}
+        assert len(changed) == len(flags), f"{name}: {flags} changed {changed}"
+        for k in changed:
+            assert getattr(model if hasattr(model, k) else train, k) == nanogpt[k], f"{name}: {k} is not nanoGPT's"
+        undone |= changed
+    # every model switch of the recipe and its optimizer is left out by some row (learning rates and momenta
+    # are settings of an optimizer, not parts of their own), and no row sets back what the recipe does not set
+    parts = {k for k in RECIPES["modern"] if k in GPTConfig.__dataclass_fields__} | {"optimizer"}
+    assert parts <= undone, f"parts of the recipe without a row: {parts - undone}"
+    assert undone <= set(RECIPES["modern"]), f"rows changing what the recipe does not set: {undone - set(RECIPES['modern'])}"
