@@ -131,12 +131,13 @@ def _figures(section: str, runs: dict[str, list[dict[str, Any]]], loss: float, b
         else:
             out.append(figure(section, f"{name}: val loss at its last step", ([r["final_val_loss"] for r in rs]),
                               "nats", note))
-    if base is not None and runs.get(base) and all(r["reached"] for r in runs[base]):
-        for name, rs in runs.items():
-            pairs = [(a["seconds"], b["seconds"]) for a, b in zip(rs, runs[base], strict=True) if a["reached"]]
+    if base is not None and runs.get(base):
+        for name, rs in runs.items():  # per round (seed), where both sides reached the loss
+            pairs = [(a["seconds"], b["seconds"]) for a, b in zip(rs, runs[base], strict=True) if a["reached"] and b["reached"]]
             if name != base and pairs:
+                left = "" if len(pairs) == len(rs) else f" (in the other {len(rs) - len(pairs)} a side never reached {loss})"
                 out.append(figure(section, f"{name} / {base} seconds", ([a / b for a, b in pairs]), "x",
-                                  f"{len(pairs)} rounds, per-round ratio"))
+                                  f"{len(pairs)} of {len(rs)} rounds, per-round ratio{left}"))
     return out
 
 

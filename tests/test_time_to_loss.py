@@ -67,3 +67,13 @@ def test_each_leave_one_out_row_sets_exactly_one_part_of_the_recipe_back_and_eve
     parts = {k for k in RECIPES["modern"] if k in GPTConfig.__dataclass_fields__} | {"optimizer"}
     assert parts <= undone, f"parts of the recipe without a row: {parts - undone}"
     assert undone <= set(RECIPES["modern"]), f"rows changing what the recipe does not set: {undone - set(RECIPES['modern'])}"
+
+
+def test_ratios_are_per_round_and_a_round_where_the_base_never_reached_the_loss_is_left_out():
+    def run(reached: bool, seconds: float) -> dict:
+        return {"reached": reached, "seconds": seconds if reached else None, "steps": 100 if reached else None,
+                "final_val_loss": 1.8 if reached else 1.9}
+    runs = {"base": [run(True, 100.0), run(False, 0), run(True, 80.0)],
+            "fast": [run(True, 20.0), run(True, 25.0), run(True, 20.0)]}
+    ratio = next(f for f in ttl._figures("t", runs, 1.85, "base") if f.name == "fast / base seconds")
+    assert (ratio.low, ratio.high) == (0.2, 0.25) and "2 of 3 rounds" in ratio.note and "never reached" in ratio.note
