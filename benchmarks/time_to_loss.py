@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -118,6 +119,23 @@ def _work() -> tuple[Path, dict[str, str], list[str]]:
     return work, {**os.environ, "XDG_CACHE_HOME": str(work / "cache")}, [f"--data_dir={work / 'data'}"]
 
 
+def _rounds(processes: int, seeds: list[int] | None) -> list[list[str]]:
+    """The extra flags of each round: one round per seed (--seed=S), or `processes` rounds of the preset's seed."""
+    return [[f"--seed={s}"] for s in seeds] if seeds else [[] for _ in range(processes)]
+
+
+def _warm(command: list[str], work: Path, env: dict[str, str]) -> None:
+    """Run `command` for two steps, untimed, so its programs are in the compilation cache: a returning user's state."""
+    subprocess.run([*command, f"--out_dir={work / 'warm'}", "--max_iters=2"], capture_output=True, cwd=ROOT, env=env,
+                   timeout=3600, check=True)
+    shutil.rmtree(work / "warm", ignore_errors=True)
+
+
+def _whole_split(stdout: str) -> float:
+    """The whole val split's loss train.py prints on its last line."""
+    return float(re.findall(r"whole val split ([0-9.]+)", stdout.strip().splitlines()[-1])[0])
+
+
 def _figures(section: str, runs: dict[str, list[dict[str, Any]]], loss: float, base: str | None) -> list[Figure]:
     out = []
     for name, rs in runs.items():
@@ -152,7 +170,7 @@ def time_to_loss(preset_flags: list[str], loss: float, processes: int, eval_inte
         for name, extra in CONTENDERS.items():  # warm jaxgpt's compilation cache (untimed): the user's steady state
             if not name.startswith("pytorch"):
                 run_to_loss(name, [*flags, *extra], 100.0, work, env, "warm")
-        rounds = [[f"--seed={s}"] for s in seeds] if seeds else [[] for _ in range(processes)]
+        rounds = _rounds(processes, seeds)
         for r, seed in enumerate(rounds):
             names = list(CONTENDERS)
             for name in names[r % len(names):] + names[:r % len(names)]:
@@ -198,17 +216,13 @@ def leave_one_out(preset_flags: list[str], seeds: list[int], log: Callable[[str]
     """Each LEAVE_ONE_OUT row for every seed: `scripts/train.py --recipe=modern` with one part set back, run
     exactly as a user runs it (the recipe's own steps and its evaluations), one process each; its wall
     clock and the whole val split's loss it prints at the end."""
-    import re
-
     work, env, data = _work()
     rows = {k: v for k, v in LEAVE_ONE_OUT.items() if not only or k in only}
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in rows}
     base = [sys.executable, str(ROOT / "scripts" / "train.py"), "--progress=false", *preset_flags, "--recipe=modern", *data]
     try:
-        for extra in rows.values():  # each row's programs compiled once, untimed: a returning user's cache
-            subprocess.run([*base, *extra, f"--out_dir={work / 'warm'}", "--max_iters=2"], capture_output=True,
-                           cwd=ROOT, env=env, timeout=3600, check=True)
-            shutil.rmtree(work / "warm", ignore_errors=True)
+        for extra in rows.values():  # each row's programs compiled once
+            _warm([*base, *extra], work, env)
         for seed in seeds:
             for name, extra in rows.items():
                 launch = time.time()
@@ -218,7 +232,7 @@ def leave_one_out(preset_flags: list[str], seeds: list[int], log: Callable[[str]
                 shutil.rmtree(work / "out", ignore_errors=True)
                 if proc.returncode != 0:
                     raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
-                whole = float(re.findall(r"whole val split ([0-9.]+)", proc.stdout.strip().splitlines()[-1])[0])
+                whole = _whole_split(proc.stdout)
                 runs[name].append({"row": name, "flags": " ".join(extra), "seed": seed, "wall_s": wall, "val_loss_full": whole})
                 log(f"  seed {seed} {name}: {wall:.1f} s, whole val split {whole:.4f}")
     finally:
@@ -231,7 +245,7 @@ def leave_one_out(preset_flags: list[str], seeds: list[int], log: Callable[[str]
     return out, [r for rs in runs.values() for r in rs]
 
 
-def _pytorch_whole_split(out_dir: Path, max_iters: int) -> float:
+def _pytorch_whole_split(out_dir: Path, stdout: str) -> float:
     """torchref.train's final model (its ckpt.pt, saved at the last evaluation when it improved) scored on
     the whole val split after its process has ended, so the timed command stays nanoGPT's own; nan when the
     last evaluation did not improve (the file holds an earlier step)."""
@@ -243,7 +257,7 @@ def _pytorch_whole_split(out_dir: Path, max_iters: int) -> float:
     from torchref.train import full_split_loss
 
     ckpt = torch.load(out_dir / "ckpt.pt", map_location="cpu", weights_only=True)
-    if ckpt["iter_num"] != max_iters:
+    if ckpt["iter_num"] != int(re.findall(r"done: (\d+) steps", stdout)[-1]):
         return float("nan")
     cfg = GPTConfig(**ckpt["model_args"])
     model = GPT(cfg)
@@ -260,24 +274,17 @@ def recipes_as_run(preset_flags: list[str], processes: int, log: Callable[[str],
     alternating: wall clock, the final val loss each prints (its own eval_iters-batch estimate) and the
     whole val split's (jaxgpt prints it; PyTorch's final model is scored after its process, untimed).
     With `seeds`, one round per seed, every contender run with --seed=S."""
-    import re
-
-    from jaxgpt.config import base_values
-
     work, env, data = _work()
     commands = {"pytorch nanogpt": [sys.executable, "-m", "torchref.train", *preset_flags, *data],
                 "jaxgpt nanogpt": [sys.executable, str(ROOT / "scripts" / "train.py"), "--progress=false", *preset_flags, *data],
                 "jaxgpt modern": [sys.executable, str(ROOT / "scripts" / "train.py"), "--progress=false", *preset_flags,
                                   "--recipe=modern", *data]}
-    preset = next(f.split("=", 1)[1] for f in preset_flags if f.startswith("--preset="))
-    rounds = [[f"--seed={s}"] for s in seeds] if seeds else [[] for _ in range(processes)]
+    rounds = _rounds(processes, seeds)
     runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in commands}
     try:
-        for name, cmd in commands.items():  # jaxgpt's compilation cache warmed (untimed), as for a returning user
+        for name, cmd in commands.items():  # jaxgpt's compilation cache warmed
             if not name.startswith("pytorch"):
-                subprocess.run([*cmd, f"--out_dir={work / 'warm'}", "--max_iters=2"], capture_output=True, cwd=ROOT,
-                               env=env, timeout=3600, check=True)
-                shutil.rmtree(work / "warm", ignore_errors=True)
+                _warm(cmd, work, env)
         for r, seed in enumerate(rounds):
             names = list(commands)
             for name in names[r % len(names):] + names[:r % len(names)]:
@@ -289,12 +296,11 @@ def recipes_as_run(preset_flags: list[str], processes: int, log: Callable[[str],
                 if proc.returncode != 0:
                     raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
                 if name.startswith("jaxgpt"):
-                    last = proc.stdout.strip().splitlines()[-1]
-                    estimate, whole = float(re.findall(r"val loss ([0-9.]+)", last)[0]), \
-                        float(re.findall(r"whole val split ([0-9.]+)", last)[0])
+                    estimate = float(re.findall(r"val loss ([0-9.]+)", proc.stdout.strip().splitlines()[-1])[0])
+                    whole = _whole_split(proc.stdout)
                 else:
                     estimate = float(re.findall(r"val ([0-9.]+)", [ln for ln in proc.stdout.splitlines() if ", val " in ln][-1])[0])
-                    whole = _pytorch_whole_split(out_dir, base_values(preset)["max_iters"])
+                    whole = _pytorch_whole_split(out_dir, proc.stdout)
                 runs[name].append((wall, estimate, whole))
                 log(f"  round {r + 1}/{len(rounds)} {name} {' '.join(seed)}: {wall:.1f} s, final val loss {estimate:.4f} "
                     f"(whole split {whole:.4f})")

@@ -35,6 +35,14 @@ def generation_configs(cfg: GPTConfig, gen: dict) -> list[GPTConfig]:
     return [fit, cfg] if fit != cfg else [cfg]
 
 
+def _rows(text: str, known: dict) -> list[str] | None:
+    """--rows as a list of names of `known` (None: all of them); an unknown name is one error line."""
+    rows = [r.strip() for r in text.split(",") if r.strip()] or None
+    if unknown := set(rows or []) - set(known):
+        raise UserError(f"unknown --rows {sorted(unknown)}; choose from {list(known)}")
+    return rows
+
+
 def main(argv: list[str]) -> int:
     p = make_parser(__doc__, GPTConfig, TrainConfig, presets=True)
     b = p.add_argument_group("benchmark")
@@ -64,8 +72,9 @@ def main(argv: list[str]) -> int:
                    help="the modern recipe as run with one part at a time set back to nanoGPT's, over --seeds")
     b.add_argument("--seeds", default="", help="comma-separated seeds: --ablation and --leave_one_out (default 1337), "
                                               "--time_to_loss and --recipes (a round per seed instead of --processes)")
-    b.add_argument("--rows", default="", help="--ablation: comma-separated rows of benchmarks.time_to_loss.ABLATION "
-                                              "(default: all); --plans: rows whose name contains one of these")
+    b.add_argument("--rows", default="", help="--ablation / --leave_one_out: comma-separated rows of benchmarks."
+                                              "time_to_loss.ABLATION / LEAVE_ONE_OUT (default: all); --plans: rows "
+                                              "whose name contains one of these")
     b.add_argument("--eval_every", type=int, default=50, help="--time_to_loss: steps between evaluations (default: %(default)s)")
     b.add_argument("--validate", action="store_true", help="the accelerator checklist (see benchmarks/validate.py)")
     b.add_argument("--validate_parity", default="model,generation,training,bf16",
@@ -102,10 +111,8 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--seeds must be comma-separated integers like 1337,1338, got {args.seeds!r}") from None
     if args.leave_one_out:
         from benchmarks import time_to_loss as ttl
-        rows = [r.strip() for r in args.rows.split(",") if r.strip()] or None
-        if unknown_rows := set(rows or []) - set(ttl.LEAVE_ONE_OUT):
-            raise UserError(f"unknown --rows {sorted(unknown_rows)}; choose from {list(ttl.LEAVE_ONE_OUT)}")
-        figures, records = ttl.leave_one_out([f"--preset={args.preset}"], seeds or [1337], log, only=rows)
+        figures, records = ttl.leave_one_out([f"--preset={args.preset}"], seeds or [1337], log,
+                                             only=_rows(args.rows, ttl.LEAVE_ONE_OUT))
         for record in records:
             print(json.dumps({"run": record}))
     elif args.recipes:
@@ -115,11 +122,8 @@ def main(argv: list[str]) -> int:
         from benchmarks import time_to_loss as ttl
         preset_flags = [f"--preset={args.preset}"] + [f"--{k}={v}" for k, v in explicit_flags(args, GPTConfig).items()]
         if args.ablation:
-            rows = [r.strip() for r in args.rows.split(",") if r.strip()] or None
-            if unknown_rows := set(rows or []) - set(ttl.ABLATION):
-                raise UserError(f"unknown --rows {sorted(unknown_rows)}; choose from {list(ttl.ABLATION)}")
             figures, records = ttl.ablation(preset_flags, args.time_to_loss, seeds or [1337],
-                                            args.eval_every, args.max_iters, log, only=rows)
+                                            args.eval_every, args.max_iters, log, only=_rows(args.rows, ttl.ABLATION))
             for record in records:
                 print(json.dumps({"run": record}))
         else:
