@@ -57,9 +57,11 @@ def make_nll(graphdef: nnx.GraphDef, dtype: Any = jnp.float32) -> Callable:
     return platform.jit(nll)
 
 
-def batch_size_for(cfg: Any, n_windows: int, devices: int = 1, limit: int = 256) -> int:
+def batch_size_for(cfg: Any, n_windows: int, devices: int = 1, limit: int | None = None) -> int:
     """Windows per forward, by memory: the logits and a generous 16 activations of (T, C) per layer per
-    window must fit EVAL_MEMORY_FRACTION of one device; a multiple of `devices`; at most `limit`."""
+    window must fit EVAL_MEMORY_FRACTION of one device; a multiple of `devices`; at most `limit`
+    (default: the platform's, platform.eval_batch_limit)."""
+    limit = platform.eval_batch_limit() if limit is None else limit
     memory, _ = platform.memory_limit()
     per_window = 4 * cfg.block_size * (cfg.vocab_size + 16 * cfg.n_layer * cfg.n_embd)
     fits = max(1, int((memory or 2**30) * EVAL_MEMORY_FRACTION) // per_window) * devices

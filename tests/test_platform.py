@@ -56,6 +56,17 @@ def test_auto_resolves_per_platform_and_explicit_flags_win():
     assert platform.remat_candidates("auto", "cpu") == ("none", "dots", "full")
     assert platform.remat_candidates("dots", "gpu") == ("dots",)
     assert platform.compiler_options("gpu") == {} and platform.compiler_options("tpu") == {}
+    assert [platform.eval_batch_limit(p) for p in ("cpu", "gpu", "tpu")] == [32, 256, 256]
+
+
+def test_whole_split_batches_are_capped_per_platform_and_by_memory():
+    from jaxgpt.config import GPTConfig
+    from jaxgpt.evaluate import batch_size_for
+
+    cfg = GPTConfig(block_size=64, n_layer=4, n_head=4, n_embd=128)
+    assert batch_size_for(cfg, 1742) == platform.eval_batch_limit() == 32  # this suite runs on CPU
+    assert batch_size_for(cfg, 1742, limit=256) == 256 and batch_size_for(cfg, 10) == 10
+    assert batch_size_for(cfg, 1742, devices=3) == 33  # a multiple of the devices
 
 
 @pytest.fixture(scope="module")
