@@ -44,6 +44,7 @@ ABLATION: dict[str, list[str]] = {
     "untied head": ["--tie_embeddings=false"],
     "zero-init projections": ["--zero_init_proj=true"],
     "softcap 15": ["--logit_softcap=15"],
+    "value embeddings 2": ["--value_embeds=2"],
     "muon": ["--optimizer=muon"],
     "modern (full recipe)": ["--recipe=modern"],
 }
@@ -57,6 +58,7 @@ LEAVE_ONE_OUT: dict[str, list[str]] = {
     "- untied head (tied)": ["--tie_embeddings=true"],
     "- zero-init projections": ["--zero_init_proj=false"],
     "- softcap": ["--logit_softcap=0"],
+    "- value embeddings": ["--value_embeds=0"],
     "- muon (adamw for all at the recipe's lr)": ["--optimizer=adamw"],
     "- muon (adamw for all at nanoGPT's lr)": ["--optimizer=adamw", "--learning_rate=1e-3", "--min_lr=1e-4"],
 }

@@ -35,6 +35,7 @@ TOP_TABLE = [
     ("ln_f.scale", "transformer.ln_f.weight", False),
     ("ln_f.bias", "transformer.ln_f.bias", False),
     ("lm_head.kernel", "lm_head.weight", True),  # untied models only
+    ("ve.embedding", "transformer.ve.weight", False),  # value embeddings (value_embeds, vocab, C)
 ]
 # per block: jaxgpt's h.<path>[i] <-> transformer.h.<i>.<name>
 LAYER_TABLE = [
@@ -44,6 +45,7 @@ LAYER_TABLE = [
     ("attn.c_attn.bias", "attn.c_attn.bias", False),
     ("attn.q_norm.scale", "attn.q_norm.weight", False),
     ("attn.k_norm.scale", "attn.k_norm.weight", False),
+    ("attn.ve_lambda", "attn.ve_lambda", False),
     ("attn.c_proj.kernel", "attn.c_proj.weight", True),
     ("attn.c_proj.bias", "attn.c_proj.bias", False),
     ("ln_2.scale", "ln_2.weight", False),

@@ -51,6 +51,9 @@ class GPTConfig:
     tie_embeddings: bool = True  # False: a separate lm_head
     zero_init_proj: bool = False  # zero-init both residual projections (and an untied lm_head)
     logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap); 0 = off
+    # > 0: that many extra token-embedding tables mixed into the attention values of the first and the last
+    # that many layers, v = l0 * v + l1 * ve[token], l learned per layer (modded-nanogpt's value embeddings)
+    value_embeds: int = 0
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -78,6 +81,16 @@ class GPTConfig:
             _require(isinstance(getattr(self, name), bool), f"GPTConfig.{name} must be a bool, got {getattr(self, name)!r}")
         _require(isinstance(self.logit_softcap, (int, float)) and self.logit_softcap >= 0,
                  f"GPTConfig.logit_softcap must be >= 0 (0 = off), got {self.logit_softcap!r}")
+        _require(isinstance(self.value_embeds, int) and not isinstance(self.value_embeds, bool)
+                 and 0 <= self.value_embeds <= self.n_layer,
+                 f"GPTConfig.value_embeds must be an integer in [0, n_layer={self.n_layer}] (0 = off), "
+                 f"got {self.value_embeds!r}")
+
+    def value_table(self, layer: int) -> int:
+        """Which value-embedding table layer `layer` mixes in: table i for the first value_embeds layers
+        and again for the last (the first rule wins where they overlap), value_embeds (none) between."""
+        k, last = self.value_embeds, self.n_layer - self.value_embeds
+        return layer if layer < k else layer - last if layer >= last else k
 
     def modern_fields(self) -> dict[str, Any]:
         """The switches set away from nanoGPT's model that change what it computes (zero_init_proj
@@ -100,7 +113,7 @@ class GPTConfig:
 
 # the recipe's switches that change the function, at nanoGPT's values
 NANOGPT_MODEL = {"pos_embedding": "learned", "norm": "layernorm", "qk_norm": False, "tie_embeddings": True,
-                 "logit_softcap": 0.0}
+                 "logit_softcap": 0.0, "value_embeds": 0}
 
 
 @dataclass(frozen=True)
@@ -204,14 +217,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 RECIPES: dict[str, dict[str, Any]] = {
     "nanogpt": {},
     "modern": dict(pos_embedding="rope", norm="rmsnorm", qk_norm=True, activation="relu2", tie_embeddings=False,
-                   zero_init_proj=True, logit_softcap=15.0, optimizer="muon", muon_lr=0.02, muon_momentum=0.95,
+                   zero_init_proj=True, logit_softcap=15.0, value_embeds=2, optimizer="muon", muon_lr=0.03, muon_momentum=0.95,
                    learning_rate=0.03, min_lr=0.003, beta1=0.8, beta2=0.95, weight_decay=0.0),
 }
 # what a recipe changes for one preset: its own batch, iteration count and schedule (the CPU preset's:
-# 24 x 64 tokens per step for 150 steps, the shortest schedule measured to end under nanoGPT's final
+# 24 x 64 tokens per step for 130 steps, the shortest schedule measured to end under nanoGPT's final
 # whole-split val loss at seeds 1337, 1338 and 1339 -- BENCHMARKS.md "Time to quality"; other presets keep theirs)
 RECIPE_FOR_PRESET: dict[tuple[str, str], dict[str, Any]] = {
-    ("modern", "cpu"): dict(batch_size=24, max_iters=150, lr_decay_iters=150, warmup_iters=15),
+    ("modern", "cpu"): dict(batch_size=24, max_iters=130, lr_decay_iters=130, warmup_iters=13),
 }
 
 

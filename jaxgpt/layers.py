@@ -90,6 +90,8 @@ class CausalSelfAttention(nnx.Module):
         self.c_attn = _linear(cfg.n_embd, 3 * cfg.n_embd, 0.02, cfg, rngs)  # q, k, v in one matmul
         self.q_norm = nnx.RMSNorm(cfg.head_dim, epsilon=cfg.layer_norm_epsilon, rngs=rngs) if cfg.qk_norm else None
         self.k_norm = nnx.RMSNorm(cfg.head_dim, epsilon=cfg.layer_norm_epsilon, rngs=rngs) if cfg.qk_norm else None
+        # value embeddings: v = ve_lambda[0] * v + ve_lambda[1] * (this layer's table row, or zeros)
+        self.ve_lambda = nnx.Param(jnp.full((2,), 0.5)) if cfg.value_embeds else None
         self.c_proj = _linear(cfg.n_embd, cfg.n_embd, resid_std, cfg, rngs, zero=cfg.zero_init_proj)
         self.attn_dropout = nnx.Dropout(cfg.dropout)
         self.resid_dropout = nnx.Dropout(cfg.dropout)
@@ -97,22 +99,26 @@ class CausalSelfAttention(nnx.Module):
         self.rope_base = cfg.rope_base if cfg.pos_embedding == "rope" else 0.0  # static; 0 = learned positions
         self.attention = attention  # static: the fused kernel, see attention_path
 
-    def _qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """(B, T, C) -> q, k, v (B, T, H, D), q and k normalised when qk_norm is on (before RoPE)."""
+    def _qkv(self, x: jax.Array, ve: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(B, T, C) -> q, k, v (B, T, H, D), q and k normalised when qk_norm is on (before RoPE), the
+        value embedding rows ve (B, T, C) mixed into v when value_embeds is on."""
         B, T, C = x.shape
         q, k, v = jnp.split(_flat(self.c_attn, x), 3, axis=-1)
         q, k, v = (t.reshape(B, T, self.n_head, C // self.n_head) for t in (q, k, v))  # dot_product_attention's layout
+        if self.ve_lambda is not None and ve is not None:
+            lam = self.ve_lambda[...].astype(v.dtype)
+            v = lam[0] * v + lam[1] * ve.astype(v.dtype).reshape(v.shape)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
     def __call__(self, x: jax.Array, *, key: jax.Array | None = None, cache: LayerCache | None = None,
-                 pos: jax.Array | int = 0) -> tuple[jax.Array, LayerCache | None]:
+                 pos: jax.Array | int = 0, ve: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
         """x (B, T, C) -> (y (B, T, C), cache). With a cache (the stacked k, v of all layers
         and this layer's index) the T new tokens sit at absolute positions pos..pos+T-1."""
         B, T, C = x.shape
         D = C // self.n_head
-        q, k, v = self._qkv(x)
+        q, k, v = self._qkv(x, ve)
         key_attn, key_resid = jax.random.split(key) if key is not None else (None, None)
         if cache is not None:
             y, cache = self._cached(q, k, v, cache, pos)
@@ -177,11 +183,11 @@ class CausalSelfAttention(nnx.Module):
         visible = jnp.arange(S)[None, None, None, :] <= pos[:, None, None, None]  # (B, 1, 1, S)
         return _attend(q, k_all[layer], v_all[layer], visible), (k_all, v_all, layer)
 
-    def last(self, x: jax.Array) -> jax.Array:
+    def last(self, x: jax.Array, ve: jax.Array | None = None) -> jax.Array:
         """Attention output (B, 1, C) of the last position only; every position's keys and
         values still enter (inference, no dropout)."""
         B, T, C = x.shape
-        q, k, v = self._qkv(x)
+        q, k, v = self._qkv(x, ve)
         q = q[:, -1:]
         if self.rope_base:
             q, k = rope(q, jnp.arange(T - 1, T), self.rope_base, axis=1), rope(k, jnp.arange(T), self.rope_base, axis=1)
@@ -202,6 +208,24 @@ class MLP(nnx.Module):
         return self.dropout(_flat(self.c_proj, h), rngs=key)
 
 
+class ValueEmbeds(nnx.Module):
+    """modded-nanogpt's value embeddings: value_embeds extra (vocab, C) tables, N(0, 1) like its
+    nn.Embedding; layer i's attention mixes in table cfg.value_table(i)'s rows for the input tokens.
+    They give each layer's values a direct view of the token, which the CPU preset's recipe needs
+    ~15 % fewer steps with (BENCHMARKS.md, "value embeddings")."""
+
+    def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(jax.random.normal(rngs.params(), (cfg.value_embeds, cfg.vocab_size, cfg.n_embd)))
+        self.tables = tuple(cfg.value_table(i) for i in range(cfg.n_layer))  # static: a table per layer, or none
+
+    def rows(self, idx: jax.Array, layer: jax.Array | int) -> jax.Array:
+        """(B, T) tokens -> (B, T, C): layer `layer`'s table rows, zeros for a layer without a table
+        (the zeros keep every layer of the scan the same program)."""
+        k = self.embedding.shape[0]
+        t = jnp.asarray(self.tables)[layer]
+        return self.embedding[...][jnp.minimum(t, k - 1), idx] * (t < k).astype(self.embedding.dtype)
+
+
 class Block(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, attention: str = "xla"):
         self.ln_1 = norm(cfg, cfg.n_embd, rngs)
@@ -210,14 +234,14 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, key: jax.Array | None = None, cache: LayerCache | None = None,
-                 pos: jax.Array | int = 0) -> tuple[jax.Array, LayerCache | None]:
+                 pos: jax.Array | int = 0, ve: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
         key_attn, key_mlp = jax.random.split(key) if key is not None else (None, None)
-        a, cache = self.attn(self.ln_1(x), key=key_attn, cache=cache, pos=pos)
+        a, cache = self.attn(self.ln_1(x), key=key_attn, cache=cache, pos=pos, ve=ve)
         x = x + a
         x = x + self.mlp(self.ln_2(x), key=key_mlp)
         return x, cache
 
-    def last(self, x: jax.Array) -> jax.Array:
+    def last(self, x: jax.Array, ve: jax.Array | None = None) -> jax.Array:
         """The block's output (B, 1, C) at the last position of x (B, T, C) only."""
-        h = x[:, -1:] + self.attn.last(self.ln_1(x))
+        h = x[:, -1:] + self.attn.last(self.ln_1(x), ve)
         return h + self.mlp(self.ln_2(h))

@@ -18,7 +18,7 @@ from flax import nnx
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import UserError
-from jaxgpt.layers import ATTENTION_KERNELS, Block, _flat, norm
+from jaxgpt.layers import ATTENTION_KERNELS, Block, ValueEmbeds, _flat, norm
 
 # What the backward pass may keep from the forward pass of each block.
 REMAT_POLICIES = {
@@ -63,6 +63,7 @@ class GPT(nnx.Module):
         self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=init, rngs=rngs)
         learned = cfg.pos_embedding == "learned"  # else RoPE inside attention (layers.rope)
         self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd, embedding_init=init, rngs=rngs) if learned else None
+        self.ve = ValueEmbeds(cfg, rngs) if cfg.value_embeds else None
         self.drop = nnx.Dropout(cfg.dropout)
 
         @nnx.split_rngs(splits=cfg.n_layer)
@@ -103,11 +104,16 @@ class GPT(nnx.Module):
         graphdef, stacked = nnx.split(self.h)
         below, top = jax.tree.map(lambda a: a[:-1], stacked), jax.tree.map(lambda a: a[-1], stacked)
 
-        def block(x: jax.Array, state: nnx.State) -> tuple[jax.Array, None]:
-            return nnx.merge(graphdef, state)(x)[0], None
+        def block(x: jax.Array, layer: tuple) -> tuple[jax.Array, None]:
+            state, i = layer
+            return nnx.merge(graphdef, state)(x, ve=self._ve(idx, i))[0], None
 
-        x, _ = jax.lax.scan(block, x, below)
-        return self._head(self.ln_f(nnx.merge(graphdef, top).last(x))[:, 0])
+        x, _ = jax.lax.scan(block, x, (below, jnp.arange(self.config.n_layer - 1)))
+        return self._head(self.ln_f(nnx.merge(graphdef, top).last(x, self._ve(idx, self.config.n_layer - 1)))[:, 0])
+
+    def _ve(self, idx: jax.Array, layer: jax.Array | int) -> jax.Array | None:
+        """Layer `layer`'s value-embedding rows for idx, or None without value embeddings."""
+        return None if self.ve is None else self.ve.rows(idx, layer)
 
     def _head(self, x: jax.Array) -> jax.Array:
         """(..., C) -> logits (..., vocab_size): the tied wte or lm_head, then the softcap if any."""
@@ -144,7 +150,7 @@ class GPT(nnx.Module):
             x, cache = carry
             state, layer_key, i = layer
             layer_cache = None if cache is None else (*cache, i)
-            x, layer_cache = nnx.merge(graphdef, state)(x, key=layer_key, cache=layer_cache, pos=pos)
+            x, layer_cache = nnx.merge(graphdef, state)(x, key=layer_key, cache=layer_cache, pos=pos, ve=self._ve(idx, i))
             return (x, None if layer_cache is None else layer_cache[:2]), None
 
         # Without remat the layer loop is unrolled (straight-line code: 1.2x faster step on XLA:CPU

@@ -32,8 +32,9 @@ SWITCHES: dict[str, dict[str, Any]] = {
     "untied": dict(tie_embeddings=False),
     "zero_init_proj": dict(zero_init_proj=True),
     "softcap": dict(logit_softcap=15.0),
+    "value_embeds": dict(value_embeds=1, n_layer=3),  # one table shared by layers 0 and 2; none in layer 1
     "modern": dict(pos_embedding="rope", norm="rmsnorm", qk_norm=True, activation="relu2", tie_embeddings=False,
-                   zero_init_proj=True, logit_softcap=15.0),
+                   zero_init_proj=True, logit_softcap=15.0, value_embeds=2),
 }
 MODERN = dataclasses.replace(BASE, **SWITCHES["modern"])
 MUON = dict(optimizer="muon", muon_lr=0.02, weight_decay=0.0)

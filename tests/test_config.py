@@ -53,20 +53,21 @@ def test_recipe_composes_with_the_preset_and_explicit_flags_win():
     from jaxgpt.config import base_values
 
     parser = make_parser("t", GPTConfig, TrainConfig, presets=True)
-    args = parser.parse_args(["--preset=cpu", "--recipe=modern", "--muon_lr=0.03", "--qk_norm=false"])
+    args = parser.parse_args(["--preset=cpu", "--recipe=modern", "--muon_lr=0.05", "--qk_norm=false"])
     base = base_values(args.preset, args.recipe)
     model, train = build(GPTConfig, args, base), build(TrainConfig, args, base)
     assert (model.n_layer, model.n_embd, model.block_size) == (4, 128, 64)  # the cpu preset's model
-    assert (train.batch_size, train.max_iters, train.warmup_iters) == (24, 150, 15)  # the recipe's own batch and schedule here
+    assert (train.batch_size, train.max_iters, train.warmup_iters) == (24, 130, 13)  # the recipe's own batch and schedule here
     assert model.pos_embedding == "rope" and model.norm == "rmsnorm" and not model.qk_norm  # recipe, then the flag
-    assert train.optimizer == "muon" and train.muon_lr == 0.03 and train.recipe == "modern"
+    assert train.optimizer == "muon" and train.muon_lr == 0.05 and train.recipe == "modern"
     assert base_values("cpu", "nanogpt") == PRESETS["cpu"]  # the default recipe changes nothing
 
 
 @pytest.mark.parametrize("kwargs, field", [(dict(pos_embedding="alibi"), "pos_embedding"), (dict(norm="batch"), "norm"),
                                            (dict(activation="swish"), "activation"), (dict(logit_softcap=-1.0), "logit_softcap"),
                                            (dict(pos_embedding="rope", n_embd=12, n_head=4), "even"),
-                                           (dict(qk_norm=1), "qk_norm"), (dict(rope_base=0.5), "rope_base")])
+                                           (dict(qk_norm=1), "qk_norm"), (dict(rope_base=0.5), "rope_base"),
+                                           (dict(value_embeds=2), "value_embeds"), (dict(value_embeds=-1), "value_embeds")])
 def test_invalid_switches_name_the_field(kwargs, field):
     with pytest.raises(UserError, match=field):
         GPTConfig(**{"n_layer": 1, "n_head": 2, "n_embd": 32, **kwargs})

@@ -129,7 +129,7 @@ def test_truncated_pt_gets_a_clear_error(tmp_path):
 
 
 MODERN = GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, bias=False, pos_embedding="rope", norm="rmsnorm",
-                   qk_norm=True, activation="relu2", tie_embeddings=False, logit_softcap=15.0)
+                   qk_norm=True, activation="relu2", tie_embeddings=False, logit_softcap=15.0, value_embeds=1)
 
 
 def test_modern_models_round_trip_through_safetensors_and_run_folders(tmp_path):
@@ -147,7 +147,8 @@ def test_modern_models_round_trip_through_safetensors_and_run_folders(tmp_path):
 
 
 @pytest.mark.parametrize("switch", [dict(pos_embedding="rope"), dict(norm="rmsnorm"), dict(qk_norm=True),
-                                    dict(activation="relu2"), dict(tie_embeddings=False), dict(logit_softcap=30.0)])
+                                    dict(activation="relu2"), dict(tie_embeddings=False), dict(logit_softcap=30.0),
+                                    dict(value_embeds=1)])
 def test_nanogpt_and_hf_formats_refuse_what_they_cannot_hold_naming_the_field(tmp_path, switch):
     from formats.hf import write_hf
 

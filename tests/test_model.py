@@ -140,3 +140,26 @@ def test_decode_with_a_position_per_sequence_equals_each_sequence_decoded_alone(
     rope.eval()
     with pytest.raises(ValueError, match="learned positions"):
         rope.decode(nxt, rope.init_cache(3), positions)
+
+
+def test_value_embeddings_mix_each_layers_table_into_its_values():
+    """value_embeds=1 over 3 layers: layers 0 and 2 read table 0, layer 1 none. A table row moves the logits
+    of the positions holding that token; with lambda = (1, 0) in every layer the model is the one without."""
+    import dataclasses
+
+    cfg = GPTConfig(block_size=16, n_layer=3, n_head=2, n_embd=16, dropout=0.0, value_embeds=1)
+    assert [cfg.value_table(i) for i in range(3)] == [0, 1, 0]  # 1 = no table
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    model.eval()
+    idx = jnp.asarray([[5, 9, 5, 7, 1, 2]])
+    before = model(idx)
+    model.ve.embedding[...] = model.ve.embedding[...].at[0, 9].add(1.0)
+    moved = np.abs(np.asarray(model(idx) - before)).max(axis=-1)[0]
+    assert moved[0] == 0 and moved[1] > 1e-3  # token 9 sits at position 1: nothing before it moves
+    plain = GPT(dataclasses.replace(cfg, value_embeds=0), rngs=nnx.Rngs(0))
+    plain.eval()
+    model.h.attn.ve_lambda[...] = jnp.tile(jnp.asarray([1.0, 0.0]), (3, 1))
+    weights = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    for path, p in nnx.to_flat_state(nnx.state(plain, nnx.Param)):
+        p[...] = weights[path][...]  # the same weights, less the value embeddings
+    np.testing.assert_allclose(np.asarray(model(idx)), np.asarray(plain(idx)), atol=1e-6)

@@ -47,6 +47,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.layer_norm_epsilon) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.layer_norm_epsilon) if cfg.qk_norm else None
+        self.ve_lambda = nn.Parameter(torch.full((2,), 0.5)) if cfg.value_embeds else None
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.attn_dropout = cfg.dropout  # applied inside scaled_dot_product_attention
         self.resid_dropout = nn.Dropout(cfg.dropout)
@@ -54,7 +55,7 @@ class CausalSelfAttention(nn.Module):
         self.rope_base = cfg.rope_base if cfg.pos_embedding == "rope" else 0.0
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None, pos: int = 0,
-                window: int | None = None) -> tuple[torch.Tensor, LayerCache | None]:
+                window: int | None = None, ve: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerCache | None]:
         """x (B, T, C) -> (y (B, T, C), cache); with a cache (the stacked k, v and this layer's
         index) the T new tokens sit at absolute positions pos..pos+T-1 (written in place).
         window: each position attends to the last `window` positions only (sliding-window attention:
@@ -63,6 +64,8 @@ class CausalSelfAttention(nn.Module):
         H, D = self.n_head, C // self.n_head
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, H, D) for t in (q, k, v))  # (B, T, H, D), as in jaxgpt
+        if self.ve_lambda is not None:  # value embeddings: a layer without a table only scales v
+            v = self.ve_lambda[0] * v + (self.ve_lambda[1] * ve.view(B, T, H, D) if ve is not None else 0.0)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope_base:
@@ -99,6 +102,14 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(activation(self.c_fc(x), self.activation)))
 
 
+class ValueEmbeds(nn.Module):
+    """value_embeds (vocab, C) tables as one (value_embeds, vocab, C) weight, N(0, 1) (jaxgpt.layers.ValueEmbeds)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cfg.value_embeds, cfg.vocab_size, cfg.n_embd))
+
+
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -108,8 +119,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None, pos: int = 0,
-                window: int | None = None) -> tuple[torch.Tensor, LayerCache | None]:
-        a, cache = self.attn(self.ln_1(x), cache=cache, pos=pos, window=window)
+                window: int | None = None, ve: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerCache | None]:
+        a, cache = self.attn(self.ln_1(x), cache=cache, pos=pos, window=window, ve=ve)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, cache

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from jaxgpt.config import GPTConfig
-from torchref.layers import Block, norm
+from torchref.layers import Block, ValueEmbeds, norm
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (n_layer, B, n_head, block_size, head_dim)
 
@@ -26,6 +26,8 @@ class GPT(nn.Module):
         layers = dict(wte=nn.Embedding(cfg.vocab_size, cfg.n_embd))
         if cfg.pos_embedding == "learned":  # else RoPE inside attention (layers.rope)
             layers["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
+        if cfg.value_embeds:
+            layers["ve"] = ValueEmbeds(cfg)
         self.transformer = nn.ModuleDict(dict(
             **layers,
             drop=nn.Dropout(cfg.dropout),
@@ -70,8 +72,11 @@ class GPT(nn.Module):
         if "wpe" in tr:
             x = x + tr.wpe(torch.arange(pos, pos + T, device=idx.device))
         x = tr.drop(x)  # (B, T, C)
+        cfg = self.config
         for i, block in enumerate(tr.h):
-            x, _ = block(x, cache=None if cache is None else (*cache, i), pos=pos, window=window)
+            table = cfg.value_table(i) if cfg.value_embeds else cfg.value_embeds
+            ve = tr.ve.weight[table][idx] if table < cfg.value_embeds else None
+            x, _ = block(x, cache=None if cache is None else (*cache, i), pos=pos, window=window, ve=ve)
         logits = self.lm_head(tr.ln_f(x))
         cap = self.config.logit_softcap
         return (cap * torch.tanh(logits / cap) if cap else logits), cache
