@@ -74,7 +74,7 @@ class GPT(nn.Module):
         x = tr.drop(x)  # (B, T, C)
         cfg = self.config
         for i, block in enumerate(tr.h):
-            table = cfg.value_table(i) if cfg.value_embeds else cfg.value_embeds
+            table = cfg.value_table(i)  # == value_embeds (none) for a layer without a table, and with none at all
             ve = tr.ve.weight[table][idx] if table < cfg.value_embeds else None
             x, _ = block(x, cache=None if cache is None else (*cache, i), pos=pos, window=window, ve=ve)
         logits = self.lm_head(tr.ln_f(x))
