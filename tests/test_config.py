@@ -61,6 +61,11 @@ def test_recipe_composes_with_the_preset_and_explicit_flags_win():
     assert model.pos_embedding == "rope" and model.norm == "rmsnorm" and not model.qk_norm  # recipe, then the flag
     assert train.optimizer == "muon" and train.muon_lr == 0.05 and train.recipe == "modern"
     assert base_values("cpu", "nanogpt") == PRESETS["cpu"]  # the default recipe changes nothing
+    seed = build(TrainConfig, parser.parse_args(["--recipe=modern"]), base_values("gpu", "modern"))
+    assert (seed.batch_size, seed.max_iters, seed.decay_iters, seed.warmup_iters) == (64, 2000, 2000, 200)
+    assert build(GPTConfig, parser.parse_args(["--recipe=modern"]), base_values("gpu", "modern")).dropout == 0.2
+    assert base_values("gpu", "nanogpt") == {}  # the seed config: nanoGPT's 5000 steps stay the default
+    assert "with --preset=gpu also" in parser.epilog and "with --preset=cpu also" in parser.epilog
 
 
 @pytest.mark.parametrize("kwargs, field", [(dict(pos_embedding="alibi"), "pos_embedding"), (dict(norm="batch"), "norm"),
