@@ -1,7 +1,7 @@
 import pytest
 
 from jaxgpt import GPTConfig, TrainConfig, UserError
-from jaxgpt.config import PRESETS, build, make_parser
+from jaxgpt.config import PRESETS, RECIPES, build, make_parser
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -57,12 +57,14 @@ def test_recipe_composes_with_the_preset_and_explicit_flags_win():
     base = base_values(args.preset, args.recipe)
     model, train = build(GPTConfig, args, base), build(TrainConfig, args, base)
     assert (model.n_layer, model.n_embd, model.block_size) == (4, 128, 64)  # the cpu preset's model
-    assert (train.batch_size, train.max_iters, train.warmup_iters) == (24, 130, 13)  # the recipe's own batch and schedule here
+    assert (train.batch_size, train.max_iters, train.warmup_iters) == (24, 115, 5)  # the recipe's own batch and schedule here
+    assert train.muon_momentum == 0.85  # ... and its momentum for a short run
     assert model.pos_embedding == "rope" and model.norm == "rmsnorm" and not model.qk_norm  # recipe, then the flag
     assert train.optimizer == "muon" and train.muon_lr == 0.05 and train.recipe == "modern"
     assert base_values("cpu", "nanogpt") == PRESETS["cpu"]  # the default recipe changes nothing
     seed = build(TrainConfig, parser.parse_args(["--recipe=modern"]), base_values("gpu", "modern"))
     assert (seed.batch_size, seed.max_iters, seed.decay_iters, seed.warmup_iters) == (64, 2000, 2000, 200)
+    assert seed.muon_momentum == RECIPES["modern"]["muon_momentum"] == 0.95
     assert build(GPTConfig, parser.parse_args(["--recipe=modern"]), base_values("gpu", "modern")).dropout == 0.2
     assert base_values("gpu", "nanogpt") == {}  # the seed config: nanoGPT's 5000 steps stay the default
     assert "with --preset=gpu also" in parser.epilog and "with --preset=cpu also" in parser.epilog
