@@ -223,13 +223,14 @@ RECIPES: dict[str, dict[str, Any]] = {
 # what a recipe changes for one preset: its own batch, iteration count and schedule. The CPU preset's:
 # 24 x 64 tokens per step for 115 steps with a 5-step warmup and Muon momentum 0.85 (short runs want less
 # momentum), the shortest schedule measured to end under nanoGPT's final whole-split val loss at seeds
-# 1337, 1338 and 1339. The seed config's (`gpu`): nanoGPT's 64 x 256 batch for 2000 steps (0.4x its 5000),
+# 1337, 1338 and 1339; its estimate takes 10 batches of 24, the 240 windows nanoGPT's 20 x 12 take. The seed config's (`gpu`): nanoGPT's 64 x 256 batch for 2000 steps (0.4x its 5000),
 # warmup 10 % (the proxy's) and the recipe's momentum 0.95 -- chosen at a proxy this VM can run (the seed
 # width at 2 layers, batch 8), where the recipe needed <= 0.10x, 0.13-0.19x and <= 0.25x of nanoGPT's steps to
 # its final loss as runs got longer and repeated their data: the ratio grows with the run, so 0.4x keeps 1.6x
 # the largest as margin. Unmeasured at full size (BENCHMARKS.md "The modern recipe for the seed config").
 RECIPE_FOR_PRESET: dict[tuple[str, str], dict[str, Any]] = {
-    ("modern", "cpu"): dict(batch_size=24, max_iters=115, lr_decay_iters=115, warmup_iters=5, muon_momentum=0.85),
+    ("modern", "cpu"): dict(batch_size=24, max_iters=115, lr_decay_iters=115, warmup_iters=5, muon_momentum=0.85,
+                            eval_iters=10),
     ("modern", "gpu"): dict(max_iters=2000, lr_decay_iters=2000, warmup_iters=200),
 }
 

@@ -79,13 +79,13 @@ def truncate_metrics(path: Any, last_step: int) -> None:
 
 
 def plot_metrics(metrics_path: Any, png_path: Any) -> None:
-    """Loss curves (train per logged step, val per evaluation) as a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Loss curves (train per logged step, val per evaluation) as a PNG. A bare Figure drawn by Agg,
+    without pyplot: no global figure state or backend switch, and 0.3 s less to import (BENCHMARKS.md)."""
+    from matplotlib.figure import Figure
 
     rows = read_metrics(metrics_path)
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.subplots()
     ax.plot([r["step"] for r in rows], [r["train_loss"] for r in rows], lw=0.8, alpha=0.7, label="train (per step)")
     val = [r for r in rows if "val_loss" in r]
     ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val")
@@ -94,8 +94,7 @@ def plot_metrics(metrics_path: Any, png_path: Any) -> None:
     ax.legend()
     fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
+    fig.savefig(buffer, format="png")  # a Figure without a canvas draws with Agg
     paths.write_bytes(png_path, buffer.getvalue())
 
 

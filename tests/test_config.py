@@ -59,6 +59,7 @@ def test_recipe_composes_with_the_preset_and_explicit_flags_win():
     assert (model.n_layer, model.n_embd, model.block_size) == (4, 128, 64)  # the cpu preset's model
     assert (train.batch_size, train.max_iters, train.warmup_iters) == (24, 115, 5)  # the recipe's own batch and schedule here
     assert train.muon_momentum == 0.85  # ... and its momentum for a short run
+    assert train.eval_iters * train.batch_size == 20 * 12  # evaluates as many windows as nanoGPT's estimate
     assert model.pos_embedding == "rope" and model.norm == "rmsnorm" and not model.qk_norm  # recipe, then the flag
     assert train.optimizer == "muon" and train.muon_lr == 0.05 and train.recipe == "modern"
     assert base_values("cpu", "nanogpt") == PRESETS["cpu"]  # the default recipe changes nothing
