@@ -141,20 +141,23 @@ def _rss_mib(pid: int) -> float:
 
 def test_a_billion_new_tokens_run_in_flat_memory(work):
     """Non-streamed, 2 samples, --max_new_tokens=1e9: the old decoder allocated the whole
-    (samples, tokens) buffer up front and the kernel killed it within seconds."""
+    (samples, tokens) buffer up front and the kernel killed it within seconds. Flat means flat once
+    generating: on a loaded CI machine compiling can still be growing the heap 3 s after the load (a CI
+    run saw 361 -> 433 MiB, then flat within 7 MiB), so flatness is judged over the last 5 s of 10."""
     # a real process (not tests/launch.py's fork, which shares the zygote's pages): its memory is measured
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "generate.py"), "--out_dir=out/run",
                              "--max_new_tokens=1000000000", "--num_samples=2", "--no-stream", "--progress=false"],
                             cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stderr.readline().startswith("# out/run step"), "model did not load"
-        time.sleep(3)  # compiled and generating
+        time.sleep(3)  # compiled and generating, on an idle machine
         samples = []
-        for _ in range(12):
+        for _ in range(20):
             assert proc.poll() is None, proc.stderr.read()[-2000:]
             samples.append(_rss_mib(proc.pid))
             time.sleep(0.5)
     finally:
         proc.kill()
         proc.wait()
-    assert max(samples) < 1024 and max(samples) - samples[0] < 64, f"RSS MiB over 6 s: {samples}"
+    steady = samples[10:]
+    assert max(samples) < 1024 and max(steady) - min(steady) < 64, f"RSS MiB over 10 s: {samples}"
