@@ -5,7 +5,10 @@ Muon follows Keller Jordan's published formulation (github.com/KellerJordan/Muon
 written in float32 here and in torchref/optim.py alike: momentum buf = lerp(buf, g, 1 - beta),
 Nesterov u = lerp(g, buf, beta), a quintic Newton-Schulz iteration (5 steps) on
 u / (||u||_F + eps) that orthogonalises it, the update scaled by sqrt(max(1, fan_out / fan_in)),
-and decoupled weight decay. optax.contrib.muon (bias-corrected Nesterov) and torch.optim.Muon
+and decoupled weight decay. With --muon_beta2 > 0, NorMuon (Li et al. 2025, arXiv:2510.05491, as
+modded-nanogpt runs it): each orthogonalised matrix is divided per neuron (its rows, or its columns
+when it has more columns than rows) by the root of an EMA of their mean squares, then rescaled to its
+Frobenius norm before. optax.contrib.muon (bias-corrected Nesterov) and torch.optim.Muon
 (bfloat16 Newton-Schulz) are different enough that neither could carry a 1e-5 parity claim.
 """
 from __future__ import annotations
@@ -73,18 +76,58 @@ def newton_schulz(G: jax.Array, steps: int = NS_STEPS) -> jax.Array:
     return jnp.swapaxes(X, -1, -2) if tall else X
 
 
-def orthogonalize(path: str, u: jax.Array) -> jax.Array:
-    """Muon's update for one (stacked) Flax kernel u (L, in, out), in torch's (out, in) orientation
-    so both frameworks run the same arithmetic; c_attn's fused q, k, v are three matrices."""
+def _matrices(path: str, u: jax.Array) -> jax.Array:
+    """A (stacked) Flax kernel u (L, in, out) as the matrices Muon orthogonalises, in torch's (out, in)
+    orientation so both frameworks run the same arithmetic; c_attn's fused q, k, v are three matrices."""
     G = jnp.swapaxes(u, -1, -2)  # (L, out, in), torch's nn.Linear layout
     if path.endswith("attn.c_attn.kernel"):
         L, out3, fan_in = G.shape
-        O = newton_schulz(G.reshape(L, 3, out3 // 3, fan_in)).reshape(G.shape)
-        fan_out = out3 // 3
-    else:
-        O = newton_schulz(G)
-        fan_out, fan_in = G.shape[-2:]
-    return jnp.swapaxes(O, -1, -2) * max(1.0, fan_out / fan_in) ** 0.5
+        return G.reshape(L, 3, out3 // 3, fan_in)
+    return G
+
+
+def _neuron_axis(G: jax.Array) -> int:
+    """NorMuon's reduction axis: the mean square is kept per row, or per column when columns outnumber rows."""
+    return -1 if G.shape[-2] >= G.shape[-1] else -2
+
+
+def normuon(O: jax.Array, second: jax.Array, beta2: float) -> tuple[jax.Array, jax.Array]:
+    """NorMuon's step on orthogonalised matrices O (..., out, in): `second` (the EMA of each neuron's mean
+    square) moves toward this step's, O is divided by its root per neuron and rescaled to O's own
+    Frobenius norm -- so the update keeps Muon's size and only its share between neurons changes."""
+    axis = _neuron_axis(O)
+    n = O.shape[axis]
+    mean_sq = jnp.mean(O * O, axis=axis, keepdims=True)
+    norm = jnp.sqrt(jnp.sum(mean_sq, axis=(-2, -1), keepdims=True) * n)
+    second = second + (1 - beta2) * (mean_sq - second)  # lerp(second, mean_sq, 1 - beta2)
+    scale = jax.lax.rsqrt(jnp.maximum(second, 1e-10))
+    new_norm = jnp.sqrt(jnp.sum(mean_sq * n * scale * scale, axis=(-2, -1), keepdims=True))
+    return O * (scale * (norm / jnp.maximum(new_norm, 1e-10))), second
+
+
+def muon_direction(path: str, u: jax.Array, second: jax.Array | None = None, beta2: float = 0.0
+                   ) -> tuple[jax.Array, jax.Array | None]:
+    """Muon's update for one (stacked) Flax kernel u (L, in, out): Newton-Schulz per matrix, NorMuon's
+    per-neuron normalisation when `second` is given, scaled by sqrt(max(1, fan_out / fan_in))."""
+    G = _matrices(path, u)
+    O = newton_schulz(G)
+    if second is not None:
+        O, second = normuon(O, second, beta2)
+    fan_out, fan_in = G.shape[-2:]
+    return jnp.swapaxes(O.reshape(*u.shape[:-2], -1, u.shape[-2]), -1, -2) * max(1.0, fan_out / fan_in) ** 0.5, second
+
+
+def orthogonalize(path: str, u: jax.Array) -> jax.Array:
+    """Muon's update for one (stacked) Flax kernel u (L, in, out), without NorMuon."""
+    return muon_direction(path, u)[0]
+
+
+def second_moments(params: Any) -> Any:
+    """NorMuon's state: zeros shaped like each matrix's per-neuron mean square."""
+    def zeros(kp: tuple, p: jax.Array) -> jax.Array:
+        G = _matrices(_path(kp), p)
+        return jnp.zeros_like(jnp.mean(G, axis=_neuron_axis(G), keepdims=True))
+    return jax.tree_util.tree_map_with_path(zeros, params)
 
 
 class MuonState(NamedTuple):
@@ -92,21 +135,37 @@ class MuonState(NamedTuple):
     momentum: Any
 
 
+class NorMuonState(NamedTuple):
+    step: jax.Array
+    momentum: Any
+    second: Any  # per-neuron EMA of the orthogonalised update's mean square
+
+
 def muon(tc: TrainConfig) -> optax.GradientTransformation:
-    """Muon for the stacked block kernels: momentum, Newton-Schulz, decoupled weight decay, all
-    scaled by muon_lr times the schedule's multiplier."""
-    beta, schedule = tc.muon_momentum, lr_multiplier(tc)
+    """Muon for the stacked block kernels: momentum, Newton-Schulz (then NorMuon's normalisation with
+    --muon_beta2 > 0), decoupled weight decay, all scaled by muon_lr times the schedule's multiplier.
+    Without NorMuon the state is the plain MuonState, so earlier checkpoints restore unchanged."""
+    beta, schedule, beta2 = tc.muon_momentum, lr_multiplier(tc), tc.muon_beta2
 
-    def init(params: Any) -> MuonState:
-        return MuonState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params))
+    def init(params: Any) -> MuonState | NorMuonState:
+        step, momentum = jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params)
+        return NorMuonState(step, momentum, second_moments(params)) if beta2 > 0 else MuonState(step, momentum)
 
-    def update(grads: Any, state: MuonState, params: Any = None) -> tuple[Any, MuonState]:
+    def update(grads: Any, state: MuonState | NorMuonState, params: Any = None) -> tuple[Any, MuonState | NorMuonState]:
         lr = tc.muon_lr * schedule(state.step)
         buf = jax.tree.map(lambda m, g: m + (1 - beta) * (g - m), state.momentum, grads)  # lerp(buf, g, 1 - beta)
         nesterov = jax.tree.map(lambda g, m: g + beta * (m - g), grads, buf)  # lerp(g, buf, beta)
-        updates = jax.tree_util.tree_map_with_path(
-            lambda kp, u, p: -lr * (orthogonalize(_path(kp), u) + tc.weight_decay * p), nesterov, params)
-        return updates, MuonState(optax.safe_increment(state.step), buf)
+        step = optax.safe_increment(state.step)
+        if not isinstance(state, NorMuonState):
+            updates = jax.tree_util.tree_map_with_path(
+                lambda kp, u, p: -lr * (orthogonalize(_path(kp), u) + tc.weight_decay * p), nesterov, params)
+            return updates, MuonState(step, buf)
+        pairs = jax.tree_util.tree_map_with_path(lambda kp, u, s: muon_direction(_path(kp), u, s, beta2), nesterov,
+                                                 state.second)
+        direction, second = (jax.tree.map(lambda pair, i=i: pair[i], pairs, is_leaf=lambda x: type(x) is tuple)
+                             for i in (0, 1))
+        updates = jax.tree.map(lambda o, p: -lr * (o + tc.weight_decay * p), direction, params)
+        return updates, NorMuonState(step, buf, second)
 
     return optax.GradientTransformation(init, update)
 

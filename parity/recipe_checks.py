@@ -132,10 +132,12 @@ def check_rope_past_block(new_tokens: int = 300) -> list[Result]:
                    tol.LOGITS_TOL)]
 
 
-def check_muon_training(steps: int = 60, accum: int = 2) -> list[Result]:
-    """Muon (+ the AdamW group), clipping and schedule on the full recipe's model: per-step loss and final parameters."""
-    jl, tl, jax_sd, torch_sd, _ = train_twins(steps, accum, cfg=dataclasses.replace(MODERN, bias=True), **MUON)
-    case = f"modern + Muon, accum={accum}"
+def check_muon_training(steps: int = 60, accum: int = 2, beta2: float = 0.0) -> list[Result]:
+    """Muon (+ the AdamW group), clipping and schedule on the full recipe's model: per-step loss and final
+    parameters; with `beta2` > 0 NorMuon (--muon_beta2)."""
+    jl, tl, jax_sd, torch_sd, _ = train_twins(steps, accum, cfg=dataclasses.replace(MODERN, bias=True), **MUON,
+                                              muon_beta2=beta2)
+    case = f"modern + Muon, accum={accum}" + (f", NorMuon beta2={beta2}" if beta2 else "")
     return [Result(f"train loss rel. diff, {steps} steps", case, max(abs(a - b) / abs(b) for a, b in zip(jl, tl, strict=True)),
                    tol.TRAIN_LOSS_RTOL),
             Result(f"train params after {steps} steps", case,
@@ -170,10 +172,12 @@ def recipe_checks() -> Iterator[Callable[[], list[Result]]]:
 
 
 def recipe_run_checks(decoding: tuple[str, ...] = tuple(SWITCHES)) -> Iterator[Callable[[], list[Result]]]:
-    """Decoding per switch (those named in `decoding`), RoPE past block_size, Muon training, bf16."""
+    """Decoding per switch (those named in `decoding`), RoPE past block_size, Muon training (plain and
+    NorMuon), bf16."""
     for name in decoding:
         yield lambda name=name: check_decoding(name, dataclasses.replace(BASE, **SWITCHES[name]))
     yield check_rope_past_block
     yield check_muon_training
+    yield lambda: check_muon_training(beta2=0.95)
     yield check_bf16
 

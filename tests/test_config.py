@@ -57,7 +57,7 @@ def test_recipe_composes_with_the_preset_and_explicit_flags_win():
     base = base_values(args.preset, args.recipe)
     model, train = build(GPTConfig, args, base), build(TrainConfig, args, base)
     assert (model.n_layer, model.n_embd, model.block_size) == (4, 128, 64)  # the cpu preset's model
-    assert (train.batch_size, train.max_iters, train.warmup_iters) == (24, 115, 5)  # the recipe's own batch and schedule here
+    assert (train.batch_size, train.max_iters, train.warmup_iters) == (24, 105, 5)  # the recipe's own batch and schedule here
     assert train.muon_momentum == 0.85  # ... and its momentum for a short run
     assert train.eval_iters * train.batch_size == 20 * 12  # evaluates as many windows as nanoGPT's estimate
     assert model.pos_embedding == "rope" and model.norm == "rmsnorm" and not model.qk_norm  # recipe, then the flag
@@ -66,6 +66,8 @@ def test_recipe_composes_with_the_preset_and_explicit_flags_win():
     seed = build(TrainConfig, parser.parse_args(["--recipe=modern"]), base_values("gpu", "modern"))
     assert (seed.batch_size, seed.max_iters, seed.decay_iters, seed.warmup_iters) == (64, 2000, 2000, 200)
     assert seed.muon_momentum == RECIPES["modern"]["muon_momentum"] == 0.95
+    assert seed.muon_lr == 0.03 and seed.muon_beta2 == train.muon_beta2 == 0.95  # NorMuon in both; lr 0.06 is the cpu preset's
+    assert build(TrainConfig, parser.parse_args(["--preset=cpu", "--recipe=modern"]), base).muon_lr == 0.06
     assert build(GPTConfig, parser.parse_args(["--recipe=modern"]), base_values("gpu", "modern")).dropout == 0.2
     assert base_values("gpu", "nanogpt") == {}  # the seed config: nanoGPT's 5000 steps stay the default
     assert "with --preset=gpu also" in parser.epilog and "with --preset=cpu also" in parser.epilog
@@ -84,6 +86,6 @@ def test_invalid_switches_name_the_field(kwargs, field):
 def test_invalid_optimizer_settings_name_the_flag():
     for kwargs, flag in [(dict(optimizer="sgd"), "--optimizer"), (dict(muon_momentum=1.0), "--muon_momentum"),
                          (dict(recipe="speedrun"), "--recipe"), (dict(stop_loss=-1.0), "--stop_loss"),
-                         (dict(eval_below=-1.0), "--eval_below")]:
+                         (dict(eval_below=-1.0), "--eval_below"), (dict(muon_beta2=1.0), "--muon_beta2")]:
         with pytest.raises(UserError, match=flag):
             TrainConfig(**kwargs)

@@ -73,9 +73,9 @@ MODERN = dataclasses.replace(SEED, dropout=0.0, pos_embedding="rope", norm="rmsn
 
 @pytest.mark.parametrize("platform", PLATFORMS)
 def test_the_modern_recipe_exports_for_accelerators(mesh, platform):
-    """The modern recipe's train step (Muon beside AdamW, bf16 compute) on the data x fsdp mesh, and
+    """The modern recipe's train step (NorMuon beside AdamW, bf16 compute) on the data x fsdp mesh, and
     its decode chunks: cached, crossing block_size, and the rolling RoPE cache ('cache' past it)."""
-    tc = dataclasses.replace(TC, dtype="bfloat16", optimizer="muon")
+    tc = dataclasses.replace(TC, dtype="bfloat16", optimizer="muon", muon_beta2=0.95)
     exported = ex.export_train_step(MODERN, tc, (platform,), mesh, "none")
     assert exported.nr_devices == 8 and "bf16" in exported.mlir_module()
     _assert_clean(exported, f"modern train step ({platform})")

@@ -35,6 +35,28 @@ def test_newton_schulz_matches_torch_and_orthogonalises(shape):
     assert singular.min() > 0.4 and singular.max() < 1.6, (singular.min(), singular.max())
 
 
+@pytest.mark.parametrize("shape", [(2, 96, 32), (2, 32, 96), (3, 16, 16)])
+def test_normuon_matches_torch_keeps_the_norm_and_evens_the_neurons(shape):
+    from jaxgpt.optim import normuon
+    from torchref.optim import normuon as torch_normuon
+
+    rng = np.random.default_rng(2)
+    axis = -1 if shape[-2] >= shape[-1] else -2
+    ours = jnp.zeros_like(jnp.mean(jnp.zeros(shape), axis=axis, keepdims=True))
+    theirs = torch.zeros(tuple(ours.shape))
+    for step in range(3):
+        O = rng.normal(size=shape).astype(np.float32) * rng.uniform(0.1, 3, size=shape[:-2] + (shape[-2], 1)).astype(np.float32)
+        a, ours = normuon(jnp.asarray(O), ours, 0.95)
+        b = torch_normuon(torch.from_numpy(O), theirs, 0.95).numpy()  # updates `theirs` in place
+        np.testing.assert_allclose(np.asarray(a), b, rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), rtol=2e-5, atol=1e-9)
+        # the update keeps each matrix's Frobenius norm; only its share between neurons changes
+        np.testing.assert_allclose(np.linalg.norm(np.asarray(a), axis=(-2, -1)), np.linalg.norm(O, axis=(-2, -1)), rtol=1e-5)
+        if step == 0:  # from zeros, the EMA is this step's mean square times (1 - beta2): every neuron alike
+            rms = np.sqrt(np.mean(np.asarray(a) ** 2, axis=axis))
+            np.testing.assert_allclose(rms / rms.mean(axis=-1, keepdims=True), np.ones_like(rms), rtol=1e-4)
+
+
 def test_fused_qkv_is_orthogonalised_as_three_matrices():
     C = 16
     kernel = np.random.default_rng(1).normal(size=(2, C, 3 * C)).astype(np.float32)  # stacked (L, in, out)

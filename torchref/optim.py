@@ -23,22 +23,55 @@ def newton_schulz(G: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
     return X.mT if tall else X
 
 
-def orthogonalize(name: str, u: torch.Tensor) -> torch.Tensor:
-    """Muon's update for an nn.Linear weight (out, in); c_attn's fused q, k, v are three matrices."""
+def _matrices(name: str, u: torch.Tensor) -> torch.Tensor:
+    """An nn.Linear weight (out, in) as the matrices Muon orthogonalises: c_attn's fused q, k, v are three."""
     if name.endswith("attn.c_attn.weight"):
         out3, fan_in = u.shape
-        O, fan_out = newton_schulz(u.view(3, out3 // 3, fan_in)).view(u.shape), out3 // 3
-    else:
-        O, (fan_out, fan_in) = newton_schulz(u), u.shape
-    return O * max(1.0, fan_out / fan_in) ** 0.5
+        return u.view(3, out3 // 3, fan_in)
+    return u
+
+
+def _neuron_dim(G: torch.Tensor) -> int:
+    return -1 if G.size(-2) >= G.size(-1) else -2
+
+
+def normuon(O: torch.Tensor, second: torch.Tensor, beta2: float) -> torch.Tensor:
+    """NorMuon's per-neuron normalisation (jaxgpt.optim.normuon); updates `second` in place."""
+    dim = _neuron_dim(O)
+    n = O.size(dim)
+    mean_sq = (O * O).mean(dim=dim, keepdim=True)
+    norm = torch.sqrt(mean_sq.sum(dim=(-2, -1), keepdim=True) * n)
+    second.add_((1 - beta2) * (mean_sq - second))  # lerp(second, mean_sq, 1 - beta2)
+    scale = torch.rsqrt(second.clamp_min(1e-10))
+    new_norm = torch.sqrt((mean_sq * n * scale * scale).sum(dim=(-2, -1), keepdim=True))
+    return O * (scale * (norm / new_norm.clamp_min(1e-10)))
+
+
+def orthogonalize(name: str, u: torch.Tensor, second: torch.Tensor | None = None, beta2: float = 0.0) -> torch.Tensor:
+    """Muon's update for an nn.Linear weight (out, in), NorMuon's normalisation when `second` is given."""
+    G = _matrices(name, u)
+    O = newton_schulz(G)
+    if second is not None:
+        O = normuon(O, second, beta2)
+    fan_out, fan_in = G.shape[-2:]
+    return O.reshape(u.shape) * max(1.0, fan_out / fan_in) ** 0.5
 
 
 class Muon(torch.optim.Optimizer):
-    """Momentum, Nesterov, Newton-Schulz, decoupled weight decay: p -= lr * (update + wd * p)."""
+    """Momentum, Nesterov, Newton-Schulz (NorMuon with beta2 > 0), decoupled weight decay: p -= lr * (update + wd * p)."""
 
-    def __init__(self, named: list[tuple[str, torch.nn.Parameter]], lr: float, momentum: float, weight_decay: float):
-        self.names = {id(p): n for n, p in named}
+    def __init__(self, named: list[tuple[str, torch.nn.Parameter]], lr: float, momentum: float, weight_decay: float,
+                 beta2: float = 0.0):
+        self.names, self.beta2 = {id(p): n for n, p in named}, beta2  # beta2 > 0: NorMuon
         super().__init__([p for _, p in named], dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    def _second(self, p: torch.nn.Parameter) -> torch.Tensor | None:
+        if not self.beta2:
+            return None
+        if "second_moment" not in self.state[p]:
+            G = _matrices(self.names[id(p)], p)
+            self.state[p]["second_moment"] = torch.zeros_like(G.mean(dim=_neuron_dim(G), keepdim=True))
+        return self.state[p]["second_moment"]
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # type: ignore[override]
@@ -49,7 +82,8 @@ class Muon(torch.optim.Optimizer):
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
                 buf.add_((1 - beta) * (g - buf))  # lerp(buf, g, 1 - beta)
                 u = g + beta * (buf - g)  # Nesterov: lerp(g, buf, beta)
-                p.sub_(group["lr"] * (orthogonalize(self.names[id(p)], u) + group["weight_decay"] * p))
+                O = orthogonalize(self.names[id(p)], u, self._second(p), self.beta2)
+                p.sub_(group["lr"] * (O + group["weight_decay"] * p))
 
 
 class MuonAdamW:
@@ -60,7 +94,7 @@ class MuonAdamW:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         hidden = [(n, p) for n, p in named if n.startswith("transformer.h.") and p.dim() == 2]
         rest = [p for n, p in named if not (n.startswith("transformer.h.") and p.dim() == 2)]
-        self.muon = Muon(hidden, tc.muon_lr, tc.muon_momentum, tc.weight_decay)
+        self.muon = Muon(hidden, tc.muon_lr, tc.muon_momentum, tc.weight_decay, tc.muon_beta2)
         self.adamw = adamw([p for p in rest if p.dim() >= 2], [p for p in rest if p.dim() < 2], tc)
         self.muon.param_groups[0]["muon"] = True
         self.param_groups = self.adamw.param_groups + self.muon.param_groups
