@@ -7,8 +7,8 @@ Nesterov u = lerp(g, buf, beta), a quintic Newton-Schulz iteration (5 steps) on
 u / (||u||_F + eps) that orthogonalises it, the update scaled by sqrt(max(1, fan_out / fan_in)),
 and decoupled weight decay. With --muon_beta2 > 0, NorMuon (Li et al. 2025, arXiv:2510.05491, as
 modded-nanogpt runs it): each orthogonalised matrix is divided per neuron (its rows, or its columns
-when it has more columns than rows) by the root of an EMA of their mean squares, then rescaled to its
-Frobenius norm before. optax.contrib.muon (bias-corrected Nesterov) and torch.optim.Muon
+when it has more columns than rows) by the root of an EMA of their mean squares, then rescaled to the
+Frobenius norm it had before. optax.contrib.muon (bias-corrected Nesterov) and torch.optim.Muon
 (bfloat16 Newton-Schulz) are different enough that neither could carry a 1e-5 parity claim.
 """
 from __future__ import annotations
@@ -162,8 +162,7 @@ def muon(tc: TrainConfig) -> optax.GradientTransformation:
             return updates, MuonState(step, buf)
         pairs = jax.tree_util.tree_map_with_path(lambda kp, u, s: muon_direction(_path(kp), u, s, beta2), nesterov,
                                                  state.second)
-        direction, second = (jax.tree.map(lambda pair, i=i: pair[i], pairs, is_leaf=lambda x: type(x) is tuple)
-                             for i in (0, 1))
+        direction, second = jax.tree.transpose(jax.tree.structure(nesterov), jax.tree.structure((0, 0)), pairs)
         updates = jax.tree.map(lambda o, p: -lr * (o + tc.weight_decay * p), direction, params)
         return updates, NorMuonState(step, buf, second)
 
