@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import functools
+import gc
 import json
 import logging
 import sys
@@ -37,8 +40,21 @@ def _quiet_background_failures() -> None:
     sys.unraisablehook = lambda args: None if benign(args.exc_value) else unraisable_hook(args)
 
 
+@functools.cache
+def _freeze_heap_at_exit() -> None:
+    """At exit, freeze the heap so the interpreter's shutdown skips its full garbage collections.
+
+    With JAX, flax and orbax loaded, those collections walk every object of a large heap: ~0.4 s of
+    every CLI process on a 2-core VM (BENCHMARKS.md, "Start-up and exit"). Objects are still freed
+    by reference counting as the modules are torn down; only those in reference cycles are left to
+    the operating system, and Python never promises finalizers for objects alive at exit. Registered
+    once, before the run, so it runs after the exit handlers the run registers (last in, first out)."""
+    atexit.register(gc.freeze)
+
+
 def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
     """Call main(argv); a UserError prints `error: ...` (traceback only with --debug) and exits 2."""
+    _freeze_heap_at_exit()
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     # orbax logs routine notices as absl warnings, and a failed background write as an absl error with its

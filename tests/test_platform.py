@@ -31,6 +31,19 @@ def test_importing_every_jaxgpt_module_leaves_the_environment_unchanged():
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {}, "importing jaxgpt changed os.environ"
 
 
+def test_a_cli_freezes_its_heap_at_exit_and_importing_jaxgpt_does_not():
+    """The interpreter's shutdown collections cost every CLI process ~0.4 s (jaxgpt.cli); the CLIs
+    skip them, importing the library never does."""
+    code = ("import atexit, gc; seen = []; register = atexit.register\n"
+            "atexit.register = lambda f, *a, **k: (seen.append(f), register(f, *a, **k))[1]\n"
+            "import jaxgpt.cli, jaxgpt.train; imported = gc.freeze in seen\n"
+            "try:\n    jaxgpt.cli.run(lambda argv: 0, [])\n"
+            "except SystemExit as e:\n    print(imported, seen.count(gc.freeze), e.code)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["False", "1", "0"]
+
+
 def test_cpu_options_are_per_compilation_and_an_unsupported_one_is_one_notice(tmp_path):
     """A jaxlib that rejects an option (here: a made-up one) costs a notice line, not the run."""
     prepare_text(synthetic_corpus(5_000).astype(np.uint8).tobytes(), tmp_path / "data" / "synth", "synthetic")
