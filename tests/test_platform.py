@@ -20,14 +20,20 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
 
 
+def _python(code: str, *args: str, cwd: Path = ROOT, timeout: int = 120) -> subprocess.CompletedProcess:
+    """`python -c code args` in a fresh interpreter (what it imports and changes stays there); it must succeed."""
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
 def test_importing_every_jaxgpt_module_leaves_the_environment_unchanged():
     code = ("import os, pkgutil, importlib, json; before = dict(os.environ); import jaxgpt\n"
             "for m in pkgutil.iter_modules(jaxgpt.__path__): importlib.import_module('jaxgpt.' + m.name)\n"
             "import jax; jax.devices()\n"
             "after = dict(os.environ); print(json.dumps({k: [before.get(k), after.get(k)] for k in set(before) | set(after)"
             " if before.get(k) != after.get(k)}))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _python(code)
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {}, "importing jaxgpt changed os.environ"
 
 
@@ -39,8 +45,7 @@ def test_a_cli_freezes_its_heap_at_exit_and_importing_jaxgpt_does_not():
             "import jaxgpt.cli, jaxgpt.train; imported = gc.freeze in seen\n"
             "try:\n    jaxgpt.cli.run(lambda argv: 0, [])\n"
             "except SystemExit as e:\n    print(imported, seen.count(gc.freeze), e.code)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _python(code)
     assert proc.stdout.split() == ["False", "1", "0"]
 
 
@@ -52,8 +57,7 @@ def test_cpu_options_are_per_compilation_and_an_unsupported_one_is_one_notice(tm
             f"sys.argv = ['train.py', '--dataset=synth', '--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=16',"
             f" '--batch_size=4', '--max_iters=2', '--eval_iters=1', '--progress=false', '--plot=false']\n"
             f"runpy.run_path({str(ROOT / 'scripts' / 'train.py')!r}, run_name='__main__')")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _python(code, cwd=tmp_path, timeout=300)
     notices = [l for l in proc.stderr.splitlines() if l.startswith("notice:")]
     assert len(notices) == 1 and "xla_cpu_option_from_the_future" in notices[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
@@ -159,7 +163,6 @@ def test_tuned_host_allocator_stops_the_step_from_faulting_its_buffers_back_in()
     window, tuned 0-0.1; one CI run under the compile tier's load once saw 1,858 in a single 20-step window)."""
     faults = {}
     for mode in ("untuned", "tuned"):
-        proc = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, timeout=300, cwd=ROOT)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        proc = _python(FAULTS, mode, timeout=300)
         faults[mode] = float(proc.stdout.strip().splitlines()[-1])
     assert faults["untuned"] > 5000 and faults["tuned"] < 0.1 * faults["untuned"], faults
