@@ -45,7 +45,7 @@ def _freeze_heap_at_exit() -> None:
     """At exit, freeze the heap so the interpreter's shutdown skips its full garbage collections.
 
     With JAX, flax and orbax loaded, those collections walk every object of a large heap: ~0.4 s of
-    every CLI process on a 2-core VM (BENCHMARKS.md, "Start-up and exit"). Objects are still freed
+    every CLI process on a 2-core VM (BENCHMARKS.md, "Time to quality, seventh lap"). Objects are still freed
     by reference counting as the modules are torn down; only those in reference cycles are left to
     the operating system, and Python never promises finalizers for objects alive at exit. Registered
     once, before the run, so it runs after the exit handlers the run registers (last in, first out)."""
