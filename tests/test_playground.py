@@ -42,7 +42,7 @@ def _browser():
 def page(tmp_path_factory):
     work = served.tiny_model(tmp_path_factory.mktemp("playground"))
     browser = _browser()
-    server = served.Served(work / "run", work, "--slots=2", "--api_key=secret", "--max_tokens=100000",
+    server = served.Served(work / "run", work, "--slots=2", "--api_key=secret", "--max_tokens=10000000",
                            "--model_name=tiny-shakespeare")
     try:
         browser.get(f"{server.url}/")
@@ -62,9 +62,14 @@ def _fill(browser, **values: str) -> None:
 
 
 def _status(browser, pattern: str, timeout: float = 120) -> str:
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
-    WebDriverWait(browser, timeout).until(lambda b: re.search(pattern, b.find_element(By.ID, "status").text))
+    try:
+        WebDriverWait(browser, timeout).until(lambda b: re.search(pattern, b.find_element(By.ID, "status").text))
+    except TimeoutException:
+        raise AssertionError(f"the page's status did not match {pattern!r} in {timeout:.0f} s: it shows "
+                             f"{browser.find_element(By.ID, 'status').text!r}") from None
     return browser.find_element(By.ID, "status").text
 
 
@@ -93,14 +98,24 @@ def test_the_page_generates_what_generate_py_does_and_shows_tokens_per_second(pa
 def test_stop_ends_a_long_generation_and_a_wrong_key_is_shown(page):
     from selenium.webdriver.common.by import By
     browser, server, _ = page
-    _fill(browser, prompt="x", temperature="1", seed="", max_tokens="100000", api_key="secret")
+    # ten million tokens: minutes even at a tiny model's tens of thousands a second, so Stop lands mid-stream;
+    # the page draws once a frame, so it stays responsive while the text grows
+    _fill(browser, prompt="x", temperature="1", seed="7", max_tokens="10000000", api_key="secret")
     browser.find_element(By.ID, "generate").click()
     _status(browser, r"generating")
-    deadline = time.time() + 30
-    while server.health("secret")["slots_in_use"] == 0 and time.time() < deadline:
-        time.sleep(0.05)
+    shown = "return document.getElementById('output').textContent.length"
+    deadline = time.time() + 60
+    while browser.execute_script(shown) < 12_000 and time.time() < deadline:  # a few of the page's blocks
+        time.sleep(0.1)
+    assert server.health("secret")["slots_in_use"] == 1
     browser.find_element(By.ID, "stop").click()
     assert _status(browser, r"^stopped") == "stopped"
+    blocks = browser.execute_script("return [...document.querySelectorAll('#output > .block')]"
+                                    ".map((b) => [b.textContent, b.firstChild.className])")
+    assert len(blocks) >= 3, f"{len(blocks)} blocks: the page must draw a long stream in blocks"
+    assert blocks[0][0].startswith("x") and blocks[0][1] == "prompt", blocks[0][0][:40]
+    for text, _ in blocks[:-1]:  # each block holds about a screenful and ends at a newline
+        assert len(text) >= 4000 and text.endswith("\n"), (len(text), text[-20:])
     deadline = time.time() + 20
     while server.health("secret")["slots_in_use"] and time.time() < deadline:
         time.sleep(0.1)
