@@ -12,6 +12,14 @@ from flax import nnx
 from jaxgpt import GPT, GPTConfig
 from jaxgpt.platform import use_compile_cache
 
+# Every test process compiles with XLA:CPU's LLVM backend at -O0 instead of its default -O3 (the CLIs,
+# workers and subprocesses inherit it): the suite is mostly compiling tiny programs once each, and -O0
+# compiles them in about a third of the time; their steps run slower (the CPU preset's at about half
+# speed), but the suite took 0.73x the CPU of -O3 (-O1: 0.87x; BENCHMARKS.md, "The test suite at -O0").
+# It changes how LLVM lowers XLA's kernels, not the HLO program. A level already in XLA_FLAGS wins:
+# XLA_FLAGS=--xla_backend_optimization_level=3 runs the suite compiled as users' runs are.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 # The CLIs keep JAX's compilation cache under $XDG_CACHE_HOME; give the test session its own (the
 # CLI subprocesses and pytest-xdist workers inherit it), so tests neither read nor fill the user's
 # cache, and every session's CLIs start cold, as a user's first run does.

@@ -19,7 +19,7 @@ ap.add_argument("--coordinator", help="host:port for a multi-process run")
 ap.add_argument("--num_processes", type=int, default=1)
 ap.add_argument("--process_id", type=int, default=0)
 args = ap.parse_args()
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -30,8 +30,9 @@ def host_dir(root: Path, name: str) -> Path:
 
 
 def env_for(gcs: Emulator, devices: int = 1) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TENSORSTORE", "GOOGLE_", "XLA_FLAGS"))}
-    env.update(STORAGE_EMULATOR_HOST=gcs.url, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TENSORSTORE", "GOOGLE_"))}
+    env.update(STORAGE_EMULATOR_HOST=gcs.url,
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}")
     return env
 
 

@@ -53,7 +53,7 @@ def test_losses_agree_across_meshes(data_dir, tmp_path, single, mesh):
 
 def test_parameters_and_optimizer_state_are_really_sharded():
     code = textwrap.dedent("""
-        import os; os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+        import os; os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
         import jax
         from jaxgpt import GPTConfig, TrainConfig
         from jaxgpt.sharding import make_mesh
