@@ -91,7 +91,9 @@ class CausalSelfAttention(nnx.Module):
         self.q_norm = nnx.RMSNorm(cfg.head_dim, epsilon=cfg.layer_norm_epsilon, rngs=rngs) if cfg.qk_norm else None
         self.k_norm = nnx.RMSNorm(cfg.head_dim, epsilon=cfg.layer_norm_epsilon, rngs=rngs) if cfg.qk_norm else None
         # value embeddings: v = ve_lambda[0] * v + ve_lambda[1] * (this layer's table row, or zeros)
-        self.ve_lambda = nnx.Param(jnp.full((2,), 0.5)) if cfg.value_embeds else None
+        # float32, not the weak type jnp.full(.., 0.5) gives: the step's output state is strongly typed,
+        # so a weak input made every run compile its train step twice (and its eval step again)
+        self.ve_lambda = nnx.Param(jnp.full((2,), 0.5, jnp.float32)) if cfg.value_embeds else None
         self.c_proj = _linear(cfg.n_embd, cfg.n_embd, resid_std, cfg, rngs, zero=cfg.zero_init_proj)
         self.attn_dropout = nnx.Dropout(cfg.dropout)
         self.resid_dropout = nnx.Dropout(cfg.dropout)
