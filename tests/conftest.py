@@ -20,6 +20,13 @@ from jaxgpt.platform import use_compile_cache
 # XLA_FLAGS=--xla_backend_optimization_level=3 runs the suite compiled as users' runs are.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+# PyTorch runs its CPU ops on one thread in every test process (and the CLIs and notebook kernels they
+# start): the suite runs a pytest-xdist worker per core, and a second OpenMP thread per worker only
+# spins on a core that the other worker is using. Measured with one other busy process on a 2-core VM,
+# the recipe's Muon parity row took 11.2 s with PyTorch's default threads, 6.3 s with one (alone: 6.0 s,
+# 5.9 s). XLA's own thread pool does not suffer so (a JAX-only 300 steps: 4.8 s alone, 5.5 s beside it).
+# OMP_NUM_THREADS already set wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The CLIs keep JAX's compilation cache under $XDG_CACHE_HOME; give the test session its own (the
 # CLI subprocesses and pytest-xdist workers inherit it), so tests neither read nor fill the user's
 # cache, and every session's CLIs start cold, as a user's first run does.
