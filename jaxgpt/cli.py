@@ -102,6 +102,25 @@ def add_compile_cache_flag(parser: argparse.ArgumentParser) -> None:
                              "under $XDG_CACHE_HOME when set)")
 
 
+def add_plan_flags(parser: Any, compile_only_help: str) -> None:
+    """--target, --compile_only and --json (train.py and serve.py): the script's programs compiled for an
+    accelerator (jaxgpt.aot) and reported instead of run. `parser`: a parser or an argument group."""
+    parser.add_argument("--target", help="plan for this accelerator instead of this host's devices: a Cloud TPU type "
+                                         "(v4-8, v5e-8 = v5litepod-8, v5e-16, v5p-8, v6e-8, ...) or GPUs (h100, h100x8, "
+                                         "h200x8, a100x8, b200x8, h100x16 = 2 hosts); needs --compile_only")
+    parser.add_argument("--compile_only", action="store_true", help=compile_only_help)
+    parser.add_argument("--json", action="store_true", help="with --compile_only: the plan as one JSON object on stdout")
+
+
+def check_plan_flags(args: argparse.Namespace) -> None:
+    """--target and --json only go with --compile_only: one error line saying what to add."""
+    if args.target and not args.compile_only:
+        raise UserError(f"--target={args.target} plans a run for other chips: add --compile_only (run the same command "
+                        f"without --target and --compile_only on the {args.target} itself)")
+    if args.json and not args.compile_only:
+        raise UserError("--json prints the --compile_only plan; add --compile_only")
+
+
 def apply_compile_cache(setting: str) -> None:
     from jaxgpt.platform import use_compile_cache
     use_compile_cache(setting)

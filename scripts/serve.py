@@ -43,15 +43,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--body_timeout", type=float, default=30.0, help="seconds a request's body may take to arrive")
     p.add_argument("--no_ui", action="store_true", help="no playground page at GET /")
     p.add_argument("--shutdown_grace", type=float, default=10.0, help="seconds SIGTERM waits for requests in flight")
-    p.add_argument("--target", help="with --compile_only: plan for this accelerator (as train.py --target: v5e-8, h100, ...)")
-    p.add_argument("--compile_only", action="store_true",
-                   help="compile the engine's decode step at every width and its prefill over the KV cache of --slots "
-                        "sequences, print memory per device, and exit (0: fits, 1: does not)")
-    p.add_argument("--json", action="store_true", help="with --compile_only: the plan as one JSON object on stdout")
+    cli.add_plan_flags(p, "compile the engine's decode step at every width and its prefill over the KV cache of --slots "
+                          "sequences, print memory per device, and exit (0: fits, 1: does not)")
     cli.add_compile_cache_flag(p)
     args = p.parse_args(argv)
-    if (args.target or args.json) and not args.compile_only:
-        raise UserError("--target and --json go with --compile_only")
+    cli.check_plan_flags(args)
     for name in ("slots", "chunk", "max_queue", "max_tokens", "max_prompt_tokens", "max_connections"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")

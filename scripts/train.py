@@ -19,7 +19,6 @@ from flax import nnx
 from jaxgpt import GPTConfig, TrainConfig, cli, paths
 from jaxgpt.config import base_values, explicit_flags, make_parser
 from jaxgpt.data import prepare_if_missing, read_meta
-from jaxgpt.errors import UserError
 from jaxgpt.model import crop_block_size
 from jaxgpt.platform import tune_host_allocator
 from jaxgpt.rundir import resolve_configs
@@ -37,23 +36,14 @@ def main(argv: list[str]) -> int:
     dist.add_argument("--num_processes", type=int, help="total processes (with --coordinator_address)")
     dist.add_argument("--process_id", type=int, help="this process's index (with --coordinator_address)")
     plan = parser.add_argument_group("ahead-of-time plan: the run's programs compiled by the target's own compiler")
-    plan.add_argument("--target", help="plan for this accelerator instead of this host's devices: a Cloud TPU type "
-                                       "(v4-8, v5e-8 = v5litepod-8, v5e-16, v5p-8, v6e-8, ...) or GPUs (h100, h100x8, "
-                                       "h200x8, a100x8, b200x8, h100x16 = 2 hosts); needs --compile_only")
-    plan.add_argument("--compile_only", action="store_true",
-                      help="compile the train step, eval step and generation chunk, print memory per device, FLOPs and a "
-                           "roofline bound, and exit (0: fits, 1: does not); reads no data, writes nothing")
-    plan.add_argument("--json", action="store_true", help="with --compile_only: the plan as one JSON object on stdout")
+    cli.add_plan_flags(plan, "compile the train step, eval step and generation chunk, print memory per device, FLOPs "
+                             "and a roofline bound, and exit (0: fits, 1: does not); reads no data, writes nothing")
     cli.add_compile_cache_flag(parser)
     args = parser.parse_args(argv)
     batch_auto = args.batch_size == "auto"  # the largest per-device batch that fits, accumulation filling the rest
     if batch_auto:
         args.batch_size = None
-    if args.target and not args.compile_only:
-        raise UserError(f"--target={args.target} plans a run for other chips: add --compile_only (run the same command "
-                        f"without --target and --compile_only on the {args.target} itself)")
-    if args.json and not args.compile_only:
-        raise UserError("--json prints the --compile_only plan; add --compile_only")
+    cli.check_plan_flags(args)
     if args.target:  # compile for the target's chips from this host: JAX itself stays on the CPU
         compile_here(args.target)
     else:

@@ -120,6 +120,11 @@ def test_target_flags_are_refused_with_one_line(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], \
             (args, proc.stderr[-1500:])
+    for args in (["--target=v5e-8"], ["--json"]):  # serve.py's plan flags are the same (jaxgpt.cli.add_plan_flags)
+        proc = launch.run([sys.executable, str(ROOT / "scripts" / "serve.py"), "--checkpoint=absent", *args],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and "add --compile_only" in lines[0], (args, proc.stderr[-1500:])
     assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists(), "a plan wrote something"
 
 
