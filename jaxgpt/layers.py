@@ -91,8 +91,8 @@ class CausalSelfAttention(nnx.Module):
         self.q_norm = nnx.RMSNorm(cfg.head_dim, epsilon=cfg.layer_norm_epsilon, rngs=rngs) if cfg.qk_norm else None
         self.k_norm = nnx.RMSNorm(cfg.head_dim, epsilon=cfg.layer_norm_epsilon, rngs=rngs) if cfg.qk_norm else None
         # value embeddings: v = ve_lambda[0] * v + ve_lambda[1] * (this layer's table row, or zeros)
-        # float32, not the weak type jnp.full(.., 0.5) gives: the step's output state is strongly typed,
-        # so a weak input made every run compile its train step twice (and its eval step again)
+        # float32, not the weak type jnp.full(.., 0.5) gives: a step's output state is strongly typed, so a
+        # weak leaf made a jitted train or eval step compile again on its second call (parity's twins, notebooks)
         self.ve_lambda = nnx.Param(jnp.full((2,), 0.5, jnp.float32)) if cfg.value_embeds else None
         self.c_proj = _linear(cfg.n_embd, cfg.n_embd, resid_std, cfg, rngs, zero=cfg.zero_init_proj)
         self.attn_dropout = nnx.Dropout(cfg.dropout)

@@ -24,7 +24,7 @@ def test_the_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     # The kernel trains 300 steps of the CPU preset's model: at the suite's LLVM -O0 (tests/conftest.py) its
     # steps run at half speed; -O1 compiles nearly as fast and runs them at -O3's speed (this test alone on a
-    # 2-core Xeon VM: 54.7 s of CPU at -O0, 41.6 s at -O1). Any other level in XLA_FLAGS is left as it is.
+    # 2-core Xeon VM: 54.7 s of CPU at -O0, 42.0 s at -O1). Any other level in XLA_FLAGS is left as it is.
     flags = os.environ.get("XLA_FLAGS", "")
     monkeypatch.setenv("XLA_FLAGS", flags.replace("--xla_backend_optimization_level=0", "--xla_backend_optimization_level=1"))
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()

@@ -145,13 +145,14 @@ def test_a_fresh_state_of_every_recipe_is_strongly_typed_so_the_step_compiles_on
     from jaxgpt.config import RECIPES
 
     fields = {f.name for f in dataclasses.fields(GPTConfig)}
-    modern = {k: v for k, v in RECIPES["modern"].items() if k in fields}
-    tc = TrainConfig(**{k: v for k, v in RECIPES["modern"].items() if k not in fields}, batch_size=2, remat="none")
-    graphdef, _, state = init_state(dataclasses.replace(MODEL, n_layer=2, **modern), tc)
-    weak = [jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_leaves_with_path(state) if v.weak_type]
-    assert not weak, f"weakly typed leaves in a fresh state: {weak}"
-    step = make_train_step(graphdef, make_optimizer(tc), tc)
-    x = jnp.zeros((1, 2, MODEL.block_size), jnp.int32)
-    for i in range(2):
-        state, _ = step(state, x, x, i)
-    assert step._cache_size() == 1, f"the train step was compiled {step._cache_size()} times"
+    for name, recipe in RECIPES.items():
+        model = {k: v for k, v in recipe.items() if k in fields}
+        tc = TrainConfig(**{k: v for k, v in recipe.items() if k not in fields}, batch_size=2, remat="none")
+        graphdef, _, state = init_state(dataclasses.replace(MODEL, n_layer=2, **model), tc)
+        weak = [jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_leaves_with_path(state) if v.weak_type]
+        assert not weak, f"{name}: weakly typed leaves in a fresh state: {weak}"
+        step = make_train_step(graphdef, make_optimizer(tc), tc)
+        x = jnp.zeros((1, 2, MODEL.block_size), jnp.int32)
+        for i in range(2):
+            state, _ = step(state, x, x, i)
+        assert step._cache_size() == 1, f"{name}: the train step was compiled {step._cache_size()} times"
