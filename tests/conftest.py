@@ -83,8 +83,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):  # type: ignore[no-untyped-def]
-    """With JAXGPT_TEST_CPU_REPORT=file: one JSON line per test with its wall and CPU seconds (this
-    process, its subprocesses, and its CLIs forked from the zygote) -- where the suite's time goes."""
+    """With JAXGPT_TEST_CPU_REPORT=file: one JSON line per test with its worker, start (epoch s), wall and
+    CPU seconds (this process, its subprocesses, and its CLIs forked from the zygote) -- where the suite's
+    time goes, and when each worker sat idle."""
     report = os.environ.get("JAXGPT_TEST_CPU_REPORT")
     if not report:
         yield
@@ -98,11 +99,12 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):  #
     def cpu() -> tuple[float, float]:
         own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime + launch.child_cpu_s
-    wall, (own, kids) = time.perf_counter(), cpu()
+    start, wall, (own, kids) = time.time(), time.perf_counter(), cpu()
     yield
     own2, kids2 = cpu()
     with open(report, "a") as f:
-        f.write(json.dumps({"test": item.nodeid, "wall_s": round(time.perf_counter() - wall, 2),
+        f.write(json.dumps({"test": item.nodeid, "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
+                            "start": round(start, 2), "wall_s": round(time.perf_counter() - wall, 2),
                             "cpu_s": round(own2 - own, 2), "children_cpu_s": round(kids2 - kids, 2)}) + "\n")
 
 
