@@ -70,9 +70,7 @@ def committed(gcs: Emulator, url: str, step: int) -> bool:
 
 def test_a_run_on_gcs_writes_resumes_after_sigkill_and_sigterm_and_is_used_from_gcs(gcs, bucket, tmp_path):
     host = host_dir(tmp_path, "host")
-    finish(train(host, gcs, "--max_iters=16", "--out_dir=out/reference"))
-    reference = [tuple(json.loads(l)[k] if k != "val_loss" else json.loads(l).get(k) for k in ("step", "train_loss", "val_loss"))
-                 for l in (host / "out" / "reference" / "metrics.jsonl").read_text().splitlines()]
+    uninterrupted = train(host, gcs, "--max_iters=16", "--out_dir=out/reference")  # beside the run on gs://
     run = f"{bucket}/single"
     proc = train(host, gcs, "--max_iters=16", f"--out_dir={run}")
     wait_for(lambda: committed(gcs, run, 4) and any(s >= 6 for s, *_ in metrics(gcs, run)), proc)
@@ -84,6 +82,9 @@ def test_a_run_on_gcs_writes_resumes_after_sigkill_and_sigterm_and_is_used_from_
     err = finish(proc, 143)
     assert "checkpoint saved in gs://jaxgpt-test/single/checkpoints/" in err
     finish(train(host, gcs, "--max_iters=16", f"--out_dir={run}", "--resume"))
+    finish(uninterrupted)
+    reference = [tuple(json.loads(l)[k] if k != "val_loss" else json.loads(l).get(k) for k in ("step", "train_loss", "val_loss"))
+                 for l in (host / "out" / "reference" / "metrics.jsonl").read_text().splitlines()]
     assert metrics(gcs, run) == reference, "the interrupted run on gs:// differs from the uninterrupted one"
     assert {"config.json", "loss.png", "metrics.jsonl"} <= set(gcs.names(run))
     assert not list(host.glob("gs*")), "a local folder named after the bucket was created"
@@ -127,47 +128,51 @@ def test_data_on_gcs_is_copied_once_and_checked_by_hash(gcs, bucket, tmp_path):
 
 
 def test_storage_faults_are_retried_stalls_time_out_and_a_failed_save_keeps_the_last_checkpoint(gcs, bucket, tmp_path):
-    """Through a fault-injecting proxy in front of the emulator (loopback): (1) 6 % of requests answered
+    """Through fault-injecting proxies in front of the emulator (loopback): (1) 6 % of requests answered
     429/500/503 or dropped (~25 faults of every kind over the ~430 requests of an 8-step run; each costs a
     client back-off of 1-2 s, so 15 % spent a minute waiting): the run completes, losses as without faults; (2) an endpoint that accepts
     connections but never answers: --resume ends in one line, within the timeouts, instead of hanging;
     (3) writes refused for good mid-run: one line naming the intact checkpoint, and --resume=auto
-    continues from it once the storage answers again."""
+    continues from it once the storage answers again. The three are runs of their own, each behind its own
+    proxy, and run at once: (1) and (2) spend most of their time waiting (back-offs, timeouts)."""
     host = host_dir(tmp_path, "host")
-    proxy = FaultProxy(gcs.url, seed=3)
-    env = {**env_for(gcs), "STORAGE_EMULATOR_HOST": proxy.url, "JAXGPT_GCS_TIMEOUT": "3"}
-    run = f"{bucket}/faulty"
+    flaky, stalled, refusing = (FaultProxy(gcs.url, seed=3) for _ in range(3))
 
-    def start(*args: str) -> subprocess.Popen:
-        return launch.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *FLAGS, f"--out_dir={run}", *args],
-                                cwd=host, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def start(proxy: FaultProxy, run: str, *args: str) -> subprocess.Popen:
+        env = {**env_for(gcs), "STORAGE_EMULATOR_HOST": proxy.url, "JAXGPT_GCS_TIMEOUT": "3"}
+        return launch.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *FLAGS, f"--out_dir={bucket}/{run}", *args],
+                            cwd=host, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        flaky.set(fail=0.045, drop=0.015)
+        faulty = start(flaky, "faulty", "--max_iters=8")
+        stalled.set(stall=1.0)
+        t = time.time()
+        gave_up = start(stalled, "stalled", "--max_iters=12", "--resume")
         finish(train(host, gcs, "--max_iters=8", "--out_dir=out/clean"))
         clean = [(r["step"], r["train_loss"]) for r in map(json.loads, (host / "out/clean/metrics.jsonl").read_text().splitlines())]
-        proxy.set(fail=0.045, drop=0.015)
-        finish(start("--max_iters=8"), timeout=600)
-        faults = {k: v for k, v in proxy.counts.items() if k != "requests"}
-        kinds = {"status 429", "status 500", "status 503", "dropped"}
-        assert sum(faults.values()) >= 10 and kinds <= faults.keys(), proxy.counts
-        assert [(s, loss) for s, loss, _ in metrics(gcs, run)] == clean and committed(gcs, run, 8)
 
-        proxy.set(stall=1.0)
-        t = time.time()
-        err = finish(start("--max_iters=12", "--resume"), 2, timeout=300)
-        lines = [line for line in err.splitlines() if line.strip()]
-        assert len(lines) == 1 and lines[0].startswith("error: cannot reach gs://jaxgpt-test/faulty"), err[-2000:]
-        assert time.time() - t < 120, f"gave up only after {time.time() - t:.0f} s"
-
-        proxy.set()
-        proc = start("--max_iters=16", "--resume=auto")
-        wait_for(lambda: any(s >= 10 for s, *_ in metrics(gcs, run)), proc)
-        proxy.set(fail=1.0, codes=(403,), methods=("POST", "PUT"))
+        proc = start(refusing, "refused", "--max_iters=16", "--resume=auto")
+        wait_for(lambda: any(s >= 10 for s, *_ in metrics(gcs, f"{bucket}/refused")), proc)
+        refusing.set(fail=1.0, codes=(403,), methods=("POST", "PUT"))
         err = finish(proc, 2, timeout=300)
         lines = [line for line in err.splitlines() if line.strip()]
         # the first write refused may be the checkpoint's or the metrics' (timing): either way one line saying what is intact
         assert len(lines) == 1 and lines[0].startswith("error: ") and "is intact" in lines[0], err[-2000:]
-        proxy.set()
-        out = finish(start("--max_iters=16", "--resume=auto"), timeout=300)
-        assert committed(gcs, run, 16) and [s for s, *_ in metrics(gcs, run)] == list(range(1, 17)), out[-2000:]
+        refusing.set()
+        out = finish(start(refusing, "refused", "--max_iters=16", "--resume=auto"), timeout=300)
+        assert committed(gcs, f"{bucket}/refused", 16), out[-2000:]
+        assert [s for s, *_ in metrics(gcs, f"{bucket}/refused")] == list(range(1, 17)), out[-2000:]
+
+        err = finish(gave_up, 2, timeout=300)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: cannot reach gs://jaxgpt-test/stalled"), err[-2000:]
+        assert time.time() - t < 120, f"gave up only after {time.time() - t:.0f} s"
+
+        finish(faulty, timeout=600)
+        faults = {k: v for k, v in flaky.counts.items() if k != "requests"}
+        kinds = {"status 429", "status 500", "status 503", "dropped"}
+        assert sum(faults.values()) >= 10 and kinds <= faults.keys(), flaky.counts
+        assert [(s, loss) for s, loss, _ in metrics(gcs, f"{bucket}/faulty")] == clean and committed(gcs, f"{bucket}/faulty", 8)
     finally:
-        proxy.close()
+        for proxy in (flaky, stalled, refusing):
+            proxy.close()
