@@ -20,11 +20,14 @@ from jaxgpt.platform import use_compile_cache
 # XLA_FLAGS=--xla_backend_optimization_level=3 runs the suite compiled as users' runs are.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
-# XLA:CPU's older loop emitters for fusions instead of its MLIR fusion emitters: the same HLO program,
-# compiled in about half the time (a tiny CLI training run: 5.8 s of CPU -> 3.6 s, its compile 1.9 s -> 0.9 s;
-# its losses equal to the last bit or one ulp apart). A setting already in XLA_FLAGS wins, as above.
-if "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
+# XLA:CPU's older loop emitters for fusions instead of its MLIR fusion emitters, and each program's LLVM
+# module compiled whole instead of split into parts for threads (a worker per core leaves none spare):
+# the same HLO program, compiled in about half the time. A tiny CLI training run, 2-core Xeon VM: 5.8 s
+# of CPU -> 3.6 s with the first, 3.9 -> 3.6 s with the second (four fresh processes each); its losses
+# equal to the last bit or one ulp apart. A setting already in XLA_FLAGS wins, as above.
+for _flag, _value in (("xla_cpu_use_fusion_emitters", "false"), ("xla_cpu_parallel_codegen_split_count", "1")):
+    if _flag not in os.environ["XLA_FLAGS"]:
+        os.environ["XLA_FLAGS"] += f" --{_flag}={_value}"
 # PyTorch runs its CPU ops on one thread in every test process (and the CLIs and notebook kernels they
 # start): the suite runs a pytest-xdist worker per core, and a second OpenMP thread per worker only
 # spins on a core that the other worker is using. Measured with one other busy process on a 2-core VM,
