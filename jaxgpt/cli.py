@@ -65,9 +65,9 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
     if not debug:
         _quiet_background_failures()
     from jaxgpt.paths import configure_gcs
-    configure_gcs()  # STORAGE_EMULATOR_HOST -> every Cloud Storage client; quiet clients
     argv = [a for a in argv if a != "--debug"]
     try:
+        configure_gcs()  # STORAGE_EMULATOR_HOST -> every Cloud Storage client; quiet clients
         code = main(argv)
     except UserError as e:
         if debug:

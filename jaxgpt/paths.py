@@ -29,7 +29,20 @@ GCS = "gs://"
 # Cloud Storage: a request that gets no answer for this long fails (gcsfs and tensorstore) instead of hanging
 # the job; gcsfs and tensorstore retry 429/5xx and dropped connections with backoff themselves, and
 # retrying() below retries what still fails. JAXGPT_GCS_TIMEOUT overrides it (seconds).
-GCS_TIMEOUT_S = float(os.environ.get("JAXGPT_GCS_TIMEOUT", "60"))
+GCS_TIMEOUT_S = 60.0
+
+
+def gcs_timeout_s() -> float:
+    """The Cloud Storage request timeout: JAXGPT_GCS_TIMEOUT, read when a client is configured (not at
+    import, so a process that sets it before using storage gets it), else GCS_TIMEOUT_S."""
+    value = os.environ.get("JAXGPT_GCS_TIMEOUT", "")
+    try:
+        seconds = float(value) if value else GCS_TIMEOUT_S
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise UserError(f"JAXGPT_GCS_TIMEOUT={value!r} is not a positive number of seconds: set it to e.g. 60, or unset it")
+    return seconds
 RETRIES = 4  # attempts of a whole storage operation (retrying)
 _TRANSIENT = ("timeout", "timed out", "deadline", "unavailable", "connection", "503", "502", "500", "429",
               "server disconnected", "reset by peer", "broken pipe", "temporarily")
@@ -135,9 +148,10 @@ def configure_gcs() -> bool:
     tensorstore reads TENSORSTORE_GCS_HTTP_URL, and a dummy GOOGLE_AUTH_TOKEN_FOR_TESTING stands in
     for credentials. Always: no stale gcsfs directory listings (another host's writes must be
     visible) and no per-call warnings from the Cloud Storage clients. Returns emulator or not."""
-    # tensorstore (orbax's array writes): a transfer below 1 byte/s for GCS_TIMEOUT_S is abandoned and retried,
+    # tensorstore (orbax's array writes): a transfer below 1 byte/s for the timeout is abandoned and retried,
     # a bounded number of times (its default, 32 retries of up to 32 s each, let a stalled bucket hold a job ~15 min)
-    os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS", str(max(1, int(GCS_TIMEOUT_S))))
+    timeout = gcs_timeout_s()
+    os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS", str(max(1, int(timeout))))
     os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES", "1")
     _bound_tensorstore_retries()
     for name in ("gcsfs", "google.auth", "google.cloud", "fsspec"):
@@ -150,7 +164,7 @@ def configure_gcs() -> bool:
         import fsspec.config
         conf = fsspec.config.conf.setdefault("gcs", {})
         conf.setdefault("use_listings_cache", False)
-        conf.setdefault("requests_timeout", GCS_TIMEOUT_S)  # per HTTP request: no answer -> an error, not a hang
+        conf.setdefault("requests_timeout", timeout)  # per HTTP request: no answer -> an error, not a hang
     except ImportError:
         pass
     host = os.environ.get("STORAGE_EMULATOR_HOST", "")
@@ -196,8 +210,8 @@ def _quiet_tensorstore_auth() -> None:
     try:
         context = ts.Context({"gcs_request_retries": TENSORSTORE_RETRIES})
         store = ts.KvStore.open({"driver": "gcs", "bucket": "jaxgpt-credentials-warmup"}, context=context).result(
-            timeout=GCS_TIMEOUT_S)
-        store.read("warmup").result(timeout=GCS_TIMEOUT_S)
+            timeout=gcs_timeout_s())
+        store.read("warmup").result(timeout=gcs_timeout_s())
     except Exception:  # the bucket need not exist: only the credential provider matters
         pass
     finally:

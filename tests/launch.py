@@ -3,8 +3,8 @@
 import. The child is a real process (own pid, cwd, environment, signals, exit status, and stdout /
 stderr in files), so what a test checks is unchanged; it starts and exits in ~0.1 s instead of ~1.9 s. Any other
 command, stdin, bytes output, or an environment that changes a variable read at start-up (JAX_*,
-JAXGPT_* — jaxgpt.paths reads its timeout at import —, PYTHON*, LD_*, ...: _STARTUP) takes the real subprocess, as does every command with
-JAXGPT_TEST_NO_ZYGOTE set."""
+PYTHON*, LD_*, ...: _STARTUP; jaxgpt reads its own JAXGPT_* variables when it uses them) takes the real
+subprocess, as does every command with JAXGPT_TEST_NO_ZYGOTE set."""
 from __future__ import annotations
 
 import atexit
@@ -61,7 +61,7 @@ def _forkable(args: Any, env: dict | None, kwargs: dict) -> bool:
 
 
 # variables read when the interpreter starts or a library is imported: a child that changes one is a real process
-_STARTUP = ("JAX_", "JAXGPT_", "PYTHON", "LD_", "MALLOC_", "OMP_", "MKL_", "TENSORSTORE_", "COVERAGE_")
+_STARTUP = ("JAX_", "PYTHON", "LD_", "MALLOC_", "OMP_", "MKL_", "TENSORSTORE_", "COVERAGE_", "GLIBC_")
 
 
 def _at_start(env: Any) -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -130,6 +131,16 @@ def test_bad_input_gets_one_clear_error_line(work, script, args, message):
     after = _snapshot(work)
     changed = [k for k in before if before[k] != after.get(k)]
     assert not changed, f"{script} {args} modified {changed}"
+
+
+@pytest.mark.parametrize("value", ["soon", "0"])
+def test_a_bad_storage_timeout_in_the_environment_is_one_error_line(work, value):
+    proc = cli("train", "--dataset=synth", *TINY, "--out_dir=out/timeout", cwd=work, check=False,
+               env={**os.environ, "JAXGPT_GCS_TIMEOUT": value})
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith(f"error: JAXGPT_GCS_TIMEOUT='{value}' is not a positive number of seconds"), lines[0]
+    assert not (work / "out" / "timeout").exists()
 
 
 def _rss_mib(pid: int) -> float:
