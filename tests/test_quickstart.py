@@ -62,7 +62,9 @@ def test_quick_start_command_1_trains_plots_and_samples_offline(tmp_path):
            "PIP_NO_INDEX": "1", "PIP_NO_BUILD_ISOLATION": "0", "PIP_FIND_LINKS": "", "PIP_CONSTRAINT": "",
            "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
     # XLA's compiled programs are the one thing shared with the test session (its compilation
-    # cache): they change no output, and compiling them cold would cost CI a minute.
+    # cache, and the suite's XLA:CPU compile settings from conftest.py): they change no output, and
+    # compiling them cold at XLA's defaults cost this test ~4 s of its ~31 s of CPU.
+    env["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "")
     (tmp_path / "cache" / "jaxgpt").mkdir(parents=True)
     (tmp_path / "cache" / "jaxgpt" / "xla").symlink_to(default_compile_cache(), target_is_directory=True)
     python_dir = str(Path(sys.executable).parent)
