@@ -12,22 +12,21 @@ from flax import nnx
 from jaxgpt import GPT, GPTConfig
 from jaxgpt.platform import use_compile_cache
 
-# Every test process compiles with XLA:CPU's LLVM backend at -O0 instead of its default -O3 (the CLIs,
-# workers and subprocesses inherit it): the suite is mostly compiling tiny programs once each, and -O0
-# compiles them in about a third of the time; their steps run slower (the CPU preset's at about half
-# speed), but the suite took 0.73x the CPU of -O3 (-O1: 0.87x; BENCHMARKS.md, "The test suite at -O0").
-# It changes how LLVM lowers XLA's kernels, not the HLO program. A level already in XLA_FLAGS wins:
+# Every test process, and every CLI, worker and subprocess it starts (they inherit XLA_FLAGS), compiles
+# XLA:CPU programs for compile speed, not run speed: the suite is mostly compiling tiny programs once each.
+# All three change how XLA:CPU turns the HLO program into machine code, not the program:
+# - LLVM at -O0 instead of -O3: a third of the compile time, steps slower (the CPU preset's at half
+#   speed); the suite took 0.73x the CPU of -O3 (-O1: 0.87x; BENCHMARKS.md, "The test suite at -O0");
+# - the older loop emitters for fusions instead of the MLIR fusion emitters, and each program's LLVM
+#   module compiled whole instead of split into parts for threads (a worker per core leaves none spare):
+#   a tiny CLI training run, 5.8 s of CPU -> 3.6 s -> 3.5 s, its losses equal to the last bit or one ulp
+#   apart; the suite 6 min 27 s -> 5 min 17 s (BENCHMARKS.md, "The test suite, 2026-12-06, second pass").
+# Any of them already in XLA_FLAGS means the compile settings are chosen there, and none is added:
 # XLA_FLAGS=--xla_backend_optimization_level=3 runs the suite compiled as users' runs are.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
-# XLA:CPU's older loop emitters for fusions instead of its MLIR fusion emitters, and each program's LLVM
-# module compiled whole instead of split into parts for threads (a worker per core leaves none spare):
-# the same HLO program, compiled in about half the time. A tiny CLI training run, 2-core Xeon VM: 5.8 s
-# of CPU -> 3.6 s with the first, 3.9 -> 3.6 s with the second (four fresh processes each); its losses
-# equal to the last bit or one ulp apart. A setting already in XLA_FLAGS wins, as above.
-for _flag, _value in (("xla_cpu_use_fusion_emitters", "false"), ("xla_cpu_parallel_codegen_split_count", "1")):
-    if _flag not in os.environ["XLA_FLAGS"]:
-        os.environ["XLA_FLAGS"] += f" --{_flag}={_value}"
+_SUITE_XLA = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false",
+              "--xla_cpu_parallel_codegen_split_count=1")
+if not any(f.split("=")[0][2:] in os.environ.get("XLA_FLAGS", "") for f in _SUITE_XLA):
+    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *_SUITE_XLA]).strip()
 # PyTorch runs its CPU ops on one thread in every test process (and the CLIs and notebook kernels they
 # start): the suite runs a pytest-xdist worker per core, and a second OpenMP thread per worker only
 # spins on a core that the other worker is using. Measured with one other busy process on a 2-core VM,
