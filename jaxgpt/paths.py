@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -30,22 +31,24 @@ GCS = "gs://"
 # the job; gcsfs and tensorstore retry 429/5xx and dropped connections with backoff themselves, and
 # retrying() below retries what still fails. JAXGPT_GCS_TIMEOUT overrides it (seconds).
 GCS_TIMEOUT_S = 60.0
-
-
-def gcs_timeout_s() -> float:
-    """The Cloud Storage request timeout: JAXGPT_GCS_TIMEOUT, read when a client is configured (not at
-    import, so a process that sets it before using storage gets it), else GCS_TIMEOUT_S."""
-    value = os.environ.get("JAXGPT_GCS_TIMEOUT", "")
-    try:
-        seconds = float(value) if value else GCS_TIMEOUT_S
-    except ValueError:
-        seconds = -1.0
-    if not seconds > 0:
-        raise UserError(f"JAXGPT_GCS_TIMEOUT={value!r} is not a positive number of seconds: set it to e.g. 60, or unset it")
-    return seconds
 RETRIES = 4  # attempts of a whole storage operation (retrying)
 _TRANSIENT = ("timeout", "timed out", "deadline", "unavailable", "connection", "503", "502", "500", "429",
               "server disconnected", "reset by peer", "broken pipe", "temporarily")
+
+
+def gcs_timeout_s() -> float:
+    """The Cloud Storage request timeout: JAXGPT_GCS_TIMEOUT, read when the clients are configured (not at
+    import, so a process that sets it before using storage gets it), else GCS_TIMEOUT_S."""
+    value = os.environ.get("JAXGPT_GCS_TIMEOUT", "")
+    if not value:
+        return GCS_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):  # inf would fail later, converting it for tensorstore
+        raise UserError(f"JAXGPT_GCS_TIMEOUT={value!r} is not a positive number of seconds: set it to e.g. 60, or unset it")
+    return seconds
 
 
 class StorageError(UserError):
@@ -176,7 +179,7 @@ def configure_gcs() -> bool:
     os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
     os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # a bucket-type probe that needs credentials
     os.environ.setdefault("NO_GCE_CHECK", "true")
-    _quiet_tensorstore_auth()
+    _quiet_tensorstore_auth(timeout)
     return True
 
 
@@ -197,7 +200,7 @@ def _bound_tensorstore_retries() -> None:
             context.setdefault("gcs_request_retries", dict(TENSORSTORE_RETRIES))
 
 
-def _quiet_tensorstore_auth() -> None:
+def _quiet_tensorstore_auth(timeout: float) -> None:
     """tensorstore logs one C++ INFO line when it first builds its GCS credentials; build them
     now, while the process's stderr (fd 2, which Python's logging cannot filter) is muted."""
     try:
@@ -210,8 +213,8 @@ def _quiet_tensorstore_auth() -> None:
     try:
         context = ts.Context({"gcs_request_retries": TENSORSTORE_RETRIES})
         store = ts.KvStore.open({"driver": "gcs", "bucket": "jaxgpt-credentials-warmup"}, context=context).result(
-            timeout=gcs_timeout_s())
-        store.read("warmup").result(timeout=gcs_timeout_s())
+            timeout=timeout)
+        store.read("warmup").result(timeout=timeout)
     except Exception:  # the bucket need not exist: only the credential provider matters
         pass
     finally:

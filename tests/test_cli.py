@@ -133,7 +133,7 @@ def test_bad_input_gets_one_clear_error_line(work, script, args, message):
     assert not changed, f"{script} {args} modified {changed}"
 
 
-@pytest.mark.parametrize("value", ["soon", "0"])
+@pytest.mark.parametrize("value", ["soon", "0", "inf"])
 def test_a_bad_storage_timeout_in_the_environment_is_one_error_line(work, value):
     proc = cli("train", "--dataset=synth", *TINY, "--out_dir=out/timeout", cwd=work, check=False,
                env={**os.environ, "JAXGPT_GCS_TIMEOUT": value})
