@@ -15,6 +15,7 @@ from jaxgpt.errors import UserError
 
 REMAT_CHOICES = ("auto", "none", "full", "dots")  # auto: jaxgpt.platform decides per backend
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+MATMUL_CHOICES = ("auto", "float32", "bfloat16")  # the linear layers' products in float32 compute (jaxgpt.layers)
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu2")
 POS_EMBEDDINGS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
@@ -140,6 +141,9 @@ class TrainConfig:
     seed: int = 1337
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 compute on GPU/TPU, fp32 on CPU
     remat: Literal["auto", "none", "full", "dots"] = "auto"  # auto: by platform and memory (jaxgpt.platform)
+    # float32 compute only: bfloat16 = the linear layers' inputs rounded to bfloat16, products summed in float32
+    # (a TPU's float32 default); auto: bfloat16 where the CPU multiplies bfloat16 natively (jaxgpt.platform)
+    matmul_precision: Literal["auto", "float32", "bfloat16"] = "float32"
     mesh_data: int = 0  # data-parallel mesh axis; 0 = every device not used by fsdp
     mesh_fsdp: int = 1  # parameter-sharding mesh axis
     keep_checkpoints: int = 3
@@ -180,6 +184,8 @@ class TrainConfig:
             _require(0.0 <= getattr(self, name) < 1.0, f"--{name} must be in [0, 1), got {getattr(self, name)!r}")
         _require(self.dtype in DTYPE_CHOICES, f"--dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
         _require(self.remat in REMAT_CHOICES, f"--remat must be one of {REMAT_CHOICES}, got {self.remat!r}")
+        _require(self.matmul_precision in MATMUL_CHOICES,
+                 f"--matmul_precision must be one of {MATMUL_CHOICES}, got {self.matmul_precision!r}")
         _require(self.resume in (True, False, "auto"), f"--resume must be true, false or auto, got {self.resume!r}")
         _require(self.recipe in RECIPES, f"--recipe must be one of {tuple(RECIPES)}, got {self.recipe!r}")
         _require(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
@@ -220,7 +226,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "nanogpt": {},
     "modern": dict(pos_embedding="rope", norm="rmsnorm", qk_norm=True, activation="relu2", tie_embeddings=False,
                    zero_init_proj=True, logit_softcap=15.0, value_embeds=2, optimizer="muon", muon_lr=0.03, muon_momentum=0.95,
-                   muon_beta2=0.95, learning_rate=0.03, min_lr=0.003, beta1=0.8, beta2=0.95, weight_decay=0.0),
+                   muon_beta2=0.95, learning_rate=0.03, min_lr=0.003, beta1=0.8, beta2=0.95, weight_decay=0.0,
+                   matmul_precision="auto"),
 }
 # what a recipe changes for one preset: its own batch, iteration count and schedule. The CPU preset's:
 # 24 x 64 tokens per step for 105 steps with a 5-step warmup, Muon momentum 0.85 (short runs want less

@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 from jaxgpt.config import GPTConfig, TrainConfig
 from jaxgpt.model import GPT
 from jaxgpt.optim import make_optimizer
-from jaxgpt.platform import DTYPES
+from jaxgpt.platform import DTYPES, resolve_matmul
 from jaxgpt.sharding import BATCH_AXES, batch_sharding
 from jaxgpt.step import abstract_train_state, graphdefs, loss_fn, make_train_step
 
@@ -47,7 +47,7 @@ def export_train_step(model_cfg: GPTConfig, tc: TrainConfig, platforms: tuple[st
                       remat: str, attention: str = "xla") -> export.Exported:
     """The train step for tc.dtype ('float32' or 'bfloat16') and `remat`, over `mesh`. cuDNN
     attention lowers only without a mesh (its partitioning rule needs real devices)."""
-    graphdef, _ = graphdefs(model_cfg, remat, attention)
+    graphdef, _ = graphdefs(model_cfg, remat, attention, resolve_matmul(tc.matmul_precision, tc.dtype, platforms[0]))
     state = abstract_train_state(model_cfg, tc, mesh)
     batch = jax.ShapeDtypeStruct((tc.gradient_accumulation_steps, tc.batch_size, model_cfg.block_size), jnp.int32,
                                  sharding=batch_sharding(mesh) if mesh is not None else None)

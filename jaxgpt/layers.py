@@ -25,9 +25,61 @@ ATTENTION_KERNELS = ("xla", "cudnn")  # for dropout-free attention; jaxgpt.platf
 LayerCache = tuple[jax.Array, jax.Array, jax.Array]  # (k, v, index of the layer being run)
 
 
-def _linear(d_in: int, d_out: int, std: float, cfg: GPTConfig, rngs: nnx.Rngs, zero: bool = False) -> nnx.Linear:
+MATMULS = ("float32", "bfloat16")  # the linear layers' products in float32 compute; jaxgpt.platform resolves auto
+
+
+def _row_major(a: jax.Array) -> jax.Array:
+    """The 2-D array `a` (typically a transpose) materialised in row-major order. XLA keeps a transpose
+    as a layout where it can, and XLA:CPU's bfloat16 matmul (YNNPACK) takes row-major operands only:
+    handed a transposed one, the compiler multiplies in float32 instead (1536 x 512 x 128: 3.4x slower
+    on an AMX Xeon). A reshape through another rank behind an optimization barrier is a copy XLA
+    cannot fold back into a layout."""
+    split = (a.shape[0], -1, 2) if a.shape[-1] % 2 == 0 else (-1,)
+    return jax.lax.optimization_barrier(a.reshape(split)).reshape(a.shape)
+
+
+def _bf16_dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    return jax.lax.dot(x, w, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def bf16_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x (N, K) @ w (K, M) for float32 x and w, each rounded to bfloat16 and the products summed in
+    float32 (float32 out): a TPU's default for float32 matmuls, and 3-4x XLA:CPU's float32 matmul on a
+    CPU with AMX. The backward pass multiplies the same way: the output gradient rounded to bfloat16,
+    times the rounded operands. torchref.layers.bf16_matmul is the twin."""
+    return _bf16_dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+
+
+def _bf16_matmul_fwd(x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    return _bf16_dot(xb, wb), (xb, wb)  # the rounded operands are the residuals: half float32's memory
+
+
+def _bf16_matmul_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    xb, wb = res
+    gb = g.astype(jnp.bfloat16)
+    return _bf16_dot(gb, _row_major(wb.T)), _bf16_dot(_row_major(xb.T), gb)
+
+
+bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
+
+
+def _bf16_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, precision: Any = None,
+                      **kwargs: Any) -> jax.Array:
+    """nnx.Linear's dot_general for --matmul_precision=bfloat16: bf16_matmul for the float32 (tokens, C)
+    @ (C, out) products of _flat; anything else (bfloat16 compute, other shapes) as lax.dot_general."""
+    if lhs.ndim == 2 and lhs.dtype == rhs.dtype == jnp.float32 and dimension_numbers == (((1,), (0,)), ((), ())):
+        return bf16_matmul(lhs, rhs)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, **kwargs)
+
+
+def _linear(d_in: int, d_out: int, std: float, cfg: GPTConfig, rngs: nnx.Rngs, zero: bool = False,
+            matmul: str = "float32", use_bias: bool | None = None) -> nnx.Linear:
     init = nnx.initializers.zeros if zero else nnx.initializers.normal(std)
-    return nnx.Linear(d_in, d_out, use_bias=cfg.bias, kernel_init=init, bias_init=nnx.initializers.zeros, rngs=rngs)
+    dot: dict[str, Any] = dict(dot_general=_bf16_dot_general) if matmul == "bfloat16" else {}  # else nnx.Linear's own
+    return nnx.Linear(d_in, d_out, use_bias=cfg.bias if use_bias is None else use_bias, kernel_init=init,
+                      bias_init=nnx.initializers.zeros, rngs=rngs, **dot)
 
 
 def _flat(f: Any, x: jax.Array) -> jax.Array:
@@ -85,16 +137,16 @@ def attention_path(dropout_active: bool, kernel: str) -> str:
 
 
 class CausalSelfAttention(nnx.Module):
-    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, attention: str = "xla"):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, attention: str = "xla", matmul: str = "float32"):
         resid_std = 0.02 / math.sqrt(2 * cfg.n_layer)  # GPT-2: scale the residual projections
-        self.c_attn = _linear(cfg.n_embd, 3 * cfg.n_embd, 0.02, cfg, rngs)  # q, k, v in one matmul
+        self.c_attn = _linear(cfg.n_embd, 3 * cfg.n_embd, 0.02, cfg, rngs, matmul=matmul)  # q, k, v in one matmul
         self.q_norm = nnx.RMSNorm(cfg.head_dim, epsilon=cfg.layer_norm_epsilon, rngs=rngs) if cfg.qk_norm else None
         self.k_norm = nnx.RMSNorm(cfg.head_dim, epsilon=cfg.layer_norm_epsilon, rngs=rngs) if cfg.qk_norm else None
         # value embeddings: v = ve_lambda[0] * v + ve_lambda[1] * (this layer's table row, or zeros)
         # float32, not the weak type jnp.full(.., 0.5) gives: a step's output state is strongly typed, so a
         # weak leaf made a jitted train or eval step compile again on its second call (parity's twins, notebooks)
         self.ve_lambda = nnx.Param(jnp.full((2,), 0.5, jnp.float32)) if cfg.value_embeds else None
-        self.c_proj = _linear(cfg.n_embd, cfg.n_embd, resid_std, cfg, rngs, zero=cfg.zero_init_proj)
+        self.c_proj = _linear(cfg.n_embd, cfg.n_embd, resid_std, cfg, rngs, zero=cfg.zero_init_proj, matmul=matmul)
         self.attn_dropout = nnx.Dropout(cfg.dropout)
         self.resid_dropout = nnx.Dropout(cfg.dropout)
         self.n_head = cfg.n_head
@@ -198,10 +250,10 @@ class CausalSelfAttention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
-        self.c_fc = _linear(cfg.n_embd, 4 * cfg.n_embd, 0.02, cfg, rngs)
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, matmul: str = "float32"):
+        self.c_fc = _linear(cfg.n_embd, 4 * cfg.n_embd, 0.02, cfg, rngs, matmul=matmul)
         self.c_proj = _linear(4 * cfg.n_embd, cfg.n_embd, 0.02 / math.sqrt(2 * cfg.n_layer), cfg, rngs,
-                              zero=cfg.zero_init_proj)
+                              zero=cfg.zero_init_proj, matmul=matmul)
         self.dropout = nnx.Dropout(cfg.dropout)
         self.activation = cfg.activation
 
@@ -229,11 +281,11 @@ class ValueEmbeds(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, attention: str = "xla"):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, attention: str = "xla", matmul: str = "float32"):
         self.ln_1 = norm(cfg, cfg.n_embd, rngs)
-        self.attn = CausalSelfAttention(cfg, rngs=rngs, attention=attention)
+        self.attn = CausalSelfAttention(cfg, rngs=rngs, attention=attention, matmul=matmul)
         self.ln_2 = norm(cfg, cfg.n_embd, rngs)
-        self.mlp = MLP(cfg, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs, matmul=matmul)
 
     def __call__(self, x: jax.Array, *, key: jax.Array | None = None, cache: LayerCache | None = None,
                  pos: jax.Array | int = 0, ve: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:

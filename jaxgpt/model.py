@@ -18,7 +18,7 @@ from flax import nnx
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import UserError
-from jaxgpt.layers import ATTENTION_KERNELS, Block, ValueEmbeds, _flat, norm
+from jaxgpt.layers import ATTENTION_KERNELS, MATMULS, Block, ValueEmbeds, _flat, _linear, bf16_matmul, norm
 
 # What the backward pass may keep from the forward pass of each block.
 REMAT_POLICIES = {
@@ -52,13 +52,17 @@ _add_positions.defvjp(_add_positions_fwd, _add_positions_bwd)
 
 
 class GPT(nnx.Module):
-    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, remat: str = "none", attention: str = "xla"):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, remat: str = "none", attention: str = "xla",
+                 matmul: str = "float32"):
         if remat not in REMAT_POLICIES:
             raise UserError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {remat!r}")
         if attention not in ATTENTION_KERNELS:
             raise UserError(f"attention must be one of {ATTENTION_KERNELS}, got {attention!r}")
+        if matmul not in MATMULS:
+            raise UserError(f"matmul must be one of {MATMULS}, got {matmul!r}")
         self.config = cfg
         self.remat = remat  # static: changing it changes the compiled program, not the math
+        self.matmul = matmul  # static: the linear layers' products in float32 compute (layers.bf16_matmul)
         init = nnx.initializers.normal(0.02)
         self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=init, rngs=rngs)
         learned = cfg.pos_embedding == "learned"  # else RoPE inside attention (layers.rope)
@@ -69,14 +73,13 @@ class GPT(nnx.Module):
         @nnx.split_rngs(splits=cfg.n_layer)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(cfg, rngs=rngs, attention=attention)
+            return Block(cfg, rngs=rngs, attention=attention, matmul=matmul)
 
         self.h = make_blocks(rngs)  # one Block whose parameters have a leading n_layer axis
         self.ln_f = norm(cfg, cfg.n_embd, rngs)
         # nanoGPT ties lm_head to wte (logits = x @ wte.T, see _head); untied it is its own matrix
-        head_init = nnx.initializers.zeros if cfg.zero_init_proj else init
         self.lm_head = None if cfg.tie_embeddings else \
-            nnx.Linear(cfg.n_embd, cfg.vocab_size, use_bias=False, kernel_init=head_init, rngs=rngs)
+            _linear(cfg.n_embd, cfg.vocab_size, 0.02, cfg, rngs, zero=cfg.zero_init_proj, matmul=matmul, use_bias=False)
 
     def __call__(self, idx: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
         """idx int (B, T), T <= block_size -> logits float (B, T, vocab_size).
@@ -119,7 +122,8 @@ class GPT(nnx.Module):
         """(..., C) -> logits (..., vocab_size): the tied wte or lm_head, then the softcap if any."""
         if self.lm_head is None:
             head = self.wte.embedding[...]  # (vocab_size, C); Embed.attend would promote to float32 too
-            logits = _flat(lambda h: h @ head.T, x)
+            bf16 = self.matmul == "bfloat16" and x.dtype == head.dtype == jnp.float32
+            logits = _flat(lambda h: bf16_matmul(h, head.T) if bf16 else h @ head.T, x)
         else:
             logits = _flat(self.lm_head, x)
         cap = self.config.logit_softcap

@@ -52,6 +52,7 @@ class Platform:
     attention: str  # the kernel for dropout-free attention: 'xla' | 'cudnn'
     compiler_options: dict[str, str]
     host_allocator: str  # what tune_host_allocator did ('' = untouched)
+    matmul: str = "float32"  # the linear layers' products in float32 compute: 'float32' | 'bfloat16' (layers.bf16_matmul)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,6 +128,29 @@ def resolve_attention(cfg: GPTConfig, dtype: str, platform: str) -> str:
     if platform == "gpu" and dtype == "bfloat16" and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128:
         return "cudnn"
     return "xla"
+
+
+@functools.cache
+def cpu_has_amx_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this host's CPU multiplies bfloat16 in AMX tiles (the amx_bf16 flag Linux reports), where
+    XLA:CPU's bfloat16 matmul ran 3-4x its float32 one (BENCHMARKS.md, "ninth lap"). CPUs with only
+    AVX512-BF16 (AMD EPYC Zen 4) are not counted: the gain there is unmeasured."""
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as f:
+            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
+    except OSError:
+        return False
+
+
+def resolve_matmul(requested: str, dtype: str, platform: str) -> str:
+    """The linear layers' matmul precision in float32 compute. auto: bfloat16 (inputs rounded, float32
+    sums) on a CPU with AMX, float32 elsewhere: a GPU or TPU computing in float32 keeps its own default
+    (a TPU already multiplies float32 in bfloat16 passes). In bfloat16 compute there is nothing to round."""
+    if dtype != "float32":
+        return "float32"
+    if requested != "auto":
+        return requested
+    return "bfloat16" if platform == "cpu" and cpu_has_amx_bf16() else "float32"
 
 
 def remat_candidates(requested: str, platform: str) -> tuple[str, ...]:
@@ -256,7 +280,8 @@ def describe(cfg: GPTConfig, tc: TrainConfig, remat: str, site: Site | None = No
     return Platform(backend=site.backend, device_kind=site.device_kind, devices=site.devices,
                     processes=site.processes, dtype=dtype, remat=remat,
                     attention=resolve_attention(cfg, dtype, site.backend), compiler_options=compiler_options(site.backend),
-                    host_allocator="".join(_host_allocator) if site.backend == "cpu" else "")
+                    host_allocator="".join(_host_allocator) if site.backend == "cpu" else "",
+                    matmul=resolve_matmul(tc.matmul_precision, dtype, site.backend))
 
 
 def streams_by_callback(platform: str) -> bool:

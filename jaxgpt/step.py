@@ -84,10 +84,11 @@ def make_eval_step(graphdef: nnx.GraphDef, tc: TrainConfig, backend: str | None 
     return platform.jit(lambda params, x, y: loss_fn(graphdef, params, x, y, None, dtype), backend)
 
 
-def graphdefs(model_cfg: GPTConfig, remat: str, attention: str = "xla") -> tuple[nnx.GraphDef, nnx.GraphDef]:
-    """Train- and eval-mode graphdefs. Remat and the attention kernel live in the graph (static),
-    the parameters do not: one state serves every choice."""
-    model = nnx.eval_shape(lambda: GPT(model_cfg, rngs=nnx.Rngs(0), remat=remat, attention=attention))
+def graphdefs(model_cfg: GPTConfig, remat: str, attention: str = "xla",
+              matmul: str = "float32") -> tuple[nnx.GraphDef, nnx.GraphDef]:
+    """Train- and eval-mode graphdefs. Remat, the attention kernel and the matmul precision live in
+    the graph (static), the parameters do not: one state serves every choice."""
+    model = nnx.eval_shape(lambda: GPT(model_cfg, rngs=nnx.Rngs(0), remat=remat, attention=attention, matmul=matmul))
     model.eval()
     eval_graphdef = nnx.graphdef(model)
     model.train()
@@ -101,9 +102,10 @@ def init_state(model_cfg: GPTConfig, tc: TrainConfig, mesh: Mesh | None = None, 
     directly in their sharded layout (never whole on one device); the optimizer state inherits it."""
     here = platform.backend()
     remat = remat or platform.remat_candidates(tc.remat, here)[0]
-    attention = attention or platform.resolve_attention(model_cfg, platform.resolve_dtype(tc.dtype, here), here)
+    dtype = platform.resolve_dtype(tc.dtype, here)
+    attention = attention or platform.resolve_attention(model_cfg, dtype, here)
     make = lambda: GPT(model_cfg, rngs=nnx.Rngs(tc.seed), remat=remat, attention=attention)  # noqa: E731
-    graphdef, eval_graphdef = graphdefs(model_cfg, remat, attention)
+    graphdef, eval_graphdef = graphdefs(model_cfg, remat, attention, platform.resolve_matmul(tc.matmul_precision, dtype, here))
     abstract = nnx.state(nnx.eval_shape(make))
     shardings = param_shardings(abstract, mesh) if mesh is not None else None
     params = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()
@@ -151,8 +153,9 @@ def fit_train_step(model_cfg: GPTConfig, tc: TrainConfig, state: TrainState, x: 
     y may be arrays or ShapeDtypeStructs carrying their shardings. Returns the last Fit tried and
     its eval-mode graphdef; raises nothing for memory (the caller decides)."""
     shardings = jax.tree.map(lambda a: a.sharding, state)
+    matmul = platform.resolve_matmul(tc.matmul_precision, platform.resolve_dtype(tc.dtype, site.backend), site.backend)
     for remat in platform.remat_candidates(tc.remat, site.backend):
-        graphdef, eval_graphdef = graphdefs(model_cfg, remat, attention)
+        graphdef, eval_graphdef = graphdefs(model_cfg, remat, attention, matmul)
         t = time.perf_counter()
         lowered = cast(Any, make_train_step(graphdef, make_optimizer(tc), tc, shardings, site.backend)).lower(state, x, y, step)
         try:

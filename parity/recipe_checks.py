@@ -40,9 +40,9 @@ MODERN = dataclasses.replace(BASE, **SWITCHES["modern"])
 MUON = dict(optimizer="muon", muon_lr=0.02, weight_decay=0.0)
 
 
-def _model(cfg: GPTConfig, seed: int) -> GPT:
+def _model(cfg: GPTConfig, seed: int, matmul: str = "float32") -> GPT:
     """A random model whose zero-initialised projections are filled in, so every switch acts on the output."""
-    model = GPT(cfg, rngs=nnx.Rngs(seed))
+    model = GPT(cfg, rngs=nnx.Rngs(seed), matmul=matmul)
     if cfg.zero_init_proj:
         rng = np.random.default_rng(seed)
         for _, p in nnx.to_flat_state(nnx.state(model, nnx.Param)):
@@ -146,17 +146,60 @@ def check_muon_training(steps: int = 60, accum: int = 2, beta2: float = 0.0) -> 
 
 def check_bf16() -> list[Result]:
     """The full recipe in bf16 compute (fp32 master weights): logits vs torch autocast, 100 Muon steps
-    vs torch autocast, and the held-out loss of 300 steps vs the fp32 run."""
+    vs torch autocast, and the held-out loss of 300 steps vs the fp32 run; the same for bf16 matmuls
+    in float32 compute (--matmul_precision=bfloat16)."""
     gap = bf16_logit_gap(_model(MODERN, 1), _tokens(MODERN, MODERN.block_size))
     cfg = dataclasses.replace(MODERN, bias=True)
     jl, tl, *_ = train_twins(100, dtype="bfloat16", cfg=cfg, **MUON)
     *_, b16 = train_twins(300, dtype="bfloat16", torch_side=False, cfg=cfg, **MUON)
     *_, f32 = train_twins(300, dtype="float32", torch_side=False, cfg=cfg, **MUON)
+    *_, matmuls = train_twins(300, torch_side=False, cfg=cfg, **MUON, matmul_precision="bfloat16")
     return [Result("bf16 logits jax vs torch autocast, rel.", "modern", gap, tol.BF16_LOGITS_RTOL),
             Result("bf16 train loss rel. diff vs torch autocast, 100 steps", "modern + Muon",
                    max(abs(a - b) / abs(b) for a, b in zip(jl, tl, strict=True)), tol.BF16_TRAIN_LOSS_RTOL),
             Result("bf16 vs fp32 held-out loss after 300 steps, rel.", f"modern + Muon ({f32:.4f} fp32)",
-                   abs(b16 - f32) / f32, tol.BF16_VS_FP32_RTOL)]
+                   abs(b16 - f32) / f32, tol.BF16_VS_FP32_RTOL),
+            Result("bf16 matmuls vs fp32 held-out loss after 300 steps, rel.", f"modern + Muon ({f32:.4f} fp32)",
+                   abs(matmuls - f32) / f32, tol.BF16_VS_FP32_RTOL)]
+
+
+def bf16_matmul_gap(n: int = 96, k: int = 64, m: int = 48, seed: int = 0) -> float:
+    """jaxgpt.layers.bf16_matmul against torchref's twin on the same float32 inputs: the largest of the
+    output's and both input gradients' max|diff|, each relative to its own largest value."""
+    import jax
+
+    from jaxgpt.layers import bf16_matmul
+    from torchref.layers import bf16_matmul as torch_bf16_matmul
+    rng = np.random.default_rng(seed)
+    x, w, g = (rng.normal(size=shape).astype(np.float32) for shape in ((n, k), (k, m), (n, m)))
+    y, vjp = jax.vjp(bf16_matmul, jnp.asarray(x), jnp.asarray(w))
+    dx, dw = vjp(jnp.asarray(g))
+    tx, tw = torch.tensor(x, requires_grad=True), torch.tensor(w.T.copy(), requires_grad=True)  # torch: (out, in)
+    ty = torch_bf16_matmul(tx, tw)
+    ty.backward(torch.from_numpy(g))
+    pairs = ((y, ty.detach()), (dx, tx.grad), (dw, tw.grad.T))
+    return max(max_diff(a, b) / float(np.abs(np.asarray(b)).max()) for a, b in pairs)
+
+
+def check_bf16_matmuls(steps: int = 60, accum: int = 2) -> list[Result]:
+    """--matmul_precision=bfloat16 (the linear layers' inputs rounded to bf16, float32 sums) against
+    torchref's twin: the op and its gradients at float32's tolerance; the full recipe's logits and the
+    per-step loss of Muon training (clipping, schedule) at bf16's (check_bf16 holds the held-out loss
+    against the float32 run's), with no final-parameter row. Rounding to bf16 turns a 1-ulp difference
+    anywhere (the order of a float32 sum) into a different rounding of some activation: the twins'
+    logits differ by 2e-07 to 3e-04 with the compiler's settings, and two correct programs drift apart
+    as they train (jaxgpt against itself with every weight nudged by 2 ulps: gradients 2.4e-03 apart
+    relative to the largest; after 60 steps the twins' losses differ by ~4e-05, parameters by ~1e-02)."""
+    model = _model(MODERN, 1, matmul="bfloat16")
+    idx = _tokens(MODERN, MODERN.block_size)
+    cfg = dataclasses.replace(MODERN, bias=True)
+    jl, tl, *_ = train_twins(steps, accum, cfg=cfg, **MUON, matmul_precision="bfloat16")
+    return [Result("bf16 matmul: output and both gradients jax vs torch, rel.", "96 x 64 @ 64 x 48", bf16_matmul_gap(),
+                   tol.LOGITS_TOL),
+            Result("bf16 matmuls: logits jax vs torch twin", f"modern T={MODERN.block_size}",
+                   logits_diff(jax_logits(model, idx), torch_logits(jax_to_torch_model(model), idx)), tol.BF16_LOGITS_RTOL),
+            Result(f"bf16 matmuls: train loss rel. diff, {steps} steps", f"modern + Muon, accum={accum}",
+                   max(abs(a - b) / abs(b) for a, b in zip(jl, tl, strict=True)), tol.BF16_TRAIN_LOSS_RTOL)]
 
 
 def switch_model_checks() -> Iterator[Callable[[], list[Result]]]:
@@ -180,4 +223,5 @@ def recipe_run_checks(decoding: tuple[str, ...] = tuple(SWITCHES)) -> Iterator[C
     yield check_muon_training
     yield lambda: check_muon_training(beta2=0.95)
     yield check_bf16
+    yield check_bf16_matmuls
 

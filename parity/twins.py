@@ -12,8 +12,8 @@ from jaxgpt.model import GPT
 
 
 def jax_to_torch_model(model: GPT) -> torchref.GPT:
-    """A torchref.GPT (eval mode) holding the same weights as `model`."""
-    tmodel = torchref.GPT(model.config)
+    """A torchref.GPT (eval mode) holding the same weights as `model`, multiplying as it does."""
+    tmodel = torchref.GPT(model.config, matmul=model.matmul)
     tmodel.load_state_dict(to_torch_state_dict(model))
     return tmodel.eval()
 

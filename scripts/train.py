@@ -89,7 +89,8 @@ def main(argv: list[str]) -> int:
             need, limit = memory["step_bytes_per_device"], memory["limit_bytes_per_device"]
             fits = f", step needs {need / 2**20:.0f} MiB of {limit / 2**20:.0f} MiB ({memory['limit_source']})" \
                 if need and limit else ""
-            print(f"platform: {plat.backend} ({plat.device_kind}), dtype={plat.dtype}, remat={plat.remat}, "
+            matmul = " (bfloat16 matmuls)" if plat.matmul == "bfloat16" else ""
+            print(f"platform: {plat.backend} ({plat.device_kind}), dtype={plat.dtype}{matmul}, remat={plat.remat}, "
                   f"attention={plat.attention}, compiler options {plat.compiler_options or 'none'}, "
                   f"host allocator {plat.host_allocator or 'untouched'}{fits}, compiled in {memory['compile_s']:.1f} s",
                   flush=True)

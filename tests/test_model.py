@@ -1,3 +1,5 @@
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -168,3 +170,46 @@ def test_value_embeddings_mix_each_layers_table_into_its_values():
     for path, p in nnx.to_flat_state(nnx.state(plain, nnx.Param)):
         p[...] = weights[path][...]  # the same weights, less the value embeddings
     np.testing.assert_allclose(np.asarray(model(idx)), np.asarray(plain(idx)), atol=1e-6)
+
+
+def _dot_operand_types(hlo: str) -> list[tuple[str, str]]:
+    """(lhs, rhs) element types of every dot in an HLO module's text, each operand looked up in its
+    own computation (parameter names repeat across fused computations)."""
+    out = []
+    for comp in re.split(r"\n(?=\S)", hlo):  # a computation starts at column 0
+        types = dict(re.findall(r"(%[\w.-]+) = (\w+)\[", comp))
+        for lhs, rhs in re.findall(r" dot\((%[\w.-]+), (%[\w.-]+)\)", comp):
+            out.append((types.get(lhs, "?"), types.get(rhs, "?")))
+    return out
+
+
+def test_bf16_matmuls_multiply_every_linear_layer_in_bf16_forward_and_backward():
+    """--matmul_precision=bfloat16 rounds the linear layers' inputs (and, backward, their output
+    gradient) to bf16 with float32 sums: the logits move by about bf16's rounding, the gradients stay
+    close, and XLA:CPU's compiled step keeps all three products of each layer in bf16 (given a
+    transposed operand it multiplies in float32: layers._row_major)."""
+    from jaxgpt.step import loss_fn
+    cfg = GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=False, tie_embeddings=False)
+    f32, b16 = (GPT(cfg, rngs=nnx.Rngs(0), matmul=m) for m in ("float32", "bfloat16"))
+    idx = _idx(cfg, 16, B=4)
+    a, b = np.asarray(f32(idx)), np.asarray(b16(idx))
+    gap = np.abs(a - b).max() / np.abs(a).max()
+    assert 1e-5 < gap < 2e-2, gap  # rounded, by about bf16's precision (2**-8)
+    y = jnp.roll(idx, -1, axis=1)
+    graphdef, params = nnx.split(b16)
+    step = jax.jit(jax.value_and_grad(lambda p, x, y: loss_fn(graphdef, p, x, y, None, jnp.float32)))
+    (loss_b, grads_b), (loss_f, grads_f) = step(params, idx, y), jax.jit(jax.value_and_grad(
+        lambda p, x, y: loss_fn(nnx.graphdef(f32), p, x, y, None, jnp.float32)))(nnx.state(f32), idx, y)
+    assert abs(float(loss_b) - float(loss_f)) < 1e-2 * float(loss_f)
+    for gb, gf in zip(jax.tree.leaves(grads_b), jax.tree.leaves(grads_f), strict=True):
+        assert np.abs(np.asarray(gb) - np.asarray(gf)).max() <= 0.05 * np.abs(np.asarray(gf)).max() + 1e-7
+    dots = _dot_operand_types(step.lower(params, idx, y).compile().as_text())
+    linears = cfg.n_layer * 4 + 1  # c_attn, attn.c_proj, c_fc, mlp.c_proj per layer; lm_head
+    assert dots.count(("bf16", "bf16")) == 3 * linears, dots
+    import torch  # the twin rounds the same layers (torchref.layers.Linear), and only with the switch
+    import torchref
+    for matmul, rounded in (("bfloat16", linears), ("float32", 0)):
+        twin = [m.matmul for m in torchref.GPT(cfg, matmul=matmul).modules() if isinstance(m, torch.nn.Linear)]
+        assert len(twin) == linears and twin.count("bfloat16") == rounded
+    with pytest.raises(UserError, match="matmul must be one of"):
+        GPT(cfg, rngs=nnx.Rngs(0), matmul="int8")

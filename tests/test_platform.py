@@ -166,3 +166,24 @@ def test_tuned_host_allocator_stops_the_step_from_faulting_its_buffers_back_in()
         proc = _python(FAULTS, mode, timeout=300)
         faults[mode] = float(proc.stdout.strip().splitlines()[-1])
     assert faults["untuned"] > 5000 and faults["tuned"] < 0.1 * faults["untuned"], faults
+
+
+def test_bf16_matmuls_are_auto_only_on_a_cpu_with_amx_and_never_by_default(tmp_path, monkeypatch):
+    from jaxgpt.config import base_values
+    amx, avx = tmp_path / "amx", tmp_path / "avx"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n\n")
+    avx.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n\n")
+    assert platform.cpu_has_amx_bf16(str(amx)) and not platform.cpu_has_amx_bf16(str(avx))
+    assert not platform.cpu_has_amx_bf16(str(tmp_path / "absent"))
+    for has_amx in (True, False):
+        monkeypatch.setattr(platform, "cpu_has_amx_bf16", lambda has_amx=has_amx: has_amx)
+        assert platform.resolve_matmul("auto", "float32", "cpu") == ("bfloat16" if has_amx else "float32")
+        assert platform.resolve_matmul("auto", "float32", "gpu") == platform.resolve_matmul("auto", "float32", "tpu") == "float32"
+        assert platform.resolve_matmul("bfloat16", "bfloat16", "cpu") == "float32"  # bf16 compute: nothing to round
+        assert platform.resolve_matmul("bfloat16", "float32", "gpu") == "bfloat16"
+        assert platform.resolve_matmul("float32", "float32", "cpu") == "float32"
+    # nanoGPT's recipe multiplies in float32 on every CPU; the modern recipe asks for auto
+    assert TrainConfig().matmul_precision == "float32" and "matmul_precision" not in base_values("cpu", "nanogpt")
+    assert base_values("cpu", "modern")["matmul_precision"] == "auto"
+    with pytest.raises(UserError, match="--matmul_precision must be one of"):
+        TrainConfig(matmul_precision="bf16")

@@ -7,6 +7,8 @@ recomputes the cropped window like nanoGPT), so it stores keys already rotated a
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -14,6 +16,44 @@ import torch.nn.functional as F
 from jaxgpt.config import GPTConfig
 
 LayerCache = tuple[torch.Tensor, torch.Tensor, int]  # (k, v, index of the layer being run)
+
+
+class _BF16Matmul(torch.autograd.Function):
+    """x @ w.T with x, w and, backward, the output gradient rounded to bfloat16 and the products
+    summed in float32 (jaxgpt.layers.bf16_matmul): a product of two bfloat16 values is exact in
+    float32, so float32 matmuls of the rounded values compute it, up to the order of the sums."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        xb, wb = x.bfloat16(), w.bfloat16()
+        ctx.save_for_backward(xb, wb)
+        return xb.float() @ wb.float().T
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xb, wb = ctx.saved_tensors
+        gb = g.bfloat16().float()
+        return gb @ wb.float(), gb.reshape(-1, gb.shape[-1]).T @ xb.float().reshape(-1, xb.shape[-1])
+
+
+def bf16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (..., in) @ w (out, in).T in bfloat16 products with float32 sums (the twin of jaxgpt's)."""
+    return _BF16Matmul.apply(x, w)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (nanoGPT's names: weight, bias) whose float32 products are bf16_matmul's with
+    matmul='bfloat16' (--matmul_precision); under autocast, or with 'float32', nn.Linear's own."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool, matmul: str = "float32"):
+        super().__init__(d_in, d_out, bias=bias)
+        self.matmul = matmul
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.matmul != "bfloat16" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+            return super().forward(x)
+        y = bf16_matmul(x, self.weight)
+        return y + self.bias if self.bias is not None else y
 
 
 def norm(cfg: GPTConfig, dim: int) -> nn.Module:
@@ -42,13 +82,13 @@ def rope(x: torch.Tensor, positions: torch.Tensor, base: float, dim: int) -> tor
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, matmul: str = "float32"):
         super().__init__()
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
+        self.c_attn = Linear(cfg.n_embd, 3 * cfg.n_embd, cfg.bias, matmul)  # q, k, v in one matmul
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.layer_norm_epsilon) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.layer_norm_epsilon) if cfg.qk_norm else None
         self.ve_lambda = nn.Parameter(torch.full((2,), 0.5)) if cfg.value_embeds else None
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_proj = Linear(cfg.n_embd, cfg.n_embd, cfg.bias, matmul)
         self.attn_dropout = cfg.dropout  # applied inside scaled_dot_product_attention
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.n_head = cfg.n_head
@@ -91,10 +131,10 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, matmul: str = "float32"):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_fc = Linear(cfg.n_embd, 4 * cfg.n_embd, cfg.bias, matmul)
+        self.c_proj = Linear(4 * cfg.n_embd, cfg.n_embd, cfg.bias, matmul)
         self.dropout = nn.Dropout(cfg.dropout)
         self.activation = cfg.activation
 
@@ -111,12 +151,12 @@ class ValueEmbeds(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, matmul: str = "float32"):
         super().__init__()
         self.ln_1 = norm(cfg, cfg.n_embd)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = CausalSelfAttention(cfg, matmul)
         self.ln_2 = norm(cfg, cfg.n_embd)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, matmul)
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None, pos: int = 0,
                 window: int | None = None, ve: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerCache | None]:

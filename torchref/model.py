@@ -14,15 +14,15 @@ import torch
 import torch.nn as nn
 
 from jaxgpt.config import GPTConfig
-from torchref.layers import Block, ValueEmbeds, norm
+from torchref.layers import Block, Linear, ValueEmbeds, norm
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (n_layer, B, n_head, block_size, head_dim)
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, matmul: str = "float32"):
         super().__init__()
-        self.config = cfg
+        self.config = cfg  # matmul: the linear layers' float32 products (layers.Linear, --matmul_precision)
         layers = dict(wte=nn.Embedding(cfg.vocab_size, cfg.n_embd))
         if cfg.pos_embedding == "learned":  # else RoPE inside attention (layers.rope)
             layers["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
@@ -31,10 +31,10 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             **layers,
             drop=nn.Dropout(cfg.dropout),
-            h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
+            h=nn.ModuleList([Block(cfg, matmul) for _ in range(cfg.n_layer)]),
             ln_f=norm(cfg, cfg.n_embd),
         ))
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, False, matmul)
         if cfg.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight  # tied, as in nanoGPT
         self.apply(self._init_weights)

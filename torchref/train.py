@@ -87,7 +87,8 @@ def main(argv: list[str]) -> int:
     samplers = {s: BatchSampler(data / f"{s}.bin", cfg.block_size, tc.batch_size, seed=tc.seed,
                                 accum=tc.gradient_accumulation_steps) for s in ("train", "val")}
     val_tokens = np.fromfile(data / "val.bin", dtype=np.uint8) if tc.eval_full else None
-    model = GPT(cfg)
+    # auto is float32 here: this twin's bfloat16 products are float32 matmuls of rounded values, never faster
+    model = GPT(cfg, matmul="bfloat16" if tc.matmul_precision == "bfloat16" else "float32")
     opt = make_optimizer(model, tc)
     as_torch = lambda a: torch.from_numpy(a.astype(np.int64))  # noqa: E731
     out = Path(tc.out_dir)
