@@ -66,8 +66,8 @@ def test_recipe_composes_with_the_preset_and_explicit_flags_win():
     seed = build(TrainConfig, parser.parse_args(["--recipe=modern"]), base_values("gpu", "modern"))
     assert (seed.batch_size, seed.max_iters, seed.decay_iters, seed.warmup_iters) == (64, 2000, 2000, 200)
     assert seed.muon_momentum == RECIPES["modern"]["muon_momentum"] == 0.95
-    assert seed.muon_lr == 0.03 and seed.muon_beta2 == train.muon_beta2 == 0.95  # NorMuon in both; lr 0.06 is the cpu preset's
-    assert build(TrainConfig, parser.parse_args(["--preset=cpu", "--recipe=modern"]), base).muon_lr == 0.06
+    assert seed.muon_lr == 0.03 and seed.muon_beta2 == train.muon_beta2 == 0.95  # NorMuon in both; lr 0.05 is the cpu preset's
+    assert build(TrainConfig, parser.parse_args(["--preset=cpu", "--recipe=modern"]), base).muon_lr == 0.05
     assert build(GPTConfig, parser.parse_args(["--recipe=modern"]), base_values("gpu", "modern")).dropout == 0.2
     assert base_values("gpu", "nanogpt") == {}  # the seed config: nanoGPT's 5000 steps stay the default
     assert "with --preset=gpu also" in parser.epilog and "with --preset=cpu also" in parser.epilog
