@@ -39,6 +39,12 @@ def _row_major(a: jax.Array) -> jax.Array:
 
 
 def _bf16_dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    """bf16 (N, K) @ (K, M) summed in float32. XLA:CPU runs it in YNNPACK for row-major operands with
+    N, M > 1 and some side >= 8; any other bf16 x bf16 -> f32 dot reaches a kernel that aborts
+    ("Unsupported element type for DotThunk"), so those multiply the rounded values in float32: the
+    same products, exact in float32."""
+    if min(x.shape[0], w.shape[1]) == 1 or max(*x.shape, w.shape[1]) < 8:
+        return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
     return jax.lax.dot(x, w, preferred_element_type=jnp.float32)
 
 

@@ -18,7 +18,7 @@ from flax import nnx
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import UserError
-from jaxgpt.layers import ATTENTION_KERNELS, MATMULS, Block, ValueEmbeds, _flat, _linear, bf16_matmul, norm
+from jaxgpt.layers import ATTENTION_KERNELS, MATMULS, Block, ValueEmbeds, _flat, _linear, _row_major, bf16_matmul, norm
 
 # What the backward pass may keep from the forward pass of each block.
 REMAT_POLICIES = {
@@ -123,7 +123,7 @@ class GPT(nnx.Module):
         if self.lm_head is None:
             head = self.wte.embedding[...]  # (vocab_size, C); Embed.attend would promote to float32 too
             bf16 = self.matmul == "bfloat16" and x.dtype == head.dtype == jnp.float32
-            logits = _flat(lambda h: bf16_matmul(h, head.T) if bf16 else h @ head.T, x)
+            logits = _flat(lambda h: bf16_matmul(h, _row_major(head.T)) if bf16 else h @ head.T, x)
         else:
             logits = _flat(self.lm_head, x)
         cap = self.config.logit_softcap
