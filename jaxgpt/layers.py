@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxgpt.config import GPTConfig
+from jaxgpt.config import MATMUL_CHOICES, GPTConfig
 
 # GELU written with erf like torch: jax.nn.gelu(approximate=False) goes through erfc, whose
 # XLA:CPU expansion made the train step 4% slower; the two agree to float32 rounding.
@@ -25,7 +25,7 @@ ATTENTION_KERNELS = ("xla", "cudnn")  # for dropout-free attention; jaxgpt.platf
 LayerCache = tuple[jax.Array, jax.Array, jax.Array]  # (k, v, index of the layer being run)
 
 
-MATMULS = ("float32", "bfloat16")  # the linear layers' products in float32 compute; jaxgpt.platform resolves auto
+MATMULS = tuple(m for m in MATMUL_CHOICES if m != "auto")  # what GPT takes; jaxgpt.platform resolves auto
 
 
 def _row_major(a: jax.Array) -> jax.Array:
@@ -54,7 +54,7 @@ def bf16_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     float32 (float32 out): a TPU's default for float32 matmuls, and 3-4x XLA:CPU's float32 matmul on a
     CPU with AMX. The backward pass multiplies the same way: the output gradient rounded to bfloat16,
     times the rounded operands. torchref.layers.bf16_matmul is the twin."""
-    return _bf16_dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    return _bf16_matmul_fwd(x, w)[0]
 
 
 def _bf16_matmul_fwd(x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:

@@ -19,7 +19,6 @@ import torchref
 from formats.table import flat_params, from_torch_state_dict, to_torch_state_dict
 from jaxgpt.config import GPTConfig
 from jaxgpt.model import GPT
-from jaxgpt.platform import resolve_dtype, resolve_matmul
 from parity import tolerances as tol
 from parity.rows import Result, _jit_forward, jax_logits, logits_diff, max_diff, synthetic_corpus
 from parity.twins import jax_to_torch_model
@@ -134,8 +133,7 @@ def train_twins(steps: int, accum: int = 1, dtype: str = "float32", torch_side: 
                                learning_rate=1e-3, min_lr=1e-4, seed=7, weight_decay=0.1, grad_clip=1.0, dtype=dtype,
                                remat="none"), **train})  # type: ignore[arg-type]
     graphdef, eval_graphdef, state = init_state(cfg, tc)
-    tmodel = torchref.GPT(cfg, matmul=resolve_matmul(tc.matmul_precision, resolve_dtype(tc.dtype, "cpu"), "cpu"))
-    tmodel.load_state_dict(to_torch_state_dict(nnx.merge(graphdef, state.params)))
+    tmodel = jax_to_torch_model(nnx.merge(graphdef, state.params))  # multiplying as jaxgpt's step does
     topt = torch_optimizer(tmodel, tc)
     step_fn, schedule = make_train_step(graphdef, make_optimizer(tc), tc), lr_schedule(tc)
     data, rng = synthetic_corpus(20_000), np.random.default_rng(0)
