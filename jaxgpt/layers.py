@@ -7,11 +7,13 @@ torchref/layers.py mirrors this file class for class and switch for switch.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxgpt.config import MATMUL_CHOICES, GPTConfig
@@ -111,16 +113,30 @@ def activation(h: jax.Array, name: str) -> jax.Array:
     return 0.5 * h * (1.0 + jax.lax.erf(h * _SQRT_HALF))  # exact GELU, as torch's nn.GELU(); see _SQRT_HALF
 
 
-def rope(x: jax.Array, positions: jax.Array, base: float, axis: int) -> jax.Array:
+@functools.lru_cache(maxsize=16)
+def rope_table(n: int, D: int, base: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin (n, D/2) of positions 0..n-1 at frequencies base^(-2i/D), computed in float64 on
+    the host and rounded to float32 once. As constants of the program they are read, not computed:
+    XLA fused the in-graph table into every rotation and took a sine and a cosine per element of q
+    and k (~1 ms per rotation at the CPU preset; 11 % of an evaluation forward, BENCHMARKS.md)."""
+    inv_freq = 1.0 / base ** (np.arange(0, D, 2, dtype=np.float64) / D)
+    angles = np.arange(n, dtype=np.float64)[:, None] * inv_freq[None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def rope(x: jax.Array, positions: np.ndarray | jax.Array, base: float, axis: int, size: int = 0) -> jax.Array:
     """Rotary position embedding, half-split layout (GPT-NeoX, Gemma): the pairs (x[i], x[i + D/2])
-    are rotated by positions * base^(-2i/D). `positions` (N,) run along `axis` of x (..., D).
-    cos/sin and the rotation are float32 whatever x's dtype, then cast back."""
+    are rotated by positions * base^(-2i/D). `positions` (N,) run along `axis` of x (..., D): a
+    numpy array (rows of rope_table, constants) or a traced one with values below `size` (a gather
+    from a table of `size` rows). The rotation is float32 whatever x's dtype, then cast back."""
     D = x.shape[-1]
-    inv_freq = 1.0 / (base ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # (N, D/2)
+    if isinstance(positions, np.ndarray):
+        cos, sin = (t[positions] for t in rope_table(int(positions.max()) + 1, D, base))
+    else:
+        cos, sin = (jnp.asarray(t)[positions] for t in rope_table(size, D, base))
     shape = [1] * x.ndim
-    shape[axis], shape[-1] = angles.shape
-    cos, sin = jnp.cos(angles).reshape(shape), jnp.sin(angles).reshape(shape)
+    shape[axis], shape[-1] = cos.shape
+    cos, sin = cos.reshape(shape), sin.reshape(shape)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -184,7 +200,7 @@ class CausalSelfAttention(nnx.Module):
             y, cache = self._cached(q, k, v, cache, pos)
         else:
             if self.rope_base:
-                q, k = (rope(t, jnp.arange(T), self.rope_base, axis=1) for t in (q, k))
+                q, k = (rope(t, np.arange(T), self.rope_base, axis=1) for t in (q, k))
             if (path := attention_path(not self.attn_dropout.deterministic and self.attn_dropout.rate > 0,
                                        self.attention)) != "explicit":
                 y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=path)  # type: ignore[call-overload]
@@ -225,8 +241,8 @@ class CausalSelfAttention(nnx.Module):
         v_all = jax.lax.dynamic_update_slice(v_all, vh, (layer, 0, 0, slot, 0))
         keys = k_all[layer]
         if self.rope_base:
-            keys = rope(keys, held - start, self.rope_base, axis=2)
-            q = rope(q, query - start, self.rope_base, axis=1)
+            keys = rope(keys, held - start, self.rope_base, axis=2, size=S)
+            q = rope(q, query - start, self.rope_base, axis=1, size=S)
         return _attend(q, keys, v_all[layer], visible), (k_all, v_all, layer)
 
     def _cached_rows(self, q: jax.Array, kh: jax.Array, vh: jax.Array, cache: LayerCache,
@@ -250,7 +266,7 @@ class CausalSelfAttention(nnx.Module):
         q, k, v = self._qkv(x, ve)
         q = q[:, -1:]
         if self.rope_base:
-            q, k = rope(q, jnp.arange(T - 1, T), self.rope_base, axis=1), rope(k, jnp.arange(T), self.rope_base, axis=1)
+            q, k = rope(q, np.arange(T - 1, T), self.rope_base, axis=1), rope(k, np.arange(T), self.rope_base, axis=1)
         y = jax.nn.dot_product_attention(q, k, v)  # the last query sees every key: no mask
         return _flat(self.c_proj, y.reshape(B, 1, C))
 

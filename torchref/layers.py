@@ -69,14 +69,19 @@ def activation(h: torch.Tensor, name: str) -> torch.Tensor:
     return F.gelu(h, approximate="tanh" if name == "gelu_tanh" else "none")  # tanh = GPT-2's gelu_new
 
 
+def rope_table(n: int, D: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (n, D/2) of positions 0..n-1, in float64 rounded to float32 (jaxgpt.layers.rope_table)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
+    angles = torch.arange(n, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    return torch.cos(angles).float(), torch.sin(angles).float()
+
+
 def rope(x: torch.Tensor, positions: torch.Tensor, base: float, dim: int) -> torch.Tensor:
     """Half-split rotary embedding of x (..., D) at `positions` (N,) along `dim`, in float32 (jaxgpt.layers.rope)."""
-    D = x.shape[-1]
-    inv_freq = 1.0 / (base ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (N, D/2)
+    cos, sin = (t[positions] for t in rope_table(int(positions.max()) + 1, x.shape[-1], base))
     shape = [1] * x.dim()
-    shape[dim], shape[-1] = angles.shape
-    cos, sin = torch.cos(angles).reshape(shape), torch.sin(angles).reshape(shape)
+    shape[dim], shape[-1] = cos.shape
+    cos, sin = cos.reshape(shape), sin.reshape(shape)
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
