@@ -133,7 +133,7 @@ def plan_training(model_cfg: GPTConfig, tc: TrainConfig, target: str | None = No
     mesh = make_mesh(tc.mesh_data, tc.mesh_fsdp, w.devices)
     site = w.site
     dtype = platform.resolve_dtype(tc.dtype, site.backend)
-    attention = platform.resolve_attention(model_cfg, dtype, site.backend)
+    attention = platform.resolve_attention(model_cfg, dtype, site.backend, tc.attention)
     T = model_cfg.block_size
     if tc.batch_size % mesh.size and not batch_auto:
         raise UserError(f"--batch_size={tc.batch_size} must be divisible by the {mesh.size} devices of {w.name}")

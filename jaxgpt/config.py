@@ -15,6 +15,7 @@ from jaxgpt.errors import UserError
 
 REMAT_CHOICES = ("auto", "none", "full", "dots")  # auto: jaxgpt.platform decides per backend
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+ATTENTION_CHOICES = ("auto", "fast", "xla", "cudnn", "explicit")  # dropout-free attention's kernel (jaxgpt.platform)
 MATMUL_CHOICES = ("auto", "float32", "bfloat16")  # the linear layers' products in float32 compute (jaxgpt.layers)
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu2")
 POS_EMBEDDINGS = ("learned", "rope")
@@ -144,6 +145,10 @@ class TrainConfig:
     # float32 compute only: bfloat16 = the linear layers' inputs rounded to bfloat16, products summed in float32
     # (a TPU's float32 default); auto: bfloat16 where the CPU multiplies bfloat16 natively (jaxgpt.platform)
     matmul_precision: Literal["auto", "float32", "bfloat16"] = "float32"
+    # auto: the platform's kernel that keeps nanoGPT's numbers (cuDNN flash attention on GPU in bf16, else
+    # XLA's fused op); fast: auto's choice except on CPU, where explicit is faster; xla, cudnn, explicit (the
+    # softmax written out in einsums): that one (jaxgpt.platform.resolve_attention)
+    attention: Literal["auto", "fast", "xla", "cudnn", "explicit"] = "auto"
     mesh_data: int = 0  # data-parallel mesh axis; 0 = every device not used by fsdp
     mesh_fsdp: int = 1  # parameter-sharding mesh axis
     keep_checkpoints: int = 3
@@ -186,6 +191,8 @@ class TrainConfig:
         _require(self.remat in REMAT_CHOICES, f"--remat must be one of {REMAT_CHOICES}, got {self.remat!r}")
         _require(self.matmul_precision in MATMUL_CHOICES,
                  f"--matmul_precision must be one of {MATMUL_CHOICES}, got {self.matmul_precision!r}")
+        _require(self.attention in ATTENTION_CHOICES,
+                 f"--attention must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
         _require(self.resume in (True, False, "auto"), f"--resume must be true, false or auto, got {self.resume!r}")
         _require(self.recipe in RECIPES, f"--recipe must be one of {tuple(RECIPES)}, got {self.recipe!r}")
         _require(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
@@ -227,7 +234,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "modern": dict(pos_embedding="rope", norm="rmsnorm", qk_norm=True, activation="relu2", tie_embeddings=False,
                    zero_init_proj=True, logit_softcap=15.0, value_embeds=2, optimizer="muon", muon_lr=0.03, muon_momentum=0.95,
                    muon_beta2=0.95, learning_rate=0.03, min_lr=0.003, beta1=0.8, beta2=0.95, weight_decay=0.0,
-                   matmul_precision="auto"),
+                   matmul_precision="auto", attention="fast"),
 }
 # what a recipe changes for one preset: its own batch, iteration count and schedule. The CPU preset's:
 # 24 x 64 tokens per step for 105 steps with a 5-step warmup, Muon momentum 0.85 (short runs want less

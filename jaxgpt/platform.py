@@ -121,13 +121,24 @@ def resolve_dtype(requested: str, platform: str) -> str:
     return "float32" if platform == "cpu" else "bfloat16"
 
 
-def resolve_attention(cfg: GPTConfig, dtype: str, platform: str) -> str:
-    """cuDNN's fused (flash) attention on GPU where it applies: half-precision inputs and a
-    head size it supports. Attention with dropout is spelled out whatever this says, because
-    jax.nn.dot_product_attention has no dropout (layers.attention_path)."""
-    if platform == "gpu" and dtype == "bfloat16" and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128:
-        return "cudnn"
-    return "xla"
+def resolve_attention(cfg: GPTConfig, dtype: str, platform: str, requested: str = "auto") -> str:
+    """The kernel of dropout-free attention (layers.attention_path: attention with dropout is spelled
+    out whatever this says, because jax.nn.dot_product_attention has no dropout).
+    auto: cuDNN's fused (flash) attention on GPU where it applies (half-precision inputs and a head size it
+    supports), else XLA's fused op: the kernels nanoGPT's numbers were proved with. fast: auto's choice,
+    except on CPU, where the softmax written out (explicit) ran the modern recipe's step ~5 % faster
+    (jax.nn.dot_product_attention's xla path vmaps over query groups, and XLA:CPU fused its backward
+    into one slow YNNPACK kernel: BENCHMARKS.md, "tenth lap"). explicit, xla: that one; cudnn: refused
+    where cuDNN cannot run it."""
+    cudnn = platform == "gpu" and dtype == "bfloat16" and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128
+    if requested == "cudnn" and not cudnn:
+        raise UserError(f"--attention=cudnn needs a GPU, bfloat16 compute and a head size that is a multiple of 8 "
+                        f"up to 128 (here: {platform}, {dtype}, head size {cfg.head_dim}); use --attention=auto")
+    if requested in ("xla", "cudnn", "explicit"):
+        return requested
+    if requested == "fast" and platform == "cpu":
+        return "explicit"
+    return "cudnn" if cudnn else "xla"
 
 
 @functools.cache
@@ -279,7 +290,7 @@ def describe(cfg: GPTConfig, tc: TrainConfig, remat: str, site: Site | None = No
     dtype = resolve_dtype(tc.dtype, site.backend)
     return Platform(backend=site.backend, device_kind=site.device_kind, devices=site.devices,
                     processes=site.processes, dtype=dtype, remat=remat,
-                    attention=resolve_attention(cfg, dtype, site.backend), compiler_options=compiler_options(site.backend),
+                    attention=resolve_attention(cfg, dtype, site.backend, tc.attention), compiler_options=compiler_options(site.backend),
                     host_allocator="".join(_host_allocator) if site.backend == "cpu" else "",
                     matmul=resolve_matmul(tc.matmul_precision, dtype, site.backend))
 

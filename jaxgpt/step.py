@@ -103,7 +103,7 @@ def init_state(model_cfg: GPTConfig, tc: TrainConfig, mesh: Mesh | None = None, 
     here = platform.backend()
     remat = remat or platform.remat_candidates(tc.remat, here)[0]
     dtype = platform.resolve_dtype(tc.dtype, here)
-    attention = attention or platform.resolve_attention(model_cfg, dtype, here)
+    attention = attention or platform.resolve_attention(model_cfg, dtype, here, tc.attention)
     make = lambda: GPT(model_cfg, rngs=nnx.Rngs(tc.seed), remat=remat, attention=attention)  # noqa: E731
     graphdef, eval_graphdef = graphdefs(model_cfg, remat, attention, platform.resolve_matmul(tc.matmul_precision, dtype, here))
     abstract = nnx.state(nnx.eval_shape(make))
@@ -179,7 +179,7 @@ def compile_train_step(model_cfg: GPTConfig, tc: TrainConfig, state: TrainState,
     choice (benchmarks)."""
     site = platform.local_site()
     attention = attention or platform.resolve_attention(model_cfg, platform.resolve_dtype(tc.dtype, site.backend),
-                                                         site.backend)
+                                                         site.backend, tc.attention)
     fit, eval_graphdef = fit_train_step(model_cfg, tc, state, x, y, step, attention, site)
     if fit.refused:
         raise UserError(f"the train step does not fit on {site.device_kind} (remat={fit.remat}, batch_size={tc.batch_size}): "

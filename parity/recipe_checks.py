@@ -40,9 +40,9 @@ MODERN = dataclasses.replace(BASE, **SWITCHES["modern"])
 MUON = dict(optimizer="muon", muon_lr=0.02, weight_decay=0.0)
 
 
-def _model(cfg: GPTConfig, seed: int, matmul: str = "float32") -> GPT:
+def _model(cfg: GPTConfig, seed: int, matmul: str = "float32", attention: str = "xla") -> GPT:
     """A random model whose zero-initialised projections are filled in, so every switch acts on the output."""
-    model = GPT(cfg, rngs=nnx.Rngs(seed), matmul=matmul)
+    model = GPT(cfg, rngs=nnx.Rngs(seed), matmul=matmul, attention=attention)
     if cfg.zero_init_proj:
         rng = np.random.default_rng(seed)
         for _, p in nnx.to_flat_state(nnx.state(model, nnx.Param)):
@@ -132,12 +132,13 @@ def check_rope_past_block(new_tokens: int = 300) -> list[Result]:
                    tol.LOGITS_TOL)]
 
 
-def check_muon_training(steps: int = 60, accum: int = 2, beta2: float = 0.0) -> list[Result]:
+def check_muon_training(steps: int = 60, accum: int = 2, beta2: float = 0.0, attention: str = "auto") -> list[Result]:
     """Muon (+ the AdamW group), clipping and schedule on the full recipe's model: per-step loss and final
-    parameters; with `beta2` > 0 NorMuon (--muon_beta2)."""
+    parameters; with `beta2` > 0 NorMuon (--muon_beta2); `attention`: --attention."""
     jl, tl, jax_sd, torch_sd, _ = train_twins(steps, accum, cfg=dataclasses.replace(MODERN, bias=True), **MUON,
-                                              muon_beta2=beta2)
-    case = f"modern + Muon, accum={accum}" + (f", NorMuon beta2={beta2}" if beta2 else "")
+                                              muon_beta2=beta2, attention=attention)
+    case = (f"modern + Muon, accum={accum}" + (f", NorMuon beta2={beta2}" if beta2 else "")
+            + (f", {attention} attention" if attention != "auto" else ""))
     return [Result(f"train loss rel. diff, {steps} steps", case, max(abs(a - b) / abs(b) for a, b in zip(jl, tl, strict=True)),
                    tol.TRAIN_LOSS_RTOL),
             Result(f"train params after {steps} steps", case,
@@ -202,6 +203,17 @@ def check_bf16_matmuls(steps: int = 60, accum: int = 2) -> list[Result]:
                    max(abs(a - b) / abs(b) for a, b in zip(jl, tl, strict=True)), tol.BF16_TRAIN_LOSS_RTOL)]
 
 
+def check_explicit_attention() -> list[Result]:
+    """--attention=explicit (the softmax written out in einsums; what --attention=fast, the modern recipe's
+    setting, takes on CPU) against torchref's SDPA at float32's tolerances: the full recipe's logits, and
+    NorMuon training as the recipe runs it."""
+    model = _model(MODERN, 1, attention="explicit")
+    idx = _tokens(MODERN, MODERN.block_size)
+    return [Result("logits jax->torch", f"modern, explicit attention T={MODERN.block_size}",
+                   logits_diff(jax_logits(model, idx), torch_logits(jax_to_torch_model(model), idx)), tol.LOGITS_TOL),
+            *check_muon_training(beta2=0.95, attention="explicit")]
+
+
 def switch_model_checks() -> Iterator[Callable[[], list[Result]]]:
     """Per switch: logits both ways, round trips, zero-init tensors, parameter counts."""
     for name, switch in SWITCHES.items():
@@ -216,7 +228,7 @@ def recipe_checks() -> Iterator[Callable[[], list[Result]]]:
 
 def recipe_run_checks(decoding: tuple[str, ...] = tuple(SWITCHES)) -> Iterator[Callable[[], list[Result]]]:
     """Decoding per switch (those named in `decoding`), RoPE past block_size, Muon training (plain and
-    NorMuon), bf16."""
+    NorMuon), bf16, bf16 matmuls, explicit attention."""
     for name in decoding:
         yield lambda name=name: check_decoding(name, dataclasses.replace(BASE, **SWITCHES[name]))
     yield check_rope_past_block
@@ -224,4 +236,5 @@ def recipe_run_checks(decoding: tuple[str, ...] = tuple(SWITCHES)) -> Iterator[C
     yield lambda: check_muon_training(beta2=0.95)
     yield check_bf16
     yield check_bf16_matmuls
+    yield check_explicit_attention
 

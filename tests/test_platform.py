@@ -187,3 +187,29 @@ def test_bf16_matmuls_are_auto_only_on_a_cpu_with_amx_and_never_by_default(tmp_p
     assert base_values("cpu", "modern")["matmul_precision"] == "auto"
     with pytest.raises(UserError, match="--matmul_precision must be one of"):
         TrainConfig(matmul_precision="bf16")
+
+
+def test_fast_attention_is_explicit_only_on_cpu_and_never_by_default():
+    """--attention: auto keeps the kernels nanoGPT's numbers were proved with; fast (the modern recipe)
+    spells the softmax out on CPU only; cudnn where cuDNN cannot run is one error line."""
+    from flax import nnx
+
+    from jaxgpt.config import base_values
+    from jaxgpt.step import init_state
+
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64)
+    assert platform.resolve_attention(cfg, "float32", "cpu") == platform.resolve_attention(cfg, "float32", "cpu", "auto") == "xla"
+    assert platform.resolve_attention(cfg, "float32", "cpu", "fast") == "explicit"
+    assert platform.resolve_attention(cfg, "bfloat16", "gpu", "fast") == platform.resolve_attention(cfg, "bfloat16", "gpu") == "cudnn"
+    assert platform.resolve_attention(cfg, "bfloat16", "tpu", "fast") == "xla"
+    assert platform.resolve_attention(cfg, "float32", "gpu", "explicit") == "explicit"
+    with pytest.raises(UserError, match="--attention=cudnn needs a GPU"):
+        platform.resolve_attention(cfg, "float32", "cpu", "cudnn")
+    with pytest.raises(UserError, match="--attention must be one of"):
+        TrainConfig(attention="flash")
+    # nanoGPT's recipe keeps XLA's fused op; the modern recipe asks for fast, and the model takes the path
+    assert TrainConfig().attention == "auto" and "attention" not in base_values("cpu", "nanogpt")
+    assert base_values("cpu", "modern")["attention"] == base_values("gpu", "modern")["attention"] == "fast"
+    for requested, kernel in (("fast", "explicit"), ("auto", "xla")):  # what a run on this CPU builds
+        graphdef, _, state = init_state(cfg, TrainConfig(attention=requested))
+        assert nnx.merge(graphdef, state.params).h.attn.attention == kernel
