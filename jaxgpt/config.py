@@ -25,6 +25,7 @@ OPTIMIZERS = ("adamw", "muon")
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
 NS_EPS = 1e-7
+NS_GRAM_RESTART = 3  # a wide matrix's steps between two products with X (jaxgpt.optim._gram_iteration)
 
 
 def _require(ok: bool, msg: str) -> None:

@@ -35,6 +35,23 @@ def test_newton_schulz_matches_torch_and_orthogonalises(shape):
     assert singular.min() > 0.4 and singular.max() < 1.6, (singular.min(), singular.max())
 
 
+@pytest.mark.parametrize("shape", [(32, 128), (128, 32), (2, 16, 64), (24, 48)])
+def test_newton_schulz_through_the_gram_matrix_is_the_direct_iteration(shape):
+    """A matrix twice as wide as tall (or tall) iterates on X X^T; the result is the direct iteration's."""
+    from jaxgpt.config import NS_COEFFS, NS_EPS, NS_STEPS
+
+    g = np.random.default_rng(1).normal(size=shape)
+    X = g.swapaxes(-1, -2) if shape[-2] > shape[-1] else g  # float64: the iteration as written
+    X = X / (np.sqrt(np.sum(X * X, axis=(-2, -1), keepdims=True)) + NS_EPS)
+    a, b, c = NS_COEFFS
+    for _ in range(NS_STEPS):
+        A = X @ X.swapaxes(-1, -2)
+        X = a * X + (b * A + c * A @ A) @ X
+    direct = X.swapaxes(-1, -2) if shape[-2] > shape[-1] else X
+    ours = np.asarray(newton_schulz(jnp.asarray(g, jnp.float32)))
+    assert np.max(np.abs(ours - direct)) < 2e-6 * np.max(np.abs(direct)), np.max(np.abs(ours - direct))
+
+
 @pytest.mark.parametrize("shape", [(2, 96, 32), (2, 32, 96), (3, 16, 16)])
 def test_normuon_matches_torch_keeps_the_norm_and_evens_the_neurons(shape):
     from jaxgpt.optim import normuon

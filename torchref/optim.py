@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from jaxgpt.config import NS_COEFFS, NS_EPS, NS_STEPS, TrainConfig
+from jaxgpt.config import NS_COEFFS, NS_EPS, NS_GRAM_RESTART, NS_STEPS, TrainConfig
 from torchref.model import GPT
 
 
@@ -16,11 +16,29 @@ def newton_schulz(G: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
     if tall:
         X = X.mT
     X = X / (torch.sqrt((X * X).sum(dim=(-2, -1), keepdim=True)) + NS_EPS)
-    for _ in range(steps):
-        A = X @ X.mT
-        B = b * A + (c * A) @ A
-        X = a * X + B @ X
+    if X.size(-1) >= 2 * X.size(-2):
+        X = _gram_iteration(X, steps)
+    else:
+        for _ in range(steps):
+            A = X @ X.mT
+            B = b * A + (c * A) @ A
+            X = a * X + B @ X
     return X.mT if tall else X
+
+
+def _gram_iteration(X: torch.Tensor, steps: int) -> torch.Tensor:
+    """Newton-Schulz on a wide X through its Gram matrix A = X X^T (jaxgpt.optim._gram_iteration)."""
+    a, b, c = NS_COEFFS
+    eye = torch.eye(X.size(-2), dtype=X.dtype)
+    for first in range(0, steps, NS_GRAM_RESTART):
+        A = X @ X.mT
+        Q = P = a * eye + b * A + c * (A @ A)
+        for _ in range(first + 1, min(first + NS_GRAM_RESTART, steps)):
+            A = P @ (P @ A)
+            P = a * eye + b * A + c * (A @ A)
+            Q = P @ Q
+        X = Q @ X
+    return X
 
 
 def _matrices(name: str, u: torch.Tensor) -> torch.Tensor:
