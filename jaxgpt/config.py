@@ -15,7 +15,8 @@ from jaxgpt.errors import UserError
 
 REMAT_CHOICES = ("auto", "none", "full", "dots")  # auto: jaxgpt.platform decides per backend
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
-ATTENTION_CHOICES = ("auto", "fast", "xla", "cudnn", "explicit")  # dropout-free attention's kernel (jaxgpt.platform)
+ATTENTION_KERNELS = ("xla", "cudnn", "explicit")  # dropout-free attention's kernels (jaxgpt.layers)
+ATTENTION_CHOICES = ("auto", "fast", *ATTENTION_KERNELS)  # --attention; jaxgpt.platform resolves auto and fast
 MATMUL_CHOICES = ("auto", "float32", "bfloat16")  # the linear layers' products in float32 compute (jaxgpt.layers)
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu2")
 POS_EMBEDDINGS = ("learned", "rope")

@@ -22,8 +22,6 @@ from jaxgpt.config import MATMUL_CHOICES, GPTConfig
 # XLA:CPU expansion made the train step 4% slower; the two agree to float32 rounding.
 _SQRT_HALF = 1 / math.sqrt(2)
 
-ATTENTION_KERNELS = ("xla", "cudnn", "explicit")  # for dropout-free attention; jaxgpt.platform picks one per backend
-
 LayerCache = tuple[jax.Array, jax.Array, jax.Array]  # (k, v, index of the layer being run)
 
 

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgpt.config import GPTConfig
+from jaxgpt.config import ATTENTION_KERNELS, GPTConfig
 from jaxgpt.errors import UserError
-from jaxgpt.layers import ATTENTION_KERNELS, MATMULS, Block, ValueEmbeds, _flat, _linear, _row_major, bf16_matmul, norm
+from jaxgpt.layers import MATMULS, Block, ValueEmbeds, _flat, _linear, _row_major, bf16_matmul, norm
 
 # What the backward pass may keep from the forward pass of each block.
 REMAT_POLICIES = {

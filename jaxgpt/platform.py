@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxgpt.config import GPTConfig, TrainConfig
+from jaxgpt.config import ATTENTION_KERNELS, GPTConfig, TrainConfig
 from jaxgpt.errors import UserError
 
 log = logging.getLogger("jaxgpt")
@@ -134,7 +134,7 @@ def resolve_attention(cfg: GPTConfig, dtype: str, platform: str, requested: str 
     if requested == "cudnn" and not cudnn:
         raise UserError(f"--attention=cudnn needs a GPU, bfloat16 compute and a head size that is a multiple of 8 "
                         f"up to 128 (here: {platform}, {dtype}, head size {cfg.head_dim}); use --attention=auto")
-    if requested in ("xla", "cudnn", "explicit"):
+    if requested in ATTENTION_KERNELS:
         return requested
     if requested == "fast" and platform == "cpu":
         return "explicit"
