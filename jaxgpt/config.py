@@ -151,6 +151,10 @@ class TrainConfig:
     # XLA's fused op); fast: auto's choice except on CPU, where explicit is faster; xla, cudnn, explicit (the
     # softmax written out in einsums): that one (jaxgpt.platform.resolve_attention)
     attention: Literal["auto", "fast", "xla", "cudnn", "explicit"] = "auto"
+    # each (micro-)batch cut into this many parts whose gradients one program computes side by side, then
+    # averages: 1 = one batch (nanoGPT's numbers); 0 = the platform's choice, 2 on CPU (XLA:CPU runs the two
+    # parts' chains of small matmuls on two cores at once), 1 elsewhere (jaxgpt.platform.resolve_batch_split)
+    batch_split: int = 1
     mesh_data: int = 0  # data-parallel mesh axis; 0 = every device not used by fsdp
     mesh_fsdp: int = 1  # parameter-sharding mesh axis
     keep_checkpoints: int = 3
@@ -181,7 +185,7 @@ class TrainConfig:
                      "eval_iters", "log_interval", "keep_checkpoints", "mesh_fsdp"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value > 0, f"--{name} must be a positive integer, got {value!r}")
-        for name in ("warmup_iters", "lr_decay_iters", "seed", "mesh_data"):
+        for name in ("warmup_iters", "lr_decay_iters", "seed", "mesh_data", "batch_split"):
             _require(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
             _require(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)!r}")
@@ -195,6 +199,8 @@ class TrainConfig:
                  f"--matmul_precision must be one of {MATMUL_CHOICES}, got {self.matmul_precision!r}")
         _require(self.attention in ATTENTION_CHOICES,
                  f"--attention must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
+        _require(self.batch_size % max(1, self.batch_split) == 0,
+                 f"--batch_split={self.batch_split} must divide --batch_size={self.batch_size} (0 = the platform's choice)")
         _require(self.resume in (True, False, "auto"), f"--resume must be true, false or auto, got {self.resume!r}")
         _require(self.recipe in RECIPES, f"--recipe must be one of {tuple(RECIPES)}, got {self.recipe!r}")
         _require(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
@@ -236,7 +242,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "modern": dict(pos_embedding="rope", norm="rmsnorm", qk_norm=True, activation="relu2", tie_embeddings=False,
                    zero_init_proj=True, logit_softcap=15.0, value_embeds=2, optimizer="muon", muon_lr=0.03, muon_momentum=0.95,
                    muon_beta2=0.95, learning_rate=0.03, min_lr=0.003, beta1=0.8, beta2=0.95, weight_decay=0.0,
-                   matmul_precision="auto", attention="fast"),
+                   matmul_precision="auto", attention="fast", batch_split=0),
 }
 # what a recipe changes for one preset: its own batch, iteration count and schedule. The CPU preset's:
 # 24 x 64 tokens per step for 105 steps with a 5-step warmup, Muon momentum 0.85 (short runs want less

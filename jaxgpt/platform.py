@@ -53,6 +53,7 @@ class Platform:
     compiler_options: dict[str, str]
     host_allocator: str  # what tune_host_allocator did ('' = untouched)
     matmul: str = "float32"  # the linear layers' products in float32 compute: 'float32' | 'bfloat16' (layers.bf16_matmul)
+    batch_split: int = 1  # parts of each batch whose gradients the step computes side by side (resolve_batch_split)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,6 +140,20 @@ def resolve_attention(cfg: GPTConfig, dtype: str, platform: str, requested: str 
     if requested == "fast" and platform == "cpu":
         return "explicit"
     return "cudnn" if cudnn else "xla"
+
+
+def resolve_batch_split(requested: int, platform: str, rows: int) -> int:
+    """How many parts the train step cuts each (micro-)batch of `rows` rows per device into; their
+    gradients are computed side by side in one program and averaged. 0: 2 on CPU when the rows divide
+    evenly, else 1. XLA:CPU runs a step's small matmuls one at a time, each on one core; two independent
+    halves give its thunk executor work for both cores at once (the modern CPU-preset step 0.92x: BENCHMARKS.md,
+    "eleventh lap"). An accelerator runs one matmul on all its cores, so there a split only adds work."""
+    if requested == 0:
+        return 2 if platform == "cpu" and rows % 2 == 0 else 1
+    if rows % requested:
+        raise UserError(f"--batch_split={requested} must divide the {rows} rows of a batch on each device; "
+                        f"pick a divisor, or 0 for the platform's choice")
+    return requested
 
 
 @functools.cache

@@ -10,6 +10,7 @@ these programs (data, checkpoints, the loop) is jaxgpt.train.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple, cast
@@ -48,21 +49,35 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, tc
     """(state, x, y, step) -> (state, metrics); x, y (accum, batch, T). Gradients are averaged
     over the micro-batches *before* clipping and AdamW, so accumulation equals one big batch.
     Computes in tc.dtype (auto: the platform's); parameters and optimizer state stay float32.
+    tc.batch_split > 1 cuts each micro-batch into that many parts of every batch_split-th row whose
+    gradients are computed side by side and averaged: the same mean, summed in another order
+    (0: the platform's choice for an unsharded batch; train.py resolves it per device).
     `backend`: the platform it is compiled for (default: this process's; jaxgpt.aot's targets)."""
     backend = backend or platform.backend()
     dtype = DTYPES[platform.resolve_dtype(tc.dtype, backend)]
     dropout_key = jax.random.fold_in(jax.random.key(tc.seed), 1)
+    grad_fn = jax.value_and_grad(loss_fn, argnums=1)
+    # one part's gradient, traced once however many parts call it (XLA inlines the calls)
+    part_grads = jax.jit(lambda params, x, y, key: grad_fn(graphdef, params, x, y, key, dtype))
+
+    def batch_grads(params: nnx.State, x: jax.Array, y: jax.Array, key: jax.Array) -> tuple[jax.Array, Any]:
+        split = tc.batch_split or platform.resolve_batch_split(0, backend, x.shape[0])
+        if split == 1:
+            return grad_fn(graphdef, params, x, y, key, dtype)
+        rows = lambda a, i: a.reshape(-1, split, *a.shape[1:])[:, i]  # noqa: E731  (rows i, i + split, ...)
+        parts = [part_grads(params, rows(x, i), rows(y, i), jax.random.fold_in(key, i)) for i in range(split)]
+        mean = lambda *a: functools.reduce(jnp.add, a) / split  # noqa: E731
+        return mean(*(loss for loss, _ in parts)), jax.tree.map(mean, *(g for _, g in parts))
 
     def train_step(state: TrainState, x: jax.Array, y: jax.Array, step: jax.Array) -> tuple[TrainState, dict]:
         keys = jax.random.split(jax.random.fold_in(dropout_key, step), x.shape[0])
-        grad_fn = jax.value_and_grad(loss_fn, argnums=1)
 
         def micro(grads, batch):
-            loss, g = grad_fn(graphdef, state.params, *batch, dtype)
+            loss, g = batch_grads(state.params, *batch)
             return jax.tree.map(jnp.add, grads, g), loss
 
         if x.shape[0] == 1:  # no accumulation: skip the loop and the zero-initialised sum
-            loss, grads = grad_fn(graphdef, state.params, x[0], y[0], keys[0], dtype)
+            loss, grads = batch_grads(state.params, x[0], y[0], keys[0])
             losses = loss[None]
         else:
             zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -140,6 +155,7 @@ class Fit(NamedTuple):
     need: int | None
     compile_s: float
     refused: str  # the compiler's out-of-memory message ('' when it compiled)
+    batch_split: int = 1  # the resolved --batch_split it was compiled with
 
     def fits(self, memory: int | None, margin: float = 1.0) -> bool:
         """Compiled, and within `margin` of `memory` bytes per device (unknown sizes fit)."""
@@ -153,6 +169,9 @@ def fit_train_step(model_cfg: GPTConfig, tc: TrainConfig, state: TrainState, x: 
     y may be arrays or ShapeDtypeStructs carrying their shardings. Returns the last Fit tried and
     its eval-mode graphdef; raises nothing for memory (the caller decides)."""
     shardings = jax.tree.map(lambda a: a.sharding, state)
+    x_sharding = getattr(x, "sharding", None)  # numpy batches (benchmarks) are one device's
+    rows = x_sharding.shard_shape(x.shape)[1] if x_sharding is not None else x.shape[1]
+    tc = dataclasses.replace(tc, batch_split=platform.resolve_batch_split(tc.batch_split, site.backend, rows))
     matmul = platform.resolve_matmul(tc.matmul_precision, platform.resolve_dtype(tc.dtype, site.backend), site.backend)
     for remat in platform.remat_candidates(tc.remat, site.backend):
         graphdef, eval_graphdef = graphdefs(model_cfg, remat, attention, matmul)
@@ -165,7 +184,7 @@ def fit_train_step(model_cfg: GPTConfig, tc: TrainConfig, state: TrainState, x: 
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
             compiled, need, refused = None, None, str(e).split("\n")[0]
-        fit = Fit(compiled, remat, need, round(time.perf_counter() - t, 3), refused)
+        fit = Fit(compiled, remat, need, round(time.perf_counter() - t, 3), refused, tc.batch_split)
         if fit.fits(site.memory, platform.MEMORY_MARGIN):
             break
     return fit, eval_graphdef
@@ -187,6 +206,7 @@ def compile_train_step(model_cfg: GPTConfig, tc: TrainConfig, state: TrainState,
     platform.check_fits(fit.need, site.memory, site.memory_source, tc, fit.remat)
     memory = {"step_bytes_per_device": fit.need, "limit_bytes_per_device": site.memory, "limit_source": site.memory_source,
               "compile_s": fit.compile_s}
-    return (fit.compiled, eval_graphdef, dataclasses.replace(platform.describe(model_cfg, tc, fit.remat, site), attention=attention),
-            memory)
+    plat = dataclasses.replace(platform.describe(model_cfg, tc, fit.remat, site), attention=attention,
+                               batch_split=fit.batch_split)
+    return fit.compiled, eval_graphdef, plat, memory
 

@@ -132,13 +132,16 @@ def check_rope_past_block(new_tokens: int = 300) -> list[Result]:
                    tol.LOGITS_TOL)]
 
 
-def check_muon_training(steps: int = 60, accum: int = 2, beta2: float = 0.0, attention: str = "auto") -> list[Result]:
+def check_muon_training(steps: int = 60, accum: int = 2, beta2: float = 0.0, attention: str = "auto",
+                        batch_split: int = 1) -> list[Result]:
     """Muon (+ the AdamW group), clipping and schedule on the full recipe's model: per-step loss and final
-    parameters; with `beta2` > 0 NorMuon (--muon_beta2); `attention`: --attention."""
+    parameters; with `beta2` > 0 NorMuon (--muon_beta2); `attention`: --attention; `batch_split`:
+    --batch_split on jaxgpt's side only (torchref takes each micro-batch whole)."""
     jl, tl, jax_sd, torch_sd, _ = train_twins(steps, accum, cfg=dataclasses.replace(MODERN, bias=True), **MUON,
-                                              muon_beta2=beta2, attention=attention)
+                                              muon_beta2=beta2, attention=attention, batch_split=batch_split)
     case = (f"modern + Muon, accum={accum}" + (f", NorMuon beta2={beta2}" if beta2 else "")
-            + (f", {attention} attention" if attention != "auto" else ""))
+            + (f", {attention} attention" if attention != "auto" else "")
+            + (f", batch in {batch_split} parts" if batch_split > 1 else ""))
     return [Result(f"train loss rel. diff, {steps} steps", case, max(abs(a - b) / abs(b) for a, b in zip(jl, tl, strict=True)),
                    tol.TRAIN_LOSS_RTOL),
             Result(f"train params after {steps} steps", case,
@@ -214,6 +217,13 @@ def check_explicit_attention() -> list[Result]:
             *check_muon_training(beta2=0.95, attention="explicit")]
 
 
+def check_batch_split() -> list[Result]:
+    """--batch_split=2 (what the modern recipe's batch_split=0 takes on CPU: each batch's gradient as the mean
+    of two halves computed side by side) against torchref's whole batches, in the recipe as the CPU runs it
+    (NorMuon, explicit attention), at float32's training tolerances."""
+    return check_muon_training(beta2=0.95, attention="explicit", batch_split=2)
+
+
 def switch_model_checks() -> Iterator[Callable[[], list[Result]]]:
     """Per switch: logits both ways, round trips, zero-init tensors, parameter counts."""
     for name, switch in SWITCHES.items():
@@ -228,7 +238,7 @@ def recipe_checks() -> Iterator[Callable[[], list[Result]]]:
 
 def recipe_run_checks(decoding: tuple[str, ...] = tuple(SWITCHES)) -> Iterator[Callable[[], list[Result]]]:
     """Decoding per switch (those named in `decoding`), RoPE past block_size, Muon training (plain and
-    NorMuon), bf16, bf16 matmuls, explicit attention."""
+    NorMuon), bf16, bf16 matmuls, explicit attention, the batch in parts."""
     for name in decoding:
         yield lambda name=name: check_decoding(name, dataclasses.replace(BASE, **SWITCHES[name]))
     yield check_rope_past_block
@@ -237,4 +247,5 @@ def recipe_run_checks(decoding: tuple[str, ...] = tuple(SWITCHES)) -> Iterator[C
     yield check_bf16
     yield check_bf16_matmuls
     yield check_explicit_attention
+    yield check_batch_split
 

@@ -189,6 +189,20 @@ def test_bf16_matmuls_are_auto_only_on_a_cpu_with_amx_and_never_by_default(tmp_p
         TrainConfig(matmul_precision="bf16")
 
 
+def test_batch_split_is_two_only_on_cpu_and_never_by_default():
+    """--batch_split=0 (the modern recipe's): 2 on CPU when the rows divide evenly, 1 on an accelerator;
+    an explicit split must divide a device's rows (one error line)."""
+    from jaxgpt.config import base_values
+
+    assert platform.resolve_batch_split(0, "cpu", 24) == 2 and platform.resolve_batch_split(0, "cpu", 7) == 1
+    assert platform.resolve_batch_split(0, "gpu", 64) == platform.resolve_batch_split(0, "tpu", 64) == 1
+    assert platform.resolve_batch_split(3, "gpu", 24) == 3 and platform.resolve_batch_split(1, "cpu", 24) == 1
+    with pytest.raises(UserError, match="--batch_split=5 must divide the 24 rows"):
+        platform.resolve_batch_split(5, "cpu", 24)
+    assert "batch_split" not in base_values("cpu", "nanogpt") and TrainConfig().batch_split == 1
+    assert base_values("cpu", "modern")["batch_split"] == base_values("gpu", "modern")["batch_split"] == 0
+
+
 def test_fast_attention_is_explicit_only_on_cpu_and_never_by_default():
     """--attention: auto keeps the kernels nanoGPT's numbers were proved with; fast (the modern recipe)
     spells the softmax out on CPU only; cudnn where cuDNN cannot run is one error line."""

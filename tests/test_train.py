@@ -51,6 +51,31 @@ def test_accumulated_gradients_equal_one_big_batch():
     assert worst <= 1e-6, f"accumulated update differs from the big-batch update by {worst}"
 
 
+def test_batch_in_parts_equals_one_batch_and_keeps_nanogpt_default():
+    """--batch_split: the mean of the parts' gradients is the whole batch's (float32 rounding apart), with
+    accumulation too; the default (1) is the unsplit program, and a split must divide the rows."""
+    x = np.random.default_rng(1).integers(0, 256, (2, 4, 16)).astype(np.int32)
+    y = np.roll(x, -1, axis=-1)
+    out, losses = [], []
+    for split in (1, 2, 4):
+        tc = TrainConfig(batch_size=4, gradient_accumulation_steps=2, seed=0, batch_split=split)
+        graphdef, _, state = init_state(MODEL, tc)
+        step = make_train_step(graphdef, make_optimizer(tc), tc)
+        for i in range(2):
+            state, metrics = step(state, x, y, i)
+        out.append(state.params)
+        losses.append(float(metrics["loss"]))
+    for params, loss in zip(out[1:], losses[1:], strict=True):
+        worst = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(out[0]), jax.tree.leaves(params), strict=True))
+        assert worst <= 1e-6, f"the batch in parts updates the parameters {worst} away from the whole batch"
+        assert loss == pytest.approx(losses[0], rel=1e-6)
+    assert TrainConfig().batch_split == 1
+    with pytest.raises(UserError, match="--batch_split=3 must divide --batch_size=4"):
+        TrainConfig(batch_size=4, batch_split=3)
+    with pytest.raises(UserError, match="--batch_split must be >= 0"):
+        TrainConfig(batch_split=-1)
+
+
 def test_weight_decay_applies_to_matrices_and_embeddings_only():
     graphdef, _, state = init_state(MODEL, TrainConfig())
     leaves = jax.tree_util.tree_flatten_with_path(decay_mask(state.params))[0]
