@@ -62,6 +62,7 @@ LEAVE_ONE_OUT: dict[str, list[str]] = {
     "- normuon (plain Muon)": ["--muon_beta2=0"],
     "- bf16 matmuls (float32)": ["--matmul_precision=float32"],  # the same as the recipe where auto is float32
     "- explicit attention (auto)": ["--attention=auto"],  # the same as the recipe off CPU, where fast is auto
+    "- the batch in parts (whole)": ["--batch_split=1"],  # the same as the recipe off CPU, where 0 is 1
     "- muon (adamw for all at the recipe's lr)": ["--optimizer=adamw"],
     "- muon (adamw for all at nanoGPT's lr)": ["--optimizer=adamw", "--learning_rate=1e-3", "--min_lr=1e-4"],
 }

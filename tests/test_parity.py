@@ -51,7 +51,8 @@ DECODED = ("modern",)
 @pytest.mark.slow
 @pytest.mark.parametrize("check", list(recipe_run_checks(DECODED)),
                          ids=[f"decoding-{n}" for n in DECODED] + ["rope_past_block", "muon_training", "normuon_training",
-                                                                  "bf16", "bf16_matmuls", "explicit_attention"])
+                                                                  "bf16", "bf16_matmuls", "explicit_attention",
+                                                                  "batch_split"])
 def test_recipe_decoding_training_and_bf16_match_torch(check):
     for r in check():
         assert r.passed, f"{r.check} [{r.case}]: {r.value:.3g} > tolerance {r.tolerance:.0e}"
