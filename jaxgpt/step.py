@@ -50,8 +50,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, tc
     over the micro-batches *before* clipping and AdamW, so accumulation equals one big batch.
     Computes in tc.dtype (auto: the platform's); parameters and optimizer state stay float32.
     tc.batch_split > 1 cuts each micro-batch into that many parts of every batch_split-th row whose
-    gradients are computed side by side and averaged: the same mean, summed in another order
-    (0: the platform's choice for an unsharded batch; train.py resolves it per device).
+    gradients are computed side by side and averaged: the same mean, summed in another order (with
+    dropout, each part draws its own masks); 0: the platform's choice for an unsharded batch (train.py
+    resolves it per device).
     `backend`: the platform it is compiled for (default: this process's; jaxgpt.aot's targets)."""
     backend = backend or platform.backend()
     dtype = DTYPES[platform.resolve_dtype(tc.dtype, backend)]
