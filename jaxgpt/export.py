@@ -9,7 +9,6 @@ inserts the collectives there).
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, cast
 
 import jax
@@ -22,9 +21,9 @@ from jax.sharding import PartitionSpec as P
 from jaxgpt.config import GPTConfig, TrainConfig
 from jaxgpt.model import GPT
 from jaxgpt.optim import make_optimizer
-from jaxgpt.platform import DTYPES, resolve_batch_split, resolve_matmul
+from jaxgpt.platform import DTYPES, resolve_matmul
 from jaxgpt.sharding import BATCH_AXES, batch_sharding
-from jaxgpt.step import abstract_train_state, graphdefs, loss_fn, make_train_step
+from jaxgpt.step import abstract_train_state, graphdefs, loss_fn, make_train_step, with_batch_split
 
 # Custom calls that run Python on the host: never acceptable inside a step for an accelerator.
 HOST_CALLBACKS = ("xla_python_cpu_callback", "xla_python_gpu_callback", "xla_ffi_python_cpu_callback",
@@ -53,8 +52,7 @@ def export_train_step(model_cfg: GPTConfig, tc: TrainConfig, platforms: tuple[st
     batch = jax.ShapeDtypeStruct((tc.gradient_accumulation_steps, tc.batch_size, model_cfg.block_size), jnp.int32,
                                  sharding=batch_sharding(mesh) if mesh is not None else None)
     shardings = jax.tree.map(lambda a: a.sharding, state) if mesh is not None else None
-    rows = tc.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1)
-    tc = dataclasses.replace(tc, batch_split=resolve_batch_split(tc.batch_split, platforms[0], rows))  # the target's rule
+    tc = with_batch_split(tc, batch, platforms[0])  # the target's rule
     step = make_train_step(graphdef, make_optimizer(tc), tc, shardings)
     return export.export(cast(Any, step), platforms=platforms, disabled_checks=_allowed(attention))(state, batch, batch, jax.ShapeDtypeStruct((), jnp.int32))
 

@@ -147,6 +147,15 @@ def abstract_train_state(model_cfg: GPTConfig, tc: TrainConfig, mesh: Mesh | Abs
 
 
 
+def with_batch_split(tc: TrainConfig, x: Any, backend: str) -> TrainConfig:
+    """tc with --batch_split resolved for `backend` (platform.resolve_batch_split) from the rows of the
+    batch x (accum, batch, T) that each device holds; x may be an array, a ShapeDtypeStruct carrying its
+    sharding, or numpy (one device's)."""
+    sharding = getattr(x, "sharding", None)
+    rows = sharding.shard_shape(x.shape)[1] if sharding is not None else x.shape[1]
+    return dataclasses.replace(tc, batch_split=platform.resolve_batch_split(tc.batch_split, backend, rows))
+
+
 class Fit(NamedTuple):
     """One compile of the train step for a remat policy: the program, or None when the compiler
     itself refused it for memory (XLA:TPU checks HBM while compiling); its bytes per device."""
@@ -170,9 +179,7 @@ def fit_train_step(model_cfg: GPTConfig, tc: TrainConfig, state: TrainState, x: 
     y may be arrays or ShapeDtypeStructs carrying their shardings. Returns the last Fit tried and
     its eval-mode graphdef; raises nothing for memory (the caller decides)."""
     shardings = jax.tree.map(lambda a: a.sharding, state)
-    x_sharding = getattr(x, "sharding", None)  # numpy batches (benchmarks) are one device's
-    rows = x_sharding.shard_shape(x.shape)[1] if x_sharding is not None else x.shape[1]
-    tc = dataclasses.replace(tc, batch_split=platform.resolve_batch_split(tc.batch_split, site.backend, rows))
+    tc = with_batch_split(tc, x, site.backend)
     matmul = platform.resolve_matmul(tc.matmul_precision, platform.resolve_dtype(tc.dtype, site.backend), site.backend)
     for remat in platform.remat_candidates(tc.remat, site.backend):
         graphdef, eval_graphdef = graphdefs(model_cfg, remat, attention, matmul)
