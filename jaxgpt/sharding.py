@@ -95,11 +95,16 @@ def global_batch(local: np.ndarray, sharding: NamedSharding, global_shape: tuple
     return jax.make_array_from_process_local_data(sharding, local, global_shape)
 
 
+def row_sharding(sharding: NamedSharding) -> NamedSharding:
+    """The layout of a (B, ...) array whose rows are split like the batch axis of `sharding`'s
+    (accum, B, ...) training batches: built directly, not indexed out of a batch (an eager program)."""
+    return NamedSharding(sharding.mesh, P(*sharding.spec[1:]))
+
+
 def whole_batch(a: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """A (B, ...) array every process holds whole (evaluation windows) -> one global array whose
     batch axis is split like training batches: each process feeds only its own rows."""
-    shape = (1, *a.shape)
-    return global_batch(a[None][:, local_rows(sharding, shape)], sharding, shape)[0]
+    return global_batch(a[local_rows(sharding, (1, *a.shape))], row_sharding(sharding), a.shape)
 
 
 def check_shared_folder(out_dir: Any) -> None:

@@ -56,7 +56,6 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, tc
     `backend`: the platform it is compiled for (default: this process's; jaxgpt.aot's targets)."""
     backend = backend or platform.backend()
     dtype = DTYPES[platform.resolve_dtype(tc.dtype, backend)]
-    dropout_key = jax.random.fold_in(jax.random.key(tc.seed), 1)
     grad_fn = jax.value_and_grad(loss_fn, argnums=1)
     # one part's gradient, traced once however many parts call it (XLA inlines the calls)
     part_grads = jax.jit(lambda params, x, y, key: grad_fn(graphdef, params, x, y, key, dtype))
@@ -71,6 +70,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, tc
         return mean(*(loss for loss, _ in parts)), jax.tree.map(mean, *(g for _, g in parts))
 
     def train_step(state: TrainState, x: jax.Array, y: jax.Array, step: jax.Array) -> tuple[TrainState, dict]:
+        # the run's dropout key made inside the program: made eagerly it cost four tiny programs at start-up
+        dropout_key = jax.random.fold_in(jax.random.key(tc.seed), 1)
         keys = jax.random.split(jax.random.fold_in(dropout_key, step), x.shape[0])
 
         def micro(grads, batch):

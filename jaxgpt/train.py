@@ -40,6 +40,7 @@ from jaxgpt.sharding import (
     local_rows,
     make_mesh,
     preempted,
+    row_sharding,
     whole_batch,
 )
 from jaxgpt.step import TrainState, abstract_train_state, compile_train_step, init_state, make_eval_step
@@ -48,10 +49,11 @@ from jaxgpt.tokenizer import TOKENIZER_FILE, HFTokenizer, Tokenizer, check_token
 
 def estimate_loss(eval_step: Callable, params: nnx.State, samplers: dict[str, BatchSampler], iters: int,
                   to_global: Callable) -> dict[str, float]:
-    """Mean loss over `iters` fixed batches per split (the same batches at every evaluation)."""
+    """Mean loss over `iters` fixed batches per split (the same batches at every evaluation);
+    `to_global` makes this host's (rows, T) of a batch the global (B, T) array."""
     out = {}
     for split, sampler in samplers.items():
-        losses = [eval_step(params, *(to_global(a)[0] for a in sampler.get(i, stream=1))) for i in range(iters)]
+        losses = [eval_step(params, *(to_global(a[0]) for a in sampler.get(i, stream=1))) for i in range(iters)]
         out[split] = float(np.mean(jax.device_get(losses)))
     return out
 
@@ -139,6 +141,10 @@ class _Run:
 
     def to_global(self, a: np.ndarray) -> jax.Array:
         return _to_global(a, self.bsh, self.tc.batch_size)
+
+    def rows_to_global(self, a: np.ndarray) -> jax.Array:
+        """This host's rows (rows, T) of an evaluation batch as the global (batch_size, T) array."""
+        return global_batch(a, row_sharding(self.bsh), (self.tc.batch_size, *a.shape[1:]))
 
     def batch(self, step: int) -> tuple[jax.Array, ...]:
         return tuple(self.to_global(a) for a in self.samplers["train"].get(step))
@@ -317,7 +323,7 @@ class _Loop:
         step or --stop_loss also the whole val split's loss and bits per byte; then a checkpoint."""
         run, tc = self.run, self.run.tc
         t_eval = time.perf_counter()
-        losses = estimate_loss(self.eval_step, run.state.params, run.eval_samplers, tc.eval_iters, run.to_global)
+        losses = estimate_loss(self.eval_step, run.state.params, run.eval_samplers, tc.eval_iters, run.rows_to_global)
         whole = self.score_val(run.state.params) if tc.eval_full else None  # instead of eval_iters batches
         if whole is not None:
             losses["val"] = whole.loss
