@@ -106,6 +106,22 @@ def test_train_writes_metrics_plot_and_checkpoints(data_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_run_lowers_only_its_own_programs(data_dir, tmp_path):
+    """Every eager op is a program of its own to trace, lower and load (~10-20 ms each at start-up):
+    a run lowers its step, initialisers, schedule and evaluations, and nothing else."""
+    lowered = []
+    listen = lambda event, secs, **kw: lowered.append(kw.get("fun_name")) if event.endswith("jaxpr_to_mlir_module_duration") else None  # noqa: E731
+    jax.clear_caches()  # an earlier test's eager ops must not hide this run's
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        train(dataclasses.replace(MODEL, dropout=0.1), _tc(data_dir, tmp_path / "run", max_iters=4))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    allowed = {"jit(train_step)", "jit(<lambda>)", "jit(init_fn)", "jit(schedule)", "jit(nll)"}
+    assert "jit(train_step)" in lowered and set(lowered) <= allowed, f"eager programs in a run: {set(lowered) - allowed}"
+
+
+@pytest.mark.slow
 def test_eval_below_skips_evaluations_until_the_train_loss_is_near_and_stop_loss_ends_the_run(data_dir, tmp_path):
     """The ablation's switches (benchmarks/time_to_loss.py): no evaluation (but the last) while the mean of
     the last 20 train losses is above --eval_below; the first at or below --stop_loss ends the run."""
