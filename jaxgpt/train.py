@@ -276,6 +276,8 @@ class _Loop:
         """One step, and whatever is due after it; True when the run is over (--stop_loss)."""
         run, tc = self.run, self.run.tc
         run.state, metrics = run.train_step(run.state, *run.batch(step), step)
+        if step == run.start + 1 and run.tc.plot and run.main:
+            rundir.import_plotting_in_background()
         self.log.step()
         done = step + 1
         if preempted(done):  # every host reaches this step together
