@@ -12,6 +12,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -32,8 +33,12 @@ GCS = "gs://"
 # retrying() below retries what still fails. JAXGPT_GCS_TIMEOUT overrides it (seconds).
 GCS_TIMEOUT_S = 60.0
 RETRIES = 4  # attempts of a whole storage operation (retrying)
-_TRANSIENT = ("timeout", "timed out", "deadline", "unavailable", "connection", "503", "502", "500", "429",
-              "server disconnected", "reset by peer", "broken pipe", "temporarily")
+_TRANSIENT = ("timeout", "timed out", "deadline", "unavailable", "connection", "server disconnected", "reset by peer",
+              "broken pipe", "temporarily")
+# HTTP statuses worth retrying, as words: inside a URL's port or an object's name ("...:44291/", "step-500")
+# they are not statuses
+_TRANSIENT_STATUS = re.compile(r"\b(429|500|502|503)\b")
+_URL = re.compile(r"\w+://\S+")
 
 
 def gcs_timeout_s() -> float:
@@ -68,8 +73,8 @@ def is_transient(e: BaseException) -> bool:
         return True
     if isinstance(e, (FileNotFoundError, FileExistsError, UserError)):
         return False
-    text = f"{type(e).__name__} {e}".lower()
-    return any(word in text for word in _TRANSIENT)
+    text = _URL.sub(" ", f"{type(e).__name__} {e}".lower())
+    return any(word in text for word in _TRANSIENT) or _TRANSIENT_STATUS.search(text) is not None
 
 
 def retrying(what: str, fn: Any, *args: Any, attempts: int = RETRIES, **kwargs: Any) -> Any:

@@ -25,6 +25,17 @@ def _write_lock(folder: Path, **record) -> None:
     (folder / LOCK_FILE).write_text(json.dumps({**base, **record}))
 
 
+def test_only_real_storage_faults_are_retried_not_digits_in_a_url_or_an_objects_name():
+    """A 403 whose URL held 429 in its port (the emulator's :44291) or an object named step-500 was
+    retried as if the server had answered 429/500, with a notice per attempt."""
+    assert paths.is_transient(OSError("503 Service Unavailable"))
+    assert paths.is_transient(OSError("Too Many Requests: 429"))
+    assert paths.is_transient(TimeoutError("read"))
+    assert not paths.is_transient(OSError("Forbidden: http://127.0.0.1:44291/upload/storage/v1/b/x/o?name=run%2Floss.png"))
+    assert not paths.is_transient(OSError("Forbidden: gs://bucket/step-500/loss.png"))
+    assert not paths.is_transient(FileNotFoundError("gs://bucket/503/ckpt"))
+
+
 def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
