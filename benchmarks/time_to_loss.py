@@ -51,6 +51,7 @@ ABLATION: dict[str, list[str]] = {
 # the leave-one-out ablation: the modern recipe as shipped with one part set back to nanoGPT's
 LEAVE_ONE_OUT: dict[str, list[str]] = {
     "modern (full recipe)": [],
+    "- 2 layers (the preset's 4)": ["--n_layer=4"],  # the CPU preset's depth, at the recipe's batch and steps
     "- rope (learned positions)": ["--pos_embedding=learned"],
     "- rmsnorm (layernorm)": ["--norm=layernorm"],
     "- qk_norm": ["--qk_norm=false"],

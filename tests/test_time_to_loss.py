@@ -49,10 +49,11 @@ def _parsed(flags: list[str]) -> tuple:
 def test_each_leave_one_out_row_sets_exactly_one_part_of_the_recipe_back_and_every_part_has_a_row():
     import dataclasses
 
-    from jaxgpt.config import RECIPES, GPTConfig, TrainConfig
+    from jaxgpt.config import PRESETS, RECIPE_FOR_PRESET, RECIPES, GPTConfig, TrainConfig
 
     recipe_model, recipe_train = _parsed([])
-    nanogpt = {**dataclasses.asdict(GPTConfig()), **dataclasses.asdict(TrainConfig())}
+    nanogpt = {**dataclasses.asdict(GPTConfig()), **dataclasses.asdict(TrainConfig()), **PRESETS["cpu"]}
+    recipe = {**RECIPES["modern"], **RECIPE_FOR_PRESET["modern", "cpu"]}
     undone = set()
     for name, flags in ttl.LEAVE_ONE_OUT.items():
         model, train = _parsed(flags)
@@ -63,10 +64,11 @@ def test_each_leave_one_out_row_sets_exactly_one_part_of_the_recipe_back_and_eve
             assert getattr(model if hasattr(model, k) else train, k) == nanogpt[k], f"{name}: {k} is not nanoGPT's"
         undone |= changed
     # every model switch of the recipe and its optimizer is left out by some row (learning rates and momenta
-    # are settings of an optimizer, not parts of their own), and no row sets back what the recipe does not set
-    parts = {k for k in RECIPES["modern"] if k in GPTConfig.__dataclass_fields__} | {"optimizer"}
+    # are settings of an optimizer, not parts of their own; the CPU preset's depth is one), and no row sets
+    # back what the recipe does not set
+    parts = {k for k in recipe if k in GPTConfig.__dataclass_fields__} | {"optimizer"}
     assert parts <= undone, f"parts of the recipe without a row: {parts - undone}"
-    assert undone <= set(RECIPES["modern"]), f"rows changing what the recipe does not set: {undone - set(RECIPES['modern'])}"
+    assert undone <= set(recipe), f"rows changing what the recipe does not set: {undone - set(recipe)}"
 
 
 def test_ratios_are_per_round_and_a_round_where_the_base_never_reached_the_loss_is_left_out():
