@@ -247,8 +247,8 @@ RECIPES: dict[str, dict[str, Any]] = {
 # what a recipe changes for one preset: its own model depth, batch, iteration count and schedule. The CPU
 # preset's: 2 layers of the preset's width (not 4), 32 x 64 tokens per step for 95 steps with a 5-step warmup,
 # Muon momentum 0.85 (short runs want less momentum) and Muon lr 0.07. At a ~190k-token budget depth buys
-# less than steps do: 2 layers end lower than 4 at the same wall clock (4 layers needed 105 steps of 24 rows
-# at 1.7x the step time), and 95 steps of 32 rows is the shortest schedule measured to end under nanoGPT's
+# less than steps do: 2 layers end lower than 4 in less wall clock (4 layers needed 105 steps of 24 rows
+# at 1.4-1.7x a 2-layer step's time), and 95 steps of 32 rows is the shortest schedule measured to end under nanoGPT's
 # final whole-split val loss at seeds 1337, 1338 and 1339 with a margin, in float32 and with bfloat16
 # matmuls alike (90 missed seed 1337's; 48-row batches missed seeds 1338 and 1339: BENCHMARKS.md
 # "thirteenth lap"; pass --n_layer=4 for the preset's own model). Its estimate takes 8 batches of 32: 256
