@@ -259,7 +259,7 @@ def _pytorch_whole_split(out_dir: Path, stdout: str) -> float:
     import torch
 
     from jaxgpt.config import GPTConfig
-    from jaxgpt.data import dataset_dir
+    from jaxgpt.loader import dataset_dir
     from torchref.model import GPT
     from torchref.train import full_split_loss
 

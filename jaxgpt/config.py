@@ -179,13 +179,17 @@ class TrainConfig:
     # > 0: skip the evaluations (not the last) until the mean of the last 20 logged train losses is <= this; an
     # ablation sets it a margin above --stop_loss, so evaluations far above the target cost it nothing
     eval_below: float = 0.0
+    # data (jaxgpt/loader.py): random = nanoGPT's windows at random offsets; epoch = every window of the train split
+    # once per epoch in a seeded order (shards.EpochOrder); both a function of (seed, step) alone
+    data_order: Literal["random", "epoch"] = "random"
+    val_tokens: int = 0  # > 0: evaluations read only the val split's first val_tokens tokens; 0 = all of it
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_iters", "gradient_accumulation_steps", "eval_interval",
                      "eval_iters", "log_interval", "keep_checkpoints", "mesh_fsdp"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value > 0, f"--{name} must be a positive integer, got {value!r}")
-        for name in ("warmup_iters", "lr_decay_iters", "seed", "mesh_data", "batch_split"):
+        for name in ("warmup_iters", "lr_decay_iters", "seed", "mesh_data", "batch_split", "val_tokens"):
             _require(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
             _require(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)!r}")
@@ -201,6 +205,7 @@ class TrainConfig:
                  f"--attention must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
         _require(self.batch_size % max(1, self.batch_split) == 0,
                  f"--batch_split={self.batch_split} must divide --batch_size={self.batch_size} (0 = the platform's choice)")
+        _require(self.data_order in ("random", "epoch"), f"--data_order must be random or epoch, got {self.data_order!r}")
         _require(self.resume in (True, False, "auto"), f"--resume must be true, false or auto, got {self.resume!r}")
         _require(self.recipe in RECIPES, f"--recipe must be one of {tuple(RECIPES)}, got {self.recipe!r}")
         _require(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")

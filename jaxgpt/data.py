@@ -1,17 +1,14 @@
-"""Data: text -> token memmaps (prepare), and reproducible random windows (batches).
+"""Small datasets the nanoGPT way: one text -> train.bin and val.bin (Tiny Shakespeare, TinyStories, a text).
 
-Byte-level tokens are exactly uint8, so a dataset is two flat files, train.bin and val.bin,
-plus meta.json (a tokenizer.json's ids are uint16 or uint32, and a copy of it sits beside). Batches are nanoGPT's get_batch — random windows of block_size+1 tokens —
-but the offsets of step s come from a generator seeded with (seed, split, s): no hidden
-sampler state, so a resumed run draws exactly the batches an uninterrupted run would, and
-every process of a multi-host run can cut its own rows out of the same global batch.
+Byte-level tokens are exactly uint8, so a dataset is two flat files, train.bin and val.bin, plus meta.json
+(a tokenizer.json's ids are uint16 or uint32, and a copy of it sits beside). A corpus of any size goes
+through jaxgpt.prepare instead (shards, every core, resumable); reading either is jaxgpt.loader's.
 """
 from __future__ import annotations
 
 import bz2
 import hashlib
 import json
-import math
 import os
 import tempfile
 import urllib.request
@@ -25,6 +22,7 @@ from tqdm import tqdm
 
 from jaxgpt import paths
 from jaxgpt.errors import UserError
+from jaxgpt.loader import SPLITS, read_meta
 from jaxgpt.tokenizer import BYTES_IDENTITY, TOKENIZER_FILE, HFTokenizer
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -33,7 +31,6 @@ SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2d
 # unambiguous one-token boundary the model can learn, and the vocabulary stays 256.
 EOT_BYTE = 0xFF
 EOT_TEXT = "<|endoftext|>"
-SPLITS = ("train", "val")
 
 
 def _atomic_write(path: Path, data: bytes | Iterable[bytes]) -> None:
@@ -82,30 +79,6 @@ def _read_file(input_path: str) -> bytes:
 def token_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned type holding every id: uint8 for bytes, uint16 or uint32 otherwise."""
     return np.dtype(np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 1 << 16 else np.uint32)
-
-
-def read_meta(folder: str | Path) -> dict:
-    """A prepared dataset's meta.json, with the defaults of byte-level data written before
-    tokenizers were recorded."""
-    path = Path(folder) / "meta.json"
-    again = f"prepare the data again (python scripts/prepare.py ... --data_dir {Path(folder).parent})"
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"{path} cannot be read ({paths.describe(e, 80)}); {again}") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"{path} is not a JSON object; {again}")
-    meta.setdefault("tokenizer_identity", dict(BYTES_IDENTITY))
-    meta.setdefault("dtype", "uint8")
-    counts = {k: meta.get(k) for k in ("vocab_size", "train_tokens", "val_tokens") if k in meta}
-    bad = [k for k, v in counts.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0]
-    if meta.get("dtype") not in ("uint8", "uint16", "uint32"):
-        bad.append("dtype")
-    if not isinstance(meta["tokenizer_identity"], dict) or not isinstance(meta.get("files", {}), dict):
-        bad.append("tokenizer_identity/files")
-    if bad or "vocab_size" not in meta:
-        raise UserError(f"{path} is damaged ({', '.join(bad) or 'vocab_size missing'} not what prepare.py writes); {again}")
-    return meta
 
 
 def prepare_text(raw: bytes, out_dir: str | Path, source: str, *, tokenizer: HFTokenizer | None = None,
@@ -277,137 +250,3 @@ def prepare_if_missing(data_dir: str | Path, dataset: str) -> dict | None:
     return prepare_shakespeare(data_dir)
 
 
-def dataset_dir(data_dir: str | Path, dataset: str) -> Path:
-    """The prepared dataset's local folder; a clear error with the prepare command when it is
-    missing. A gs:// data_dir is copied once into the user's cache and checked by hash."""
-    if paths.is_remote(data_dir):
-        remote = paths.path(data_dir) / dataset
-        paths.check_gcs(remote)
-        if not (remote / "meta.json").exists():
-            raise UserError(f"dataset {dataset!r} is not prepared in {data_dir} ({remote}/meta.json missing); run: "
-                            f"python scripts/prepare.py ... --data_dir {data_dir}")
-        expected = json.loads((remote / "meta.json").read_text()).get("files")
-        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxgpt" / "data" / \
-            hashlib.sha256(str(remote).encode()).hexdigest()[:16] / dataset
-        paths.local_copy(remote, cache, ["meta.json", "train.bin", "val.bin", TOKENIZER_FILE], expected)
-        data_dir = cache.parent
-    path = Path(data_dir) / dataset
-    missing = [f for f in ("train.bin", "val.bin", "meta.json") if not (path / f).is_file()]
-    if missing:
-        kind = dataset if dataset in ("shakespeare", "tinystories") else f"text --input FILE --name {dataset}"
-        raise UserError(f"dataset {dataset!r} is not prepared ({path}/{missing[0]} missing); "
-                        f"run: python scripts/prepare.py {kind} --data_dir {data_dir}")
-    return path
-
-
-VERIFIED_FILE = ".verified.json"  # the folder's hash verdicts, keyed by file size and mtime
-
-
-def _verdict_cache(folder: Path) -> Path:
-    """Where a folder's verdicts are kept: in it, or (read-only data) in the user's cache."""
-    if os.access(folder, os.W_OK):
-        return folder / VERIFIED_FILE
-    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxgpt" / "verified"
-    return home / (hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16] + ".json")
-
-
-def check_dataset(folder: str | Path, meta: dict) -> None:
-    """Refuse data that is not what prepare.py wrote, with one line naming the file and the remedy.
-    Every time: each split's size against meta.json's token count (cheap). Once per file version:
-    its sha256 against meta.json's, the verdict cached by (size, mtime), so a large dataset is hashed
-    once, not at every start."""
-    folder = Path(folder)
-    itemsize = np.dtype(meta.get("dtype", "uint8")).itemsize
-    again = f"prepare the data again (python scripts/prepare.py ... --data_dir {folder.parent})"
-    for split in SPLITS:
-        path, tokens = folder / f"{split}.bin", meta.get(f"{split}_tokens")
-        if tokens is not None and path.stat().st_size != tokens * itemsize:
-            raise UserError(f"{path} holds {path.stat().st_size:,} bytes but meta.json says {tokens:,} tokens "
-                            f"({tokens * itemsize:,} bytes): the file is truncated or replaced; {again}")
-    expected = meta.get("files") or {}
-    cache = _verdict_cache(folder)
-    try:
-        verdicts = json.loads(cache.read_text()) if cache.exists() else {}
-    except (OSError, ValueError):
-        verdicts = {}
-    changed = False
-    for name, want in expected.items():
-        path = folder / name
-        if not path.exists():
-            continue
-        stat = path.stat()
-        key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": want}
-        if verdicts.get(name) == key:
-            continue
-        if paths.sha256(path) != want:
-            raise UserError(f"{path} does not match the sha256 in its meta.json (changed since it was prepared); {again}")
-        verdicts[name], changed = key, True
-    if changed:
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(cache, json.dumps(verdicts, indent=2).encode())
-        except OSError:  # a cache that cannot be written only costs hashing again next time
-            pass
-
-
-class BatchSampler:
-    """nanoGPT's get_batch over a uint8 memmap, reproducible from (seed, split, step).
-
-    `get(step)` returns x, y of shape (accum, len(rows), block_size) int32: the `rows` of the
-    global (accum, batch_size) batch that this process feeds to its devices (default: all)."""
-
-    def __init__(self, path: str | Path, block_size: int, batch_size: int, *, seed: int, accum: int = 1,
-                 rows: slice | None = None, dtype: str = "uint8"):
-        self.path = Path(path)
-        self.block_size, self.batch_size, self.accum, self.seed = block_size, batch_size, accum, seed
-        self.dtype = np.dtype(dtype)
-        self.n_tokens = self.path.stat().st_size // self.dtype.itemsize
-        if self.n_tokens < block_size + 1:
-            raise UserError(f"{self.path} holds {self.n_tokens} tokens, fewer than one block of "
-                            f"{block_size + 1}; use more data or a smaller --block_size")
-        self.rows = rows or slice(0, batch_size)
-        self._split_id = SPLITS.index(self.path.stem) if self.path.stem in SPLITS else 2
-
-    def offsets(self, step: int, stream: int = 0) -> np.ndarray:
-        """(accum, batch) window starts of the *global* batch of `step` (stream 1 = evaluation)."""
-        rng = np.random.default_rng([self.seed, self._split_id, stream, step])
-        return rng.integers(0, self.n_tokens - self.block_size, size=(self.accum, self.batch_size))
-
-    def get(self, step: int, stream: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        ix = self.offsets(step, stream)[:, self.rows]
-        # re-open per batch: a long-lived memmap keeps growing resident memory (nanoGPT's fix)
-        data = np.memmap(self.path, dtype=self.dtype, mode="r")
-        win = np.stack([data[i:i + self.block_size + 1] for i in ix.reshape(-1)]).astype(np.int32)
-        win = win.reshape(*ix.shape, self.block_size + 1)
-        return win[..., :-1], win[..., 1:]
-
-    def state(self, step: int) -> dict:
-        """What a checkpoint needs to continue the batch stream exactly."""
-        return {"seed": self.seed, "step": step, "batch_size": self.batch_size, "accum": self.accum}
-
-
-# --- evaluation windows (jaxgpt/evaluate.py): every token of a split scored once, no sampling ---
-
-def num_windows(n_tokens: int, block_size: int) -> int:
-    return max(0, math.ceil((n_tokens - 1) / block_size))
-
-
-def eval_windows(tokens: np.ndarray, block_size: int, first: int = 0, count: int | None = None
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Windows first .. first+count-1 as (x, y, mask), each (count, block_size); padding is masked out."""
-    total = num_windows(len(tokens), block_size)
-    count = total - first if count is None else count
-    x = np.zeros((count, block_size), np.int32)
-    y = np.zeros((count, block_size), np.int32)
-    mask = np.zeros((count, block_size), bool)
-    for row, w in enumerate(range(first, min(first + count, total))):
-        seg = np.asarray(tokens[w * block_size:(w + 1) * block_size + 1], np.int64)
-        n = len(seg) - 1
-        x[row, :n], y[row, :n], mask[row, :n] = seg[:-1], seg[1:], True
-    return x, y, mask
-
-
-def eval_batches(tokens: np.ndarray, block_size: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Every window in batches of exactly batch_size (the last padded and masked: one compiled shape)."""
-    for first in range(0, num_windows(len(tokens), block_size), batch_size):
-        yield eval_windows(tokens, block_size, first, batch_size)

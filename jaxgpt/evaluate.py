@@ -22,8 +22,8 @@ import optax
 from flax import nnx
 
 from jaxgpt import platform
-from jaxgpt.data import eval_batches, num_windows
 from jaxgpt.errors import UserError
+from jaxgpt.loader import eval_batches, num_windows
 
 EVAL_MEMORY_FRACTION = 0.25  # of the device (or host) memory a batch of windows may take
 
@@ -92,15 +92,14 @@ def text_bytes(tokens: np.ndarray, tokenizer: Any | None) -> int:
     return len(tokenizer.decode(np.asarray(tokens[1:])).encode("utf-8"))
 
 
-def split_scorer(path: Any, dtype: str, graphdef: nnx.GraphDef, cfg: Any, compute_dtype: Any, *,
+def split_scorer(tokens: np.ndarray, n_bytes: int | None, graphdef: nnx.GraphDef, cfg: Any, compute_dtype: Any, *,
                  to_device: Callable[[np.ndarray], Any] = jnp.asarray, devices: int = 1,
                  tokenizer: Any | None = None) -> Callable[[nnx.State], EvalResult]:
-    """A function scoring the whole token file at `path` (a prepared split) for given parameters:
-    the windows, the compiled program and the byte count are made once."""
-    tokens = np.fromfile(path, dtype=np.dtype(dtype))
+    """A function scoring all of `tokens` (a prepared split, or its first --val_tokens) for given parameters:
+    the windows, the compiled program and the byte count (`n_bytes`, else counted from the tokens) are made once."""
     nll = make_nll(graphdef, compute_dtype)
     size = batch_size_for(cfg, num_windows(len(tokens), cfg.block_size), devices)
-    n_bytes = text_bytes(tokens, tokenizer)
+    n_bytes = text_bytes(tokens, tokenizer) if n_bytes is None else n_bytes
 
     def run(params: nnx.State) -> EvalResult:
         total, count = score(nll, params, tokens, cfg.block_size, size, to_device)

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -251,6 +252,55 @@ def sha256(p: Any) -> str:
     return digest.hexdigest()
 
 
+CHUNK_BYTES = 8 << 20  # one ranged request of a Cloud Storage read or write: each bounded by the storage timeout
+
+
+def _gcs() -> Any:
+    import fsspec
+    return fsspec.filesystem("gcs")
+
+
+def size(p: Any) -> int:
+    """A file's or object's size in bytes."""
+    if is_remote(p):
+        return int(retrying(f"reading {p}", _gcs().info, str(p))["size"])
+    return os.path.getsize(str(p))
+
+
+def read_range(p: Any, start: int, end: int) -> bytes:
+    """Bytes start..end-1 of a file or object (one ranged request on Cloud Storage)."""
+    if is_remote(p):
+        return retrying(f"reading {p}", _gcs().cat_file, str(p), start=start, end=end)
+    with open(str(p), "rb") as f:
+        f.seek(start)
+        return f.read(end - start)
+
+
+def download(src: Any, dst: Path) -> None:
+    """Copy a gs:// object to a local file in ranged requests of CHUNK_BYTES (memory and each request's time
+    bounded, each retried on its own), atomically: dst holds the whole object or nothing new."""
+    total = size(src)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for start in range(0, total, CHUNK_BYTES):
+                f.write(read_range(src, start, min(total, start + CHUNK_BYTES)))
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def upload(local: Path, dst: Any) -> None:
+    """Stream a local file to gs:// in CHUNK_BYTES blocks (a resumable upload: never the whole file in memory);
+    the object appears whole when the upload is finalized, or not at all."""
+    def once() -> None:
+        with open(local, "rb") as r, _gcs().open(str(dst), "wb", block_size=CHUNK_BYTES) as w:
+            shutil.copyfileobj(r, w, CHUNK_BYTES)
+    retrying(f"uploading {dst}", once)
+
+
 def local_copy(folder: Any, cache: Path, names: list[str], expected: dict[str, str] | None = None) -> Path:
     """A local copy of `names` from a gs:// folder, kept in `cache` and reused while every file
     still has the sha256 in `expected` (or the remote file's own). Local folders are returned as
@@ -265,8 +315,7 @@ def local_copy(folder: Any, cache: Path, names: list[str], expected: dict[str, s
         want = (expected or {}).get(name)
         if dst.exists() and want and sha256(dst) == want:
             continue
-        with src.open("rb") as r:
-            write_bytes(dst, r.read())
+        download(src, dst)
         if want and sha256(dst) != want:
             dst.unlink()
             raise UserError(f"{src} does not match the sha256 recorded in its meta.json; prepare the data again")

@@ -203,8 +203,9 @@ def load_tokenizer(folder: str | Path) -> ByteTokenizer | HFTokenizer:
 
 
 def check_tokenizer(data_meta: dict, tokenizer: dict, what: str, dataset: str) -> None:
-    """UserError when data was tokenized differently from what the model reads."""
-    if data_meta["tokenizer_identity"] != tokenizer:
+    """UserError when data was tokenized differently from what the model reads (llm.c shards carry no
+    tokenizer: their vocabulary is the user's word)."""
+    if data_meta["tokenizer_identity"].get("kind") != "unknown" and data_meta["tokenizer_identity"] != tokenizer:
         have = data_meta["tokenizer_identity"]
         raise UserError(f"dataset {dataset} was prepared with a {have['kind']} tokenizer (vocab {have['vocab_size']}) but "
                         f"{what} uses a {tokenizer['kind']} tokenizer (vocab {tokenizer['vocab_size']}"

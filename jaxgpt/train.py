@@ -27,9 +27,9 @@ from tqdm import tqdm
 from jaxgpt import paths, platform, rundir, tracking
 from jaxgpt.checkpoint import Checkpointer, restore_latest
 from jaxgpt.config import GPTConfig, TrainConfig
-from jaxgpt.data import BatchSampler, check_dataset, dataset_dir, read_meta
 from jaxgpt.errors import Interrupted, UserError
 from jaxgpt.evaluate import split_scorer
+from jaxgpt.loader import SPLITS, BatchSampler, Dataset, open_dataset
 from jaxgpt.lock import run_lock
 from jaxgpt.optim import lr_schedule
 from jaxgpt.platform import DTYPES, Platform
@@ -122,7 +122,7 @@ class _Run:
     model_cfg: GPTConfig
     tc: TrainConfig
     out_dir: Any
-    data: Any  # the dataset's folder
+    data: Dataset
     data_meta: dict[str, Any]
     identity: dict[str, Any]  # the tokenizer's
     tokenizer: Tokenizer | None
@@ -160,9 +160,8 @@ def _set_up(model_cfg: GPTConfig, tc: TrainConfig, out_dir: Any, tokenizer: Toke
     """Check the data, lay out the mesh and samplers, check the run folder, compile the step (sizes
     first: nothing is allocated unless the parameters, optimizer state and compiled step fit), then a
     fresh state."""
-    data = dataset_dir(tc.data_dir, tc.dataset)
-    data_meta = read_meta(data)
-    check_dataset(data, data_meta)
+    data = open_dataset(tc.data_dir, tc.dataset, model_cfg.vocab_size)
+    data_meta = data.meta
     if data_meta["vocab_size"] > model_cfg.vocab_size:
         raise UserError(f"dataset {tc.dataset} has a vocabulary of {data_meta['vocab_size']} tokens but the model only "
                         f"{model_cfg.vocab_size}; raise --vocab_size")
@@ -170,17 +169,19 @@ def _set_up(model_cfg: GPTConfig, tc: TrainConfig, out_dir: Any, tokenizer: Toke
     identity = saved.get("tokenizer") or (tokenizer.identity() if tokenizer is not None else data_meta["tokenizer_identity"])
     check_tokenizer(data_meta, identity, "the resumed run" if saved.get("tokenizer") else "the model", tc.dataset)
     if tokenizer is None and identity["kind"] == "tokenizer.json":
-        tokenizer = HFTokenizer(data / TOKENIZER_FILE)
+        tokenizer = HFTokenizer(data.local / TOKENIZER_FILE)
     mesh = make_mesh(tc.mesh_data, tc.mesh_fsdp)
     if tc.batch_size % mesh.size:
         raise UserError(f"--batch_size={tc.batch_size} must be divisible by the {mesh.size} devices of the mesh")
     bsh = batch_sharding(mesh)
     rows = local_rows(bsh, (1, tc.batch_size, model_cfg.block_size))
-    samplers = {s: BatchSampler(data / f"{s}.bin", model_cfg.block_size, tc.batch_size, seed=tc.seed,
-                                accum=tc.gradient_accumulation_steps, rows=rows, dtype=data_meta["dtype"])
-                for s in ("train", "val")}
-    eval_samplers = {s: BatchSampler(data / f"{s}.bin", model_cfg.block_size, tc.batch_size, seed=tc.seed, rows=rows,
-                                     dtype=data_meta["dtype"]) for s in ("train", "val")}
+    streams = {s: data.stream(s) for s in SPLITS}
+    limit = {"train": 0, "val": tc.val_tokens}  # evaluation reads at most --val_tokens of the val split
+    samplers = {s: BatchSampler(streams[s], model_cfg.block_size, tc.batch_size, seed=tc.seed, split=s,
+                                accum=tc.gradient_accumulation_steps, rows=rows, limit=limit[s],
+                                order=tc.data_order if s == "train" else "random") for s in SPLITS}
+    eval_samplers = {s: BatchSampler(streams[s], model_cfg.block_size, tc.batch_size, seed=tc.seed, rows=rows, split=s,
+                                     limit=limit[s]) for s in SPLITS}
     # Sizes first, allocation after: the parameters and optimizer state (abstract, as laid out on the
     # mesh), then the compiled step (its arguments are that state) must fit, or nothing is allocated.
     abstract = abstract_train_state(model_cfg, tc, mesh)
@@ -239,7 +240,9 @@ class _Loop:
         tc = run.tc
         self.run, self.sinks = run, sinks
         self.eval_step = make_eval_step(run.eval_graphdef, dataclasses.replace(tc, dtype=cast(Any, run.plat.dtype)))
-        self.score_val = split_scorer(run.data / "val.bin", run.data_meta["dtype"], run.eval_graphdef, run.model_cfg,
+        val = run.samplers["val"].stream.head(tc.val_tokens)
+        whole = len(val) == run.samplers["val"].stream.n_tokens
+        self.score_val = split_scorer(val, run.data.split_bytes("val") if whole else None, run.eval_graphdef, run.model_cfg,
                                       DTYPES[run.plat.dtype], to_device=lambda a: whole_batch(a, run.bsh),
                                       devices=run.mesh.size, tokenizer=run.tokenizer)
         self.eval_s = 0.0  # time spent evaluating (time-to-loss runs exclude it)

@@ -44,8 +44,8 @@ def main(argv: list[str]) -> int:
     from flax import nnx
 
     from formats.io import load_any, need_tokenizer
-    from jaxgpt.data import dataset_dir, num_windows, read_meta
     from jaxgpt.evaluate import EvalResult, batch_size_for, make_nll, score, text_bytes
+    from jaxgpt.loader import dataset_dir, num_windows, read_meta
 
     model, info = load_any(args.checkpoint, args.meta, args.which)
     tok = need_tokenizer(model, info, args.checkpoint)

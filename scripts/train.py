@@ -18,7 +18,8 @@ from flax import nnx
 
 from jaxgpt import GPTConfig, TrainConfig, cli, paths
 from jaxgpt.config import base_values, explicit_flags, make_parser
-from jaxgpt.data import prepare_if_missing, read_meta
+from jaxgpt.data import prepare_if_missing
+from jaxgpt.loader import read_meta
 from jaxgpt.model import crop_block_size
 from jaxgpt.platform import tune_host_allocator
 from jaxgpt.rundir import resolve_configs

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from formats.io import load_any, save_pt, save_safetensors
 from jaxgpt import GPT, GPTConfig, UserError
-from jaxgpt.data import BatchSampler, eval_windows, num_windows, prepare_text, read_meta
+from jaxgpt.data import prepare_text
+from jaxgpt.loader import BatchSampler, eval_windows, num_windows, read_meta
 from jaxgpt.sample import filter_probs
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -181,7 +182,7 @@ def test_damaged_meta_json_is_one_error_line(corpus, tmp_path, how, where, byte)
     shutil.copytree(corpus, folder)
     (folder / "meta.json").write_bytes(damage((corpus / "meta.json").read_bytes(), how, where, byte))
     try:
-        from jaxgpt.data import check_dataset
+        from jaxgpt.loader import check_dataset
         check_dataset(folder, read_meta(folder))
     except UserError as e:
         assert "\n" not in str(e).strip()

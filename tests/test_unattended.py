@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from jaxgpt import GPTConfig, TrainConfig, UserError, paths
-from jaxgpt.data import check_dataset, read_meta
+from jaxgpt.loader import check_dataset, read_meta
 from jaxgpt.lock import LOCK_FILE, RunLock
 from jaxgpt.rundir import resolve_resume
 from tests import tiny

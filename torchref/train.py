@@ -57,7 +57,7 @@ def lr_at(step: int, tc: TrainConfig) -> float:
 @torch.no_grad()
 def full_split_loss(model: GPT, tokens: np.ndarray, block_size: int, batch_size: int = 128) -> float:
     """Mean loss over every token of a split (jaxgpt.data.eval_windows: the same windows as jaxgpt)."""
-    from jaxgpt.data import eval_batches
+    from jaxgpt.loader import eval_batches
 
     model.eval()
     total, count = 0.0, 0
@@ -73,7 +73,7 @@ def main(argv: list[str]) -> int:
     import json
 
     from jaxgpt.config import GPTConfig, base_values, explicit_flags, make_parser
-    from jaxgpt.data import BatchSampler, dataset_dir
+    from jaxgpt.loader import BatchSampler, dataset_dir
 
     p = make_parser(__doc__, GPTConfig, TrainConfig, presets=True)
     args = p.parse_args(argv)

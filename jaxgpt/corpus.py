@@ -1,0 +1,242 @@
+"""A corpus as a stream of documents cut into pieces: the reading half of `prepare.py text`.
+
+Inputs are files and globs, local or gs://, of .txt (one document), .jsonl / .jsonl.gz / .jsonl.zst (a
+document per line, its text in --text_field) and .parquet (a document per row). Documents keep their
+input order. A long document is cut into pieces of about PIECE_CHARS characters at a place where the
+tokenizer cannot join the two sides (a non-space character followed by a space: byte-level BPE's
+pre-tokenizer splits there, so the pieces' ids are the whole document's; `cuts_are_exact` proves it for a
+given tokenizer), so no worker ever holds more than a piece of any document. Every piece carries its
+place (file, document, piece), from which a killed prepare starts again.
+"""
+from __future__ import annotations
+
+import codecs
+import glob
+import gzip
+import io
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from jaxgpt import paths
+from jaxgpt.errors import UserError
+
+PIECE_CHARS = 1 << 20  # a piece's target length: a worker's memory is a few hundred bytes per character
+SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+_CUT = re.compile(r"\S(?=\s)")  # a cut goes after the match: between a non-space and a space
+
+
+@dataclass(frozen=True)
+class Input:
+    """One input file and what identifies its version (a changed file must not be mixed into a resumed prepare)."""
+
+    url: str
+    size: int
+    version: str  # mtime locally, the object's generation or checksum on Cloud Storage
+
+    @property
+    def kind(self) -> str:
+        return next(s for s in SUFFIXES if self.url.endswith(s))
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A piece of a document: its place in the corpus, its text, and whether it ends the document."""
+
+    file: int
+    doc: int
+    piece: int
+    text: str
+    last: bool
+
+
+def _stat(url: str) -> Input:
+    try:
+        if paths.is_remote(url):
+            import fsspec
+            info = fsspec.filesystem("gcs").info(url)
+            return Input(url, int(info.get("size") or 0),
+                         str(info.get("generation") or info.get("crc32c") or info.get("md5Hash") or ""))
+        st = os.stat(url)
+    except FileNotFoundError:
+        raise UserError(f"input file {url} does not exist; pass existing files or globs with --input") from None
+    if not os.path.isfile(url):
+        raise UserError(f"input {url} is not a file; pass files or globs with --input")
+    return Input(url, st.st_size, str(st.st_mtime_ns))
+
+
+def expand_inputs(patterns: list[str]) -> list[Input]:
+    """Files and globs (sorted matches) in the order given, each file once; refuses unknown formats,
+    missing files and globs that match nothing."""
+    urls: list[str] = []
+    for pattern in patterns:
+        if any(c in pattern for c in "*?["):
+            if paths.is_remote(pattern):
+                import fsspec
+                matches = sorted("gs://" + m for m in fsspec.filesystem("gcs").glob(pattern))
+            else:
+                matches = sorted(glob.glob(pattern))
+            if not matches:
+                raise UserError(f"--input {pattern} matches no file; check the pattern (quote it so the shell leaves it)")
+            urls.extend(matches)
+        else:
+            urls.append(pattern)
+    seen: set[str] = set()
+    out = []
+    for url in urls:
+        if url in seen:
+            continue
+        seen.add(url)
+        if not url.endswith(SUFFIXES):
+            raise UserError(f"{url}: not a format prepare.py reads; give {', '.join(SUFFIXES)} files")
+        out.append(_stat(url))
+    if not out:
+        raise UserError("no input files; pass --input FILE [FILE ...] (files or globs)")
+    return out
+
+
+def task_slice(inputs: list[Input], task: int, tasks: int) -> range:
+    """The contiguous run of input files task `task` of `tasks` prepares: files go to tasks by where
+    their middle byte falls in the corpus, so slices are near equal in bytes whatever the file count."""
+    total = sum(max(f.size, 1) for f in inputs)
+    owner, at = [], 0
+    for f in inputs:
+        owner.append(min(tasks - 1, (2 * at + max(f.size, 1)) * tasks // (2 * total)))
+        at += max(f.size, 1)
+    mine = [i for i, t in enumerate(owner) if t == task]
+    return range(mine[0], mine[-1] + 1) if mine else range(0)
+
+
+def cut_points(text: str, start: int, piece_chars: int) -> int:
+    """Where the piece beginning at `start` ends: the last cut in its second half, else the first one after."""
+    end = start + piece_chars
+    if end >= len(text):
+        return len(text)
+    last = None
+    for m in _CUT.finditer(text, start + piece_chars // 2, end):
+        last = m.end()
+    if last is None:
+        after = _CUT.search(text, end)
+        last = after.end() if after else len(text)
+    return last
+
+
+def split_document(text: str, piece_chars: int = PIECE_CHARS) -> Iterator[str]:
+    """A document's pieces (one piece when it is short)."""
+    start = 0
+    while start < len(text):
+        end = cut_points(text, start, piece_chars)
+        yield text[start:end]
+        start = end
+
+
+def cuts_are_exact(encode: Callable[[str], list[int]]) -> bool:
+    """True when encoding a text in pieces cut as `split_document` cuts gives the ids of encoding it whole,
+    on a probe of mixed spaces, newlines, digits, punctuation and non-ASCII text cut at every place."""
+    probe = ("Hello  world,\n\n\nit's 2024 -- naïve café 東京 \t tabs\r\n  lead 12,345.67!!  ?? \n"
+             "end.   spaces\u00a0nbsp x\n \n y    \n\nz'll  we've\n")
+    whole = encode(probe)
+    cuts = [m.end() for m in _CUT.finditer(probe)]
+    return all(encode(probe[:c]) + encode(probe[c:]) == whole for c in cuts)
+
+
+def _open(url: str) -> BinaryIO:
+    """A binary stream of the file's (decompressed) bytes; gs:// objects are read in ranged chunks."""
+    raw: Any = paths.path(url).open("rb")
+    if url.endswith(".gz"):
+        return gzip.GzipFile(fileobj=raw)  # type: ignore[return-value]
+    if url.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError:
+            raise UserError(f"{url}: .zst files need the zstandard package; pip install zstandard") from None
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+    return raw
+
+
+def _txt_pieces(url: str, index: int, first_piece: int, piece_chars: int) -> Iterator[Piece]:
+    """A .txt file as one document, read a megabyte at a time and cut as split_document cuts."""
+    decoder, text, start, n, done, at = codecs.getincrementaldecoder("utf-8")(), "", 0, 0, False, 0
+    with _open(url) as f:
+        while True:
+            while not done and len(text) - start < 2 * piece_chars:
+                chunk = f.read(1 << 20)
+                try:
+                    text = text[start:] + decoder.decode(chunk, final=not chunk)
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{url} is not UTF-8 text (near byte {at + e.start:,}: {e.reason}); convert it to "
+                                    f"UTF-8 first") from None
+                at, start, done = at + len(chunk), 0, not chunk
+            if start >= len(text):
+                if n == 0:
+                    raise UserError(f"{url} is empty; give files with some text")
+                return
+            end = cut_points(text, start, piece_chars)
+            if n >= first_piece:
+                yield Piece(index, 0, n, text[start:end], done and end >= len(text))
+            start, n = end, n + 1
+
+
+def _records(url: str, text_field: str, first_doc: int) -> Iterator[tuple[int, Any]]:
+    """(document index, text) of a .jsonl(.gz/.zst) or .parquet file from document first_doc on."""
+    if url.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise UserError(f"{url}: .parquet files need the pyarrow package; pip install pyarrow") from None
+        with paths.path(url).open("rb") as f:
+            pf = pq.ParquetFile(f)
+            if text_field not in pf.schema_arrow.names:
+                raise UserError(f"{url} has no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)}); "
+                                f"name the text column with --text_field")
+            row = 0
+            for g in range(pf.num_row_groups):
+                rows = pf.metadata.row_group(g).num_rows
+                if row + rows <= first_doc:
+                    row += rows
+                    continue
+                for batch in pf.iter_batches(batch_size=1024, row_groups=[g], columns=[text_field]):
+                    for text in batch.column(0).to_pylist():
+                        if row >= first_doc:
+                            yield row, text
+                        row += 1
+        return
+    with _open(url) as f:
+        for line_no, line in enumerate(f):
+            if line_no < first_doc or not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise UserError(f"{url}: line {line_no + 1} is not JSON ({e}); fix or drop that line") from None
+            if not isinstance(record, dict) or text_field not in record:
+                raise UserError(f"{url}: line {line_no + 1} has no {text_field!r} field; name the text field with "
+                                f"--text_field")
+            yield line_no, record[text_field]
+
+
+def pieces(inputs: list[Input], files: range, text_field: str, start: tuple[int, int, int] = (0, 0, 0),
+           piece_chars: int = PIECE_CHARS, cut: bool = True) -> Iterator[Piece]:
+    """Every piece of files[...] in order, from (file, doc, piece) = start on. `cut=False` keeps each
+    document whole (a tokenizer whose cuts are not exact)."""
+    f0, d0, p0 = start
+    chars = piece_chars if cut else 1 << 62
+    for i in files:
+        if i < f0:
+            continue
+        url = inputs[i].url
+        if url.endswith(".txt"):
+            yield from _txt_pieces(url, i, p0 if i == f0 else 0, chars)
+            continue
+        for doc, text in _records(url, text_field, d0 if i == f0 else 0):
+            if not isinstance(text, str):
+                raise UserError(f"{url}: document {doc} has a {type(text).__name__} in {text_field!r}, not text")
+            if not text:
+                continue
+            parts = list(split_document(text, chars)) if len(text) > chars else [text]
+            for n, part in enumerate(parts):
+                if (i, doc) != (f0, d0) or n >= p0:
+                    yield Piece(i, doc, n, part, n == len(parts) - 1)

@@ -1,0 +1,405 @@
+"""`prepare.py text`: a corpus of any size -> train_/val_ token shards + meta.json, on every core, in flat
+memory, resumable, straight into a local folder or a gs:// bucket.
+
+The main process reads pieces of documents (jaxgpt.corpus) and hands batches of them to `workers`
+tokenizing processes through a bounded window of jobs, so memory stays the same whatever the corpus;
+results come back in input order and are appended to the open shard. The first documents, up to
+--val_tokens, are the val split; the rest fill train shards of exactly --shard_tokens. After each
+finished shard a ledger (.progress/task_NNNN.json) records the shards and the place in the corpus where
+the next shard begins, so the same command run again after a kill continues there and writes the same
+bytes. `--task=I --tasks=N` prepares the I-th of N slices of the inputs (an array job); the task that finds
+every ledger done writes meta.json.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from jaxgpt import corpus, paths, shards
+from jaxgpt.errors import UserError
+from jaxgpt.tokenizer import BYTES_IDENTITY, TOKENIZER_FILE, HFTokenizer
+
+DEFAULT_SHARD_TOKENS = 100_000_000  # llm.c's fineweb.py
+AUTO_VAL_TOKENS = 10_000_000  # build-nanogpt evaluates 20 x 0.5 M tokens; nanoGPT's OpenWebText val.bin is ~4 M
+EOT_TEXT = "<|endoftext|>"
+EOT_BYTE = 0xFF  # byte-level data: 0xFF never occurs in UTF-8 text, so it marks a document's end
+PROGRESS = ".progress"
+JOB_CHARS = 1 << 20  # text per job handed to a worker
+
+
+@dataclass(frozen=True)
+class CorpusJob:
+    """One `prepare.py text` command: what to read, how to tokenize it, and where the shards go."""
+
+    inputs: list[str]
+    out: str  # data_dir/name, local or gs://
+    tokenizer: str | None = None  # a tokenizer.json; None = bytes
+    text_field: str = "text"
+    workers: int = 0  # 0 = the cores
+    shard_tokens: int = DEFAULT_SHARD_TOKENS
+    val_tokens: int = 0  # 0 = auto
+    task: int = 0
+    tasks: int = 1
+    piece_chars: int = corpus.PIECE_CHARS
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.shard_tokens, int) and 1 <= self.shard_tokens < 2**31):
+            raise UserError(f"--shard_tokens must be in [1, 2**31), got {self.shard_tokens}")
+        if self.val_tokens < 0:
+            raise UserError(f"--val_tokens must be >= 0 (0 = auto), got {self.val_tokens}")
+        if not (self.tasks >= 1 and 0 <= self.task < self.tasks):
+            raise UserError(f"--task must be in [0, --tasks={self.tasks}), got {self.task}")
+        if self.workers < 0:
+            raise UserError(f"--workers must be >= 1 (0 = the cores), got {self.workers}")
+
+
+# --- the workers ---------------------------------------------------------------------------------------------
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer_json: bytes | None, eot: int | None, dtype: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # this worker process only: one core each
+    tok = None
+    if tokenizer_json is not None:
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+    _WORKER.update(tok=tok, eot=eot, dtype=np.dtype(dtype))
+
+
+def _encode(batch: list[tuple[str, bool]]) -> list[tuple[np.ndarray, int]]:
+    """(ids with the end-of-text id after a document's last piece, UTF-8 bytes) for each (text, last)."""
+    tok, eot, dtype = _WORKER["tok"], _WORKER["eot"], _WORKER["dtype"]
+    raw = [text.encode("utf-8") for text, _ in batch]
+    if tok is None:
+        ids = [np.frombuffer(r, np.uint8) for r in raw]
+    else:
+        ids = [np.asarray(e.ids, np.int64) for e in tok.encode_batch([t for t, _ in batch], add_special_tokens=False)]
+    out = []
+    for (_, last), a, r in zip(batch, ids, raw, strict=True):
+        if last and eot is not None:
+            a = np.append(a, eot)
+        out.append((a.astype(dtype), len(r)))
+    return out
+
+
+# --- where shards and the ledger go ---------------------------------------------------------------------------
+
+@dataclass
+class _Ledger:
+    fingerprint: dict[str, Any]
+    task: int
+    val: dict[str, Any] | None = None
+    train: list[dict[str, Any]] = field(default_factory=list)
+    train_bytes: int = 0
+    position: list[int] | None = None  # [file, doc, piece, ids of that piece already in finished shards]
+    done: bool = False
+
+
+class _Out:
+    """The dataset folder: shards land in it whole (renamed locally, uploaded streaming to gs://)."""
+
+    def __init__(self, url: str):
+        self.url, self.remote = url, paths.is_remote(url)
+        self.local = Path(tempfile.mkdtemp(prefix="jaxgpt-prepare-")) if self.remote else Path(url)
+        self.local.mkdir(parents=True, exist_ok=True)
+
+    def ledger_url(self, task: int) -> Any:
+        return paths.path(self.url) / PROGRESS / f"task_{task:04d}.json"
+
+    def read_ledger(self, task: int) -> dict | None:
+        p = self.ledger_url(task)
+        return json.loads(paths.retrying(f"reading {p}", p.read_text)) if p.exists() else None
+
+    def write_ledger(self, ledger: _Ledger) -> None:
+        paths.write_text(self.ledger_url(ledger.task), json.dumps(asdict(ledger), indent=1))
+
+    def publish(self, tmp: Path, name: str) -> None:
+        if self.remote:
+            paths.upload(tmp, paths.path(self.url) / name)
+            tmp.unlink()
+        else:
+            os.replace(tmp, self.local / name)
+
+    def size(self, name: str) -> int | None:
+        p = paths.path(self.url) / name
+        return paths.size(p) if p.exists() else None
+
+    def close(self) -> None:
+        if self.remote:
+            shutil.rmtree(self.local, ignore_errors=True)
+
+
+class _ShardFile:
+    """The open shard: a temporary file with a placeholder header, the header written when it is finished."""
+
+    def __init__(self, out: _Out, dtype: np.dtype):
+        fd, name = tempfile.mkstemp(dir=out.local, prefix=".shard-")
+        self.path, self.f, self.tokens, self.dtype = Path(name), os.fdopen(fd, "wb"), 0, dtype
+        self.f.write(bytes(shards.HEADER_BYTES))
+
+    def write(self, ids: np.ndarray) -> None:
+        self.f.write(ids.astype(self.dtype, copy=False).tobytes())
+        self.tokens += len(ids)
+
+    def finish(self) -> tuple[Path, str]:
+        self.f.seek(0)
+        self.f.write(shards.header(self.tokens, self.dtype))
+        self.f.close()
+        return self.path, paths.sha256(self.path)
+
+    def discard(self) -> None:
+        self.f.close()
+        self.path.unlink(missing_ok=True)
+
+
+# --- the run --------------------------------------------------------------------------------------------------
+
+def _tokenizer(job: CorpusJob) -> tuple[HFTokenizer | None, dict, int | None, np.dtype]:
+    if job.tokenizer is None:
+        return None, dict(BYTES_IDENTITY), EOT_BYTE, shards.shard_dtype(256)
+    tok = HFTokenizer(job.tokenizer)
+    return tok, tok.identity(), tok.tok.token_to_id(EOT_TEXT), shards.shard_dtype(tok.vocab_size)
+
+
+def auto_val_tokens(inputs: list[corpus.Input], byte_level: bool) -> int:
+    """--val_tokens=0: a tenth of the corpus, estimated from the input files' size (1 byte a token for
+    bytes, 4 for a BPE tokenizer), at most AUTO_VAL_TOKENS."""
+    estimate = sum(f.size for f in inputs) // (1 if byte_level else 4)
+    return max(1, min(AUTO_VAL_TOKENS, estimate // 10))
+
+
+def prepare_corpus(job: CorpusJob) -> dict[str, Any]:
+    """Run (or continue) one task of a prepare; returns meta.json's contents once every task is done,
+    else this task's ledger."""
+    tok, identity, eot, dtype = _tokenizer(job)
+    inputs = corpus.expand_inputs(job.inputs)
+    val_tokens = job.val_tokens or auto_val_tokens(inputs, tok is None)
+    fingerprint = {"inputs": [asdict(f) for f in inputs], "tokenizer": identity, "text_field": job.text_field,
+                   "shard_tokens": job.shard_tokens, "val_tokens": val_tokens, "tasks": job.tasks,
+                   "piece_chars": job.piece_chars, "eot_id": eot}
+    out = _Out(job.out)
+    try:
+        meta_path = paths.path(job.out) / "meta.json"
+        if meta_path.exists():
+            meta = json.loads(meta_path.read_text())
+            if meta.get("fingerprint") == fingerprint:
+                return {**meta, "unchanged": True}
+            raise UserError(f"{job.out} already holds a prepared dataset made by another command or from other input; "
+                            f"choose a new --name, or delete {job.out} to prepare it again")
+        saved = out.read_ledger(job.task)
+        if saved is not None and saved.get("fingerprint") != fingerprint:
+            differs = sorted(k for k in fingerprint if saved["fingerprint"].get(k) != fingerprint[k])
+            raise UserError(f"{job.out} holds an unfinished prepare begun with another command or input (it differs in: "
+                            f"{', '.join(differs)}); run the same command again to finish it, or delete {job.out} "
+                            f"(or choose a new --name) to start over")
+        ledger = _Ledger(**saved) if saved else _Ledger(fingerprint, job.task)
+        for entry in (ledger.val or {}).get("shards", []) + ledger.train:
+            if out.size(entry["name"]) != shards.HEADER_BYTES + entry["tokens"] * dtype.itemsize:
+                raise UserError(f"{job.out}/{entry['name']} is missing or damaged although the ledger lists it finished; "
+                                f"delete {job.out} and prepare again")
+        if tok is not None:
+            paths.write_bytes(paths.path(job.out) / TOKENIZER_FILE, tok.raw)
+        if not ledger.done:
+            _Run(job, out, inputs, ledger, tok, eot, dtype, val_tokens).go()
+        return _finalize(job, out, fingerprint, identity, dtype, inputs) or asdict(ledger)
+    finally:
+        out.close()
+
+
+class _Run:
+    def __init__(self, job: CorpusJob, out: _Out, inputs: list[corpus.Input], ledger: _Ledger, tok: HFTokenizer | None,
+                 eot: int | None, dtype: np.dtype, val_tokens: int):
+        self.job, self.out, self.inputs, self.ledger, self.tok, self.eot, self.dtype = job, out, inputs, ledger, tok, eot, dtype
+        self.files = corpus.task_slice(inputs, job.task, job.tasks)
+        self.val_open = job.task == 0 and ledger.val is None
+        self.val_limit = val_tokens
+        self.val: list[np.ndarray] = []  # whole documents taken into val
+        self.val_len = self.val_bytes = 0
+        self.doc: list[tuple[tuple[int, int, int], np.ndarray, int]] = []  # the current document while val is open
+        self.shard: _ShardFile | None = None
+        self.open_bytes = 0
+        self.last: list[int] | None = None  # the place after the last piece taken while val is open
+
+    def go(self) -> None:
+        pos = self.ledger.position or [self.files.start if len(self.files) else 0, 0, 0, 0]
+        tok = self.tok
+        cut = tok is None or corpus.cuts_are_exact(lambda t: tok.tok.encode(t, add_special_tokens=False).ids)
+        if not cut:
+            tqdm.write(f"note: {self.job.tokenizer} joins text across spaces, so documents are tokenized whole "
+                       f"(memory then grows with the longest document)")
+        source = corpus.pieces(self.inputs, self.files, self.job.text_field, (pos[0], pos[1], pos[2]),
+                               self.job.piece_chars, cut)
+        total = sum(self.inputs[i].size for i in self.files)
+        bar = tqdm(total=total, unit="B", unit_scale=True, disable=not self.job.progress, dynamic_ncols=True,
+                   desc=f"{Path(self.job.out).name}" + (f" task {self.job.task}/{self.job.tasks}" if self.job.tasks > 1 else ""))
+        t0, tokens = time.perf_counter(), 0
+        skip = pos[3]
+        for tag, last, ids, n_bytes in self._encoded(source):
+            if skip and tag == tuple(pos[:3]):
+                ids, base, skip = ids[skip:], skip, 0
+            else:
+                base = 0
+            self._take(tag, last, ids, base, n_bytes)
+            tokens += len(ids)
+            bar.update(n_bytes)
+            bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9) / 1e6:.2f} M tokens/s", refresh=False)
+        bar.close()
+        if self.val_open:
+            self._close_val(None)
+        if self.shard is not None and self.shard.tokens:
+            self._finish_shard(self.ledger.position or [0, 0, 0, 0])
+        elif self.shard is not None:
+            self.shard.discard()
+        if self.job.task == 0 and self.job.tasks == 1 and not self.ledger.train:
+            raise UserError(f"the corpus holds {self.val_len:,} tokens, all of them taken by the val split "
+                            f"(--val_tokens={self.val_limit:,}); pass a smaller --val_tokens")
+        self.ledger.done = True
+        self.out.write_ledger(self.ledger)
+
+    def _encoded(self, source: Iterator[corpus.Piece]) -> Iterator[tuple[tuple[int, int, int], bool, np.ndarray, int]]:
+        """(place, last piece of its document, ids, bytes) of every piece, in order, from `workers` processes, at most 2 jobs each in flight."""
+        workers = self.job.workers or os.cpu_count() or 1
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads (JAX, gcsfs)
+        init = (self.tok.raw if self.tok else None, self.eot, self.dtype.name)
+        with ctx.Pool(workers, initializer=_init_worker, initargs=init) as pool:
+            window: collections.deque = collections.deque()
+            for batch in _batches(source):
+                window.append(([((p.file, p.doc, p.piece), p.last) for p in batch],
+                               pool.apply_async(_encode, ([(p.text, p.last) for p in batch],))))
+                while len(window) >= 2 * workers + 1:
+                    yield from _results(window.popleft())
+            while window:
+                yield from _results(window.popleft())
+
+    def _take(self, tag: tuple[int, int, int], last: bool, ids: np.ndarray, base: int, n_bytes: int) -> None:
+        if not self.val_open:
+            self._train(tag, ids, base, n_bytes)
+            return
+        self.doc.append((tag, ids, n_bytes))
+        self.last = [*tag, len(ids)]
+        length = sum(len(a) for _, a, _ in self.doc)
+        if self.val_len + length > self.val_limit:
+            self._close_val(self.doc)
+        elif last:  # a whole document that fits: into val
+            self.val.extend(a for _, a, _ in self.doc)
+            self.val_len += length
+            self.val_bytes += sum(b for _, _, b in self.doc)
+            self.doc = []
+
+    def _close_val(self, pending: list | None) -> None:
+        """Val is the documents taken so far; a first document longer than val_tokens is cut at val_tokens.
+        The rest of `pending` begins train."""
+        pending = pending or []
+        if not self.val and pending:  # no whole document fits: the first val_tokens ids of the first one
+            whole = np.concatenate([a for _, a, _ in pending])
+            self.val, self.val_len = [whole[:self.val_limit]], min(len(whole), self.val_limit)
+            self.val_bytes = self._text_bytes(self.val[0])
+            rest, drop = [], self.val_len
+            for tag, a, b in pending:
+                if drop >= len(a):
+                    drop -= len(a)
+                    continue
+                rest.append((tag, a[drop:], drop, b))
+                drop = 0
+        else:
+            rest = [(tag, a, 0, b) for tag, a, b in pending]
+        self.val_open, self.doc = False, []
+        names, ids = [], np.concatenate(self.val) if self.val else np.zeros(0, self.dtype)
+        for i, start in enumerate(range(0, len(ids), self.job.shard_tokens)):
+            f = _ShardFile(self.out, self.dtype)
+            f.write(ids[start:start + self.job.shard_tokens])
+            path, sha = f.finish()
+            name = f"val_{i:06d}.bin"
+            self.out.publish(path, name)
+            names.append({"name": name, "tokens": f.tokens, "sha256": sha})
+        self.ledger.val = {"shards": names, "tokens": int(len(ids)), "bytes": int(self.val_bytes)}
+        self.val = []
+        # train begins at the first id not in val (after val's last piece when nothing is left over)
+        self.ledger.position = [*rest[0][0], rest[0][2]] if rest else self.last
+        self.out.write_ledger(self.ledger)
+        for tag, a, base, b in rest:
+            self._train(tag, a, base, b)
+
+    def _text_bytes(self, ids: np.ndarray) -> int:
+        body = ids[ids != self.eot] if self.eot is not None else ids
+        return len(body) if self.tok is None else len(self.tok.decode(body).encode("utf-8"))
+
+    def _train(self, tag: tuple[int, int, int], ids: np.ndarray, base: int, n_bytes: int) -> None:
+        while True:
+            if self.shard is None:
+                self.shard = _ShardFile(self.out, self.dtype)
+            room = self.job.shard_tokens - self.shard.tokens
+            self.shard.write(ids[:room])
+            base += min(room, len(ids))
+            if len(ids) <= room:
+                self.open_bytes += n_bytes  # the piece ends in this shard
+            self.ledger.position = [*tag, base]
+            if self.shard.tokens == self.job.shard_tokens:
+                self._finish_shard([*tag, base])
+            if len(ids) <= room:
+                return
+            ids = ids[room:]
+
+    def _finish_shard(self, position: list[int]) -> None:
+        assert self.shard is not None
+        path, sha = self.shard.finish()
+        prefix = "train_" if self.job.tasks == 1 else f"train_{self.job.task:04d}_"
+        name = f"{prefix}{len(self.ledger.train):06d}.bin"
+        self.out.publish(path, name)
+        self.ledger.train.append({"name": name, "tokens": self.shard.tokens, "sha256": sha})
+        self.ledger.train_bytes += self.open_bytes
+        self.ledger.position, self.open_bytes, self.shard = position, 0, None
+        self.out.write_ledger(self.ledger)
+
+
+def _batches(source: Iterator[corpus.Piece]) -> Iterator[list[corpus.Piece]]:
+    batch: list[corpus.Piece] = []
+    chars = 0
+    for p in source:
+        batch.append(p)
+        chars += len(p.text)
+        if chars >= JOB_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _results(entry: tuple[list, Any]) -> Iterator[tuple[tuple[int, int, int], bool, np.ndarray, int]]:
+    tags, result = entry
+    for (tag, last), (ids, n_bytes) in zip(tags, result.get(), strict=True):
+        yield tag, last, ids, n_bytes
+
+
+def _finalize(job: CorpusJob, out: _Out, fingerprint: dict, identity: dict, dtype: np.dtype,
+              inputs: list[corpus.Input]) -> dict | None:
+    """meta.json, once every task's ledger says done (any task may be the one that finds them so)."""
+    ledgers = [out.read_ledger(t) for t in range(job.tasks)]
+    if not all(lg and lg.get("done") and lg.get("fingerprint") == fingerprint for lg in ledgers):
+        return None
+    train = [s for lg in ledgers for s in lg["train"]]  # type: ignore[index]
+    val = ledgers[0]["val"] or {"shards": [], "tokens": 0, "bytes": 0}  # type: ignore[index]
+    meta = {"format": "shards", "tokenizer": "bytes" if identity["kind"] == "bytes" else TOKENIZER_FILE,
+            "tokenizer_identity": identity, "vocab_size": identity["vocab_size"], "dtype": dtype.name,
+            "eot_id": fingerprint["eot_id"], "train_tokens": sum(s["tokens"] for s in train), "val_tokens": val["tokens"],
+            "train_bytes": sum(lg["train_bytes"] for lg in ledgers), "val_bytes": val["bytes"],  # type: ignore[index]
+            "shards": {"train": train, "val": val["shards"]},
+            "files": {s["name"]: s["sha256"] for s in train + val["shards"]},
+            "source": [f.url for f in inputs], "fingerprint": fingerprint}
+    paths.write_text(paths.path(job.out) / "meta.json", json.dumps(meta, indent=1))
+    return meta
+
