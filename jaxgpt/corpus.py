@@ -26,6 +26,8 @@ from jaxgpt.errors import UserError
 
 PIECE_CHARS = 1 << 20  # a piece's target length: a worker's memory is a few hundred bytes per character
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+PROBE = ("Hello  world,\n\n\nit's 2024 -- naïve café 東京 \t tabs\r\n  lead 12,345.67!!  ?? \n"
+         "end.   spaces\u00a0nbsp x\n \n y    \n\nz'll  we've\n I'M DON'T 'quoted' \U0001F600 emoji\n")
 _CUT = re.compile(r"\S(?=\s)")  # a cut goes after the match: between a non-space and a space
 
 
@@ -99,12 +101,13 @@ def expand_inputs(patterns: list[str]) -> list[Input]:
 
 
 def task_slice(inputs: list[Input], task: int, tasks: int) -> range:
-    """The contiguous run of input files task `task` of `tasks` prepares: files go to tasks by where
-    their middle byte falls in the corpus, so slices are near equal in bytes whatever the file count."""
+    """The contiguous run of input files task `task` of `tasks` prepares: files go to tasks by where their
+    first byte falls in the corpus, so slices are near equal in bytes whatever the file count, and the first
+    file (where the val split begins) is task 0's."""
     total = sum(max(f.size, 1) for f in inputs)
     owner, at = [], 0
     for f in inputs:
-        owner.append(min(tasks - 1, (2 * at + max(f.size, 1)) * tasks // (2 * total)))
+        owner.append(at * tasks // total)
         at += max(f.size, 1)
     mine = [i for i, t in enumerate(owner) if t == task]
     return range(mine[0], mine[-1] + 1) if mine else range(0)
@@ -136,8 +139,7 @@ def split_document(text: str, piece_chars: int = PIECE_CHARS) -> Iterator[str]:
 def cuts_are_exact(encode: Callable[[str], list[int]]) -> bool:
     """True when encoding a text in pieces cut as `split_document` cuts gives the ids of encoding it whole,
     on a probe of mixed spaces, newlines, digits, punctuation and non-ASCII text cut at every place."""
-    probe = ("Hello  world,\n\n\nit's 2024 -- naïve café 東京 \t tabs\r\n  lead 12,345.67!!  ?? \n"
-             "end.   spaces\u00a0nbsp x\n \n y    \n\nz'll  we've\n")
+    probe = PROBE
     whole = encode(probe)
     cuts = [m.end() for m in _CUT.finditer(probe)]
     return all(encode(probe[:c]) + encode(probe[c:]) == whole for c in cuts)

@@ -62,6 +62,16 @@ def read_meta(folder: str | Path) -> dict:
     return meta
 
 
+def data_vocab(data_dir: str, dataset: str) -> int | None:
+    """The vocabulary a prepared dataset records (local or gs://), None where it records none (yet)."""
+    folder = paths.path(data_dir) / dataset
+    try:
+        present = (folder / "meta.json").exists()
+    except Exception:  # an unreachable bucket: the run's own checks say so in one line
+        return None
+    return read_meta(folder)["vocab_size"] if present else None
+
+
 # --- verdicts: a file's sha256 checked once per version ------------------------------------------------------
 
 def _verdict_cache(folder: Path) -> Path:

@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from tqdm import tqdm
 
 from jaxgpt import corpus, paths, shards
 from jaxgpt.errors import UserError
-from jaxgpt.tokenizer import BYTES_IDENTITY, TOKENIZER_FILE, HFTokenizer
+from jaxgpt.tokenizer import BYTES_IDENTITY, TOKENIZER_FILE, HFTokenizer, tiktoken_twin
 
 DEFAULT_SHARD_TOKENS = 100_000_000  # llm.c's fineweb.py
 AUTO_VAL_TOKENS = 10_000_000  # build-nanogpt evaluates 20 x 0.5 M tokens; nanoGPT's OpenWebText val.bin is ~4 M
@@ -37,6 +38,7 @@ EOT_TEXT = "<|endoftext|>"
 EOT_BYTE = 0xFF  # byte-level data: 0xFF never occurs in UTF-8 text, so it marks a document's end
 PROGRESS = ".progress"
 JOB_CHARS = 1 << 20  # text per job handed to a worker
+ENCODERS = ("auto", "tokenizers", "tiktoken")
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class CorpusJob:
     tasks: int = 1
     piece_chars: int = corpus.PIECE_CHARS
     progress: bool = True
+    encoder: str = "auto"  # auto: tiktoken where it is proven to give tokenizers' ids, else tokenizers
 
     def __post_init__(self) -> None:
         if not (isinstance(self.shard_tokens, int) and 1 <= self.shard_tokens < 2**31):
@@ -64,6 +67,8 @@ class CorpusJob:
             raise UserError(f"--task must be in [0, --tasks={self.tasks}), got {self.task}")
         if self.workers < 0:
             raise UserError(f"--workers must be >= 1 (0 = the cores), got {self.workers}")
+        if self.encoder not in ENCODERS:
+            raise UserError(f"--encoder must be one of {ENCODERS}, got {self.encoder!r}")
 
 
 # --- the workers ---------------------------------------------------------------------------------------------
@@ -71,21 +76,39 @@ class CorpusJob:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer_json: bytes | None, eot: int | None, dtype: str) -> None:
+def _init_worker(tokenizer_json: bytes | None, eot: int | None, dtype: str, fast: bool) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # this worker process only: one core each
-    tok = None
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle (it ends the pool)
+    _die_with_parent()
+    tok = twin = None
     if tokenizer_json is not None:
         from tokenizers import Tokenizer
         tok = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
-    _WORKER.update(tok=tok, eot=eot, dtype=np.dtype(dtype))
+        twin = tiktoken_twin(tokenizer_json) if fast else None
+    _WORKER.update(tok=tok, twin=twin, eot=eot, dtype=np.dtype(dtype))
+
+
+def _die_with_parent() -> None:
+    """Linux: this worker is killed when the main process dies (a SIGKILLed prepare leaves no orphans)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _encode(batch: list[tuple[str, bool]]) -> list[tuple[np.ndarray, int]]:
-    """(ids with the end-of-text id after a document's last piece, UTF-8 bytes) for each (text, last)."""
-    tok, eot, dtype = _WORKER["tok"], _WORKER["eot"], _WORKER["dtype"]
+    """(ids with the end-of-text id after a document's last piece, UTF-8 bytes) for each (text, last).
+    With tiktoken, each job's first piece is encoded by tokenizers too: the twin is checked on every job."""
+    tok, twin, eot, dtype = _WORKER["tok"], _WORKER["twin"], _WORKER["eot"], _WORKER["dtype"]
     raw = [text.encode("utf-8") for text, _ in batch]
     if tok is None:
         ids = [np.frombuffer(r, np.uint8) for r in raw]
+    elif twin is not None:
+        ids = [np.asarray(twin.encode(t, allowed_special="all"), np.int64) for t, _ in batch]
+        if tok.encode(batch[0][0], add_special_tokens=False).ids != ids[0].tolist():
+            raise UserError("tiktoken and tokenizers give different ids for a document of this corpus; run again with "
+                            "--encoder=tokenizers")
     else:
         ids = [np.asarray(e.ids, np.int64) for e in tok.encode_batch([t for t, _ in batch], add_special_tokens=False)]
     out = []
@@ -146,8 +169,8 @@ class _Out:
 class _ShardFile:
     """The open shard: a temporary file with a placeholder header, the header written when it is finished."""
 
-    def __init__(self, out: _Out, dtype: np.dtype):
-        fd, name = tempfile.mkstemp(dir=out.local, prefix=".shard-")
+    def __init__(self, out: _Out, dtype: np.dtype, task: int):
+        fd, name = tempfile.mkstemp(dir=out.local, prefix=f".shard-{task:04d}-")
         self.path, self.f, self.tokens, self.dtype = Path(name), os.fdopen(fd, "wb"), 0, dtype
         self.f.write(bytes(shards.HEADER_BYTES))
 
@@ -213,6 +236,8 @@ def prepare_corpus(job: CorpusJob) -> dict[str, Any]:
                                 f"delete {job.out} and prepare again")
         if tok is not None:
             paths.write_bytes(paths.path(job.out) / TOKENIZER_FILE, tok.raw)
+        for stale in out.local.glob(f".shard-{job.task:04d}-*"):  # the open shard of a killed run of this task
+            stale.unlink(missing_ok=True)
         if not ledger.done:
             _Run(job, out, inputs, ledger, tok, eot, dtype, val_tokens).go()
         return _finalize(job, out, fingerprint, identity, dtype, inputs) or asdict(ledger)
@@ -274,7 +299,7 @@ class _Run:
         """(place, last piece of its document, ids, bytes) of every piece, in order, from `workers` processes, at most 2 jobs each in flight."""
         workers = self.job.workers or os.cpu_count() or 1
         ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads (JAX, gcsfs)
-        init = (self.tok.raw if self.tok else None, self.eot, self.dtype.name)
+        init = (self.tok.raw if self.tok else None, self.eot, self.dtype.name, self._fast())
         with ctx.Pool(workers, initializer=_init_worker, initargs=init) as pool:
             window: collections.deque = collections.deque()
             for batch in _batches(source):
@@ -284,6 +309,19 @@ class _Run:
                     yield from _results(window.popleft())
             while window:
                 yield from _results(window.popleft())
+
+    def _fast(self) -> bool:
+        """tiktoken for this tokenizer: where --encoder allows, it can stand for it, and it agrees on a probe."""
+        if self.tok is None or self.job.encoder == "tokenizers":
+            return False
+        twin, hf = tiktoken_twin(self.tok.raw), self.tok.tok
+        probe = corpus.PROBE + EOT_TEXT + "x"
+        if twin is None or twin.encode(probe, allowed_special="all") != hf.encode(probe, add_special_tokens=False).ids:
+            if self.job.encoder == "tiktoken":
+                raise UserError(f"--encoder=tiktoken: {self.job.tokenizer} is not a byte-level BPE that tiktoken encodes "
+                                f"the same (or tiktoken is not installed); use --encoder=auto")
+            return False
+        return True
 
     def _take(self, tag: tuple[int, int, int], last: bool, ids: np.ndarray, base: int, n_bytes: int) -> None:
         if not self.val_open:
@@ -320,7 +358,7 @@ class _Run:
         self.val_open, self.doc = False, []
         names, ids = [], np.concatenate(self.val) if self.val else np.zeros(0, self.dtype)
         for i, start in enumerate(range(0, len(ids), self.job.shard_tokens)):
-            f = _ShardFile(self.out, self.dtype)
+            f = _ShardFile(self.out, self.dtype, self.job.task)
             f.write(ids[start:start + self.job.shard_tokens])
             path, sha = f.finish()
             name = f"val_{i:06d}.bin"
@@ -341,7 +379,7 @@ class _Run:
     def _train(self, tag: tuple[int, int, int], ids: np.ndarray, base: int, n_bytes: int) -> None:
         while True:
             if self.shard is None:
-                self.shard = _ShardFile(self.out, self.dtype)
+                self.shard = _ShardFile(self.out, self.dtype, self.job.task)
             room = self.job.shard_tokens - self.shard.tokens
             self.shard.write(ids[:room])
             base += min(room, len(ids))

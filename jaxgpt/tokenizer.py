@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import json
 import pickle
 from collections.abc import Iterable
 from pathlib import Path
@@ -192,6 +193,56 @@ class _HFStream:
 
 
 Tokenizer = ByteTokenizer | HFTokenizer | CharTokenizer
+
+# GPT-2's pre-tokenizer (tokenizers' ByteLevel with use_regex), as a tiktoken pattern
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's printable stand-in character for each byte (tokenizers' ByteLevel), inverted."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+def tiktoken_twin(raw: bytes) -> Any | None:
+    """A tiktoken Encoding with the ids of this tokenizer.json, or None where it cannot be one: a byte-level
+    BPE with GPT-2's pre-tokenizer, no normalizer, special added tokens only, and merges whose results have
+    increasing ids (tiktoken merges by rank = id; tokenizers by merge order). `prepare` also checks the twin
+    against tokenizers on a probe and on the corpus before trusting it. ~6x tokenizers' speed on one core."""
+    try:
+        import tiktoken
+        spec = json.loads(raw)
+    except (ImportError, ValueError):
+        return None
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    if pre.get("type") == "Sequence" and len(pre.get("pretokenizers") or []) == 1:
+        pre = pre["pretokenizers"][0]
+    if (model.get("type") != "BPE" or model.get("dropout") or model.get("continuing_subword_prefix")
+            or model.get("end_of_word_suffix") or model.get("byte_fallback") or spec.get("normalizer")
+            or pre != {**pre, "type": "ByteLevel", "add_prefix_space": False, "use_regex": True}):
+        return None
+    added = spec.get("added_tokens") or []
+    if not all(t.get("special") for t in added):
+        return None
+    special = {t["content"]: t["id"] for t in added}
+    vocab, alphabet = model.get("vocab") or {}, _byte_alphabet()
+    try:
+        ranks = {bytes(alphabet[c] for c in tok): i for tok, i in vocab.items() if tok not in special}
+        merged = [vocab["".join(m.split(" ", 1) if isinstance(m, str) else m)] for m in model.get("merges") or []]
+    except KeyError:
+        return None
+    if len(ranks) != len(vocab) - len(special.keys() & vocab.keys()) or any(b >= a for a, b in zip(merged[1:], merged[:-1], strict=True)):
+        return None
+    try:
+        return tiktoken.Encoding("tokenizer.json", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=special)
+    except Exception:  # tiktoken refuses the table (e.g. ids it cannot place)
+        return None
 
 
 def load_tokenizer(folder: str | Path) -> ByteTokenizer | HFTokenizer:

@@ -39,6 +39,8 @@ def main(argv: list[str]) -> int:
                            "corpus estimated from its size, at most 10 M)")
     text.add_argument("--task", type=int, default=0, help="this task's index, with --tasks (an array job)")
     text.add_argument("--tasks", type=int, default=1, help="prepare the inputs as this many disjoint slices (default 1)")
+    text.add_argument("--encoder", choices=["auto", "tokenizers", "tiktoken"], default="auto",
+                      help="auto (default): tiktoken where it gives the tokenizer's ids (checked on every job), else tokenizers")
     text.add_argument("--progress", type=parse_bool, nargs="?", const=True, default=True, metavar="BOOL")
     args = parser.parse_args(argv)
     if args.dataset == "text":
@@ -85,7 +87,8 @@ def _text(args: argparse.Namespace) -> int:
         paths.check_gcs(args.data_dir)
     out = str(paths.path(args.data_dir) / args.name)
     meta = prepare_corpus(CorpusJob(args.input, out, tokenizer, args.text_field, args.workers, args.shard_tokens,
-                                    args.val_tokens, args.task, args.tasks, progress=args.progress))
+                                    args.val_tokens, args.task, args.tasks, progress=args.progress,
+                                    encoder=args.encoder))
     if "shards" not in meta:  # this task is done; others are not yet
         print(f"{args.name}: task {args.task} of {args.tasks} done ({len(meta['train'])} train shards); meta.json is "
               f"written by the task that finishes last")

@@ -11,7 +11,6 @@
 """
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import jax
 from flax import nnx
@@ -19,7 +18,7 @@ from flax import nnx
 from jaxgpt import GPTConfig, TrainConfig, cli, paths
 from jaxgpt.config import base_values, explicit_flags, make_parser
 from jaxgpt.data import prepare_if_missing
-from jaxgpt.loader import read_meta
+from jaxgpt.loader import data_vocab
 from jaxgpt.model import crop_block_size
 from jaxgpt.platform import tune_host_allocator
 from jaxgpt.rundir import resolve_configs
@@ -66,9 +65,9 @@ def main(argv: list[str]) -> int:
         from formats.io import load_any, need_tokenizer
         model, info = load_any(train_flags["init_from"])
         init_cfg, tokenizer = model.config, need_tokenizer(model, info, train_flags["init_from"])
-    data_vocab = read_meta(f"{data_dir}/{dataset}")["vocab_size"] if Path(data_dir, dataset, "meta.json").is_file() else None
+    vocab = data_vocab(data_dir, dataset)
     paths.check_gcs(train_flags.get("out_dir") or f"out/{dataset}")  # an unreachable bucket: one line, before anything
-    model_cfg, tc = resolve_configs(model_flags, train_flags, preset, init_cfg, data_vocab)
+    model_cfg, tc = resolve_configs(model_flags, train_flags, preset, init_cfg, vocab)
     if batch_auto:  # chosen by compiling on this host's devices, then trained with
         from jaxgpt.aot import plan_training
         step = plan_training(model_cfg, tc, batch_auto=True)["programs"]["train_step"]
@@ -118,8 +117,8 @@ def plan_only(args, model_flags: dict, train_flags: dict, preset: dict, batch_au
     if train_flags.get("init_from"):  # the architecture of the checkpoint a fine-tune starts from
         from formats.io import load_any
         init_cfg = load_any(train_flags["init_from"])[0].config
-    data_vocab = read_meta(f"{data_dir}/{dataset}")["vocab_size"] if Path(data_dir, dataset, "meta.json").is_file() else None
-    model_cfg, tc = resolve_configs(model_flags, {**train_flags, "resume": False}, preset, init_cfg, data_vocab)
+    vocab = data_vocab(data_dir, dataset)
+    model_cfg, tc = resolve_configs(model_flags, {**train_flags, "resume": False}, preset, init_cfg, vocab)
     report = plan_training(model_cfg, tc, args.target, batch_auto=batch_auto, log=cli.progress_lines(args.json))
     return cli.print_plan(report, args.json)
 
