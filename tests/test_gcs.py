@@ -102,29 +102,41 @@ def test_a_run_on_gcs_writes_resumes_after_sigkill_and_sigterm_and_is_used_from_
     assert check.returncode == 0 and json.loads(check.stdout)["passed"], check.stderr[-2000:]
 
 
-def test_data_on_gcs_is_copied_once_and_checked_by_hash(gcs, bucket, tmp_path):
+def test_data_on_gcs_is_prepared_there_fetched_per_shard_once_and_checked_by_hash(gcs, bucket, tmp_path):
+    """prepare.py text uploads each finished shard to the bucket; a run on gs:// data fetches a shard the
+    first time it reads it (ranged reads into its cache), checks it against meta.json once, notices a
+    damaged cached copy and fetches it again; the same losses either way."""
     host = tmp_path / "host"
     host.mkdir()
     (host / "corpus.txt").write_bytes(tiny.corpus())
     env = {**env_for(gcs), "XDG_CACHE_HOME": str(tmp_path / "cache")}  # data cache only; compiled programs:
     compiled = f"--compile_cache={default_compile_cache()}"  # the session's
     prep = launch.run([sys.executable, str(ROOT / "scripts" / "prepare.py"), "text", "--input", "corpus.txt",
-                           "--name", "synth", f"--data_dir={bucket}/data"], cwd=host, env=env, capture_output=True,
-                          text=True, timeout=300)
+                       "--name", "synth", f"--data_dir={bucket}/data", "--shard_tokens=4000", "--progress=false"],
+                      cwd=host, env=env, capture_output=True, text=True, timeout=300)
     assert prep.returncode == 0, prep.stderr[-2000:]
+    meta = json.loads(gcs.read(f"{bucket}/data/synth/meta.json"))
+    names = [s["name"] for s in meta["shards"]["train"]]
+    assert len(names) == 5 and set(names) <= set(gcs.names(f"{bucket}/data/synth"))
+    # one shard read through the loader: only that shard comes to this host
+    probe = ("from jaxgpt import paths; paths.configure_gcs(); from jaxgpt.loader import open_dataset; "
+             f"s = open_dataset('{bucket}/data', 'synth').stream('train'); print(s.read(9000, 10).tolist())")
+    one = launch.run([sys.executable, "-c", probe], cwd=host, env=env, capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr[-2000:]
+    cache = tmp_path / "cache" / "jaxgpt" / "data"
+    assert sorted(p.name for p in cache.glob("*/synth/*.bin")) == ["train_000002.bin"]
+    assert json.loads(one.stdout) == list(tiny.corpus()[2000 + 9000:2000 + 9010])  # after the val split's 2,000
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), *FLAGS, compiled, "--max_iters=4", f"--data_dir={bucket}/data"]
     for run in ("a", "b"):
         proc = launch.run([*cmd, f"--out_dir=out/{run}"], cwd=host, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        [cached] = list((tmp_path / "cache" / "jaxgpt" / "data").glob("*/synth/train.bin"))
+        [cached] = list(cache.glob("*/synth/train_000000.bin"))
         if run == "a":  # damage the cached copy: the next run must notice and fetch it again
             cached.write_bytes(b"\0" * cached.stat().st_size)
-    meta = json.loads(gcs.read(f"{bucket}/data/synth/meta.json"))
     import hashlib
-    assert hashlib.sha256(cached.read_bytes()).hexdigest() == meta["files"]["train.bin"]
+    assert hashlib.sha256(cached.read_bytes()).hexdigest() == meta["files"]["train_000000.bin"]
     a, b = ((host / "out" / r / "metrics.jsonl").read_text() for r in ("a", "b"))
     assert [json.loads(l)["train_loss"] for l in a.splitlines()] == [json.loads(l)["train_loss"] for l in b.splitlines()]
-
 
 
 def test_storage_faults_are_retried_stalls_time_out_and_a_failed_save_keeps_the_last_checkpoint(gcs, bucket, tmp_path):
