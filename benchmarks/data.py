@@ -141,3 +141,153 @@ def baseline_cmd(inputs: list[Path], out: Path, tokenizer: Path, workers: int) -
 
 def env_without_threads() -> dict:
     return {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+
+
+# --- bench.py --sections=data --------------------------------------------------------------------------------
+
+GPT2_HOST_BATCH = (8, 16, 1024)  # devices, rows per device, block: GPT-2 124M on one v5e-8 host
+
+
+def _tokens(out: Path) -> int:
+    meta = json.loads((out / "meta.json").read_text())
+    return meta["train_tokens"] + meta["val_tokens"]
+
+
+def prepare_figures(mb: float, workers: list[int], txt_mb: float, log) -> list:
+    """Peak PSS and tokens/s of prepare.py for each worker count, against the plain process-pool script on the
+    same files (the corpus without its .txt: the baseline reads a .txt whole), the resume after a SIGKILL at
+    half way, and the peak for a corpus that is one .txt of txt_mb."""
+    import signal
+    import tempfile
+
+    from benchmarks.harness import Figure
+    figures = []
+    with tempfile.TemporaryDirectory(prefix="jaxgpt-data-bench-") as tmp:
+        root = Path(tmp)
+        log(f"data: making a {mb:g} MB corpus (jsonl, jsonl.gz, jsonl.zst, parquet) and a tokenizer")
+        files = make_corpus(root / "corpus", mb, formats=("jsonl", "jsonl.gz", "jsonl.zst", "parquet"))
+        tok = train_tokenizer(root / "tokenizer.json")
+        size = f"{sum(f.stat().st_size for f in files) / 1e6:.0f} MB of files"
+        walls = {}
+        for w in workers:
+            r = run_measured(prepare_cmd(files, root / "out" / f"w{w}", tok, w))
+            if r["returncode"]:
+                raise RuntimeError(r["stderr"][-2000:])
+            n = _tokens(root / "out" / f"w{w}")
+            walls[w] = r["wall_s"]
+            log(f"  prepare.py, {w} worker(s): {r['wall_s']:.1f} s, {n / r['wall_s'] / 1e6:.2f} M tokens/s, "
+                f"peak PSS {r['peak_pss_bytes'] / 2**20:.0f} MiB")
+            figures += [Figure("data", f"prepare.py text, {w} worker(s): tokens/s", n / r["wall_s"], "tokens/s",
+                               f"{n / 1e6:.0f} M tokens, {size}, whole process {r['wall_s']:.1f} s"),
+                        Figure("data", f"prepare.py text, {w} worker(s): peak PSS of the process tree",
+                               r["peak_pss_bytes"] / 2**20, "MiB", "target < 1,431 MiB (1.5 GB)")]
+        w = max(workers)
+        r = run_measured(baseline_cmd(files, root / "out" / "baseline", tok, w))
+        if r["returncode"]:
+            raise RuntimeError(r["stderr"][-2000:])
+        log(f"  plain process pool, {w} workers: {r['wall_s']:.1f} s, peak PSS {r['peak_pss_bytes'] / 2**20:.0f} MiB")
+        figures += [Figure("data", f"plain process pool ({w} workers, tokenizers' encode): whole process", r["wall_s"], "s",
+                           f"peak PSS {r['peak_pss_bytes'] / 2**20:.0f} MiB; benchmarks/baseline.py"),
+                    Figure("data", f"prepare.py / plain process pool, {w} workers: wall-clock ratio", walls[w] / r["wall_s"],
+                           "x", "< 1: prepare.py is faster (same files, same tokenizer, same session)")]
+        cmd = prepare_cmd(files, root / "out" / "killed", tok, w, "--shard_tokens=10000000")
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(walls[w] / 2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        done = len(list((root / "out" / "killed").glob("train_*.bin")))
+        r = run_measured(cmd)
+        log(f"  resume after a SIGKILL at {walls[w] / 2:.0f} s ({done} shards done): {r['wall_s']:.1f} s")
+        figures.append(Figure("data", "resume after a SIGKILL at half the run's time", r["wall_s"], "s",
+                              f"{done} shards of 10 M tokens were done; the whole run takes {walls[w]:.1f} s"))
+        if txt_mb:
+            big = root / "corpus" / "one.txt"
+            with open(big, "w", encoding="utf-8") as f:
+                written, seed = 0, 0
+                while written < txt_mb * 1e6:
+                    chunk = "\n\n".join(documents(50_000_000, seed))
+                    f.write(chunk[:int(txt_mb * 1e6 - written)])
+                    written, seed = written + min(len(chunk), int(txt_mb * 1e6 - written)), seed + 1
+            r = run_measured(prepare_cmd([big], root / "out" / "txt", tok, w))
+            log(f"  one {txt_mb:g} MB .txt, {w} workers: {r['wall_s']:.1f} s, peak PSS {r['peak_pss_bytes'] / 2**20:.0f} MiB")
+            figures.append(Figure("data", f"one {txt_mb:g} MB .txt document, {w} workers: peak PSS of the process tree",
+                                  r["peak_pss_bytes"] / 2**20, "MiB", f"{r['wall_s']:.1f} s; target < 1,431 MiB"))
+    return figures
+
+
+def loader_figures(log, steps: int = 40, shard_tokens: int = 20_000_000, n_shards: int = 4) -> list:
+    """Tokens/s one host's loader (jaxgpt.loader.BatchSampler) delivers at GPT-2 124M's host batch from local
+    shards and from gs:// shards (the emulator: cold = fetching, warm = cached), random and epoch order, beside
+    the tokens/s a v5e-8 step consumes at its roofline (jaxgpt.targets' peak, jaxgpt.perf's FLOP formula: the
+    compile-only plan's figure for GPT-2 124M)."""
+    import shutil
+    import tempfile
+
+    from benchmarks.harness import Figure
+    from jaxgpt import GPTConfig, paths, shards
+    from jaxgpt.loader import BatchSampler, open_dataset
+    from jaxgpt.perf import flops_per_token
+    from jaxgpt.targets import parse
+    devices, rows, block = GPT2_HOST_BATCH
+    batch = devices * rows
+    v5e = parse("v5e-8")
+    need = v5e.devices * v5e.chip.peak_flops / flops_per_token(GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024,
+                                                                          vocab_size=50304))
+    figures = [Figure("data", "a v5e-8 step consumes, at the roofline (GPT-2 124M)", need, "tokens/s",
+                      "peak bf16 FLOP/s / training FLOPs per token: the compile-only plan's bound")]
+    with tempfile.TemporaryDirectory(prefix="jaxgpt-loader-bench-") as tmp:
+        folder = Path(tmp) / "data" / "synth"
+        folder.mkdir(parents=True)
+        rng = np.random.default_rng(0)
+        listing = []
+        for i in range(n_shards + 1):
+            name = f"{'val' if i == 0 else 'train'}_{i:06d}.bin"
+            ids = rng.integers(0, 50257, shard_tokens if i else 1_000_000, dtype=np.uint16)
+            (folder / name).write_bytes(shards.header(len(ids), ids.dtype) + ids.tobytes())
+            listing.append((name, len(ids)))
+
+        def measure(data_dir: str, order: str, label: str) -> None:
+            ds = open_dataset(data_dir, "synth", 50304)
+            sampler = BatchSampler(ds.stream("train"), block, batch, seed=0, order=order)  # type: ignore[arg-type]
+            t0 = time.perf_counter()
+            for step in range(steps):
+                sampler.get(step)
+            rate = steps * batch * block / (time.perf_counter() - t0)
+            log(f"  loader, {label}, {order}: {rate / 1e6:.2f} M tokens/s ({rate / need:.1f}x a v5e-8 step's need)")
+            figures.append(Figure("data", f"loader {label}, {order} order: {batch} x {block} per step", rate, "tokens/s",
+                                  f"{rate / need:.1f}x what a v5e-8 consumes; {steps} steps"))
+        for order in ("random", "epoch"):
+            measure(str(folder.parent), order, "local shards")
+        try:
+            from benchmarks.gcs_emulator import Emulator, available
+        except ImportError:
+            available = lambda: "benchmarks.gcs_emulator cannot be imported"  # noqa: E731
+        why = available()
+        if why:
+            log(f"  loader from gs://: skipped ({why})")
+            return figures
+        emulator = Emulator()
+        old = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "XDG_CACHE_HOME")}
+        try:
+            os.environ["STORAGE_EMULATOR_HOST"], os.environ["XDG_CACHE_HOME"] = emulator.url, str(Path(tmp) / "cache")
+            paths.configure_gcs()
+            bucket = emulator.create_bucket("jaxgpt-loader-bench")
+            meta = {"format": "shards", "vocab_size": 50257, "dtype": "uint16", "tokenizer_identity": {"kind": "unknown",
+                    "vocab_size": 50257}, "shards": {s: [{"name": n, "tokens": t, "sha256": paths.sha256(folder / n)}
+                                                         for n, t in listing if n.startswith(s)] for s in ("train", "val")}}
+            meta["files"] = {e["name"]: e["sha256"] for s in meta["shards"].values() for e in s}
+            for name, _ in listing:
+                paths.upload(folder / name, f"{bucket}/data/synth/{name}")
+            paths.write_text(f"{bucket}/data/synth/meta.json", json.dumps(meta))
+            for order in ("epoch", "random"):
+                shutil.rmtree(Path(tmp) / "cache", ignore_errors=True)
+                measure(f"{bucket}/data", order, "gs:// shards, cold cache")
+                measure(f"{bucket}/data", order, "gs:// shards, warm cache")
+        finally:
+            emulator.stop()
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return figures

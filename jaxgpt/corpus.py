@@ -114,17 +114,22 @@ def task_slice(inputs: list[Input], task: int, tasks: int) -> range:
 
 
 def cut_points(text: str, start: int, piece_chars: int) -> int:
-    """Where the piece beginning at `start` ends: the last cut in its second half, else the first one after."""
+    """Where the piece beginning at `start` ends: the last cut in its second half, else the first one after.
+    Searched backwards from the end in growing windows (a cut is near the end in any text with spaces)."""
     end = start + piece_chars
     if end >= len(text):
         return len(text)
-    last = None
-    for m in _CUT.finditer(text, start + piece_chars // 2, end):
-        last = m.end()
-    if last is None:
-        after = _CUT.search(text, end)
-        last = after.end() if after else len(text)
-    return last
+    lo, hi, span = start + piece_chars // 2, end, 256
+    while hi > lo:
+        a = max(lo, hi - span)
+        last = None
+        for m in _CUT.finditer(text, a, hi):
+            last = m.end()
+        if last is not None:
+            return last
+        hi, span = a + 1 if a > lo else lo, span * 4  # +1: the match just below `a` looks ahead at `a`
+    after = _CUT.search(text, end)
+    return after.end() if after else len(text)
 
 
 def split_document(text: str, piece_chars: int = PIECE_CHARS) -> Iterator[str]:

@@ -15,6 +15,7 @@ contender runs in fresh processes, alternating; figures are min / median / max o
   python scripts/bench.py --validate                              # on a GPU/TPU host: the checklist
   python scripts/bench.py --plans                                 # compiled plans for v5e-8, v6e-8, h100x8 (.ci/aot's venvs)
   python scripts/bench.py --threads=4                             # both frameworks on 4 cores
+  python scripts/bench.py --sections=data --data_mb=1000          # prepare.py (1, 2 workers) vs a plain process pool; the loader
 """
 import argparse
 import dataclasses
@@ -25,7 +26,7 @@ from jaxgpt import GPTConfig, TrainConfig, cli
 from jaxgpt.config import base_values, build, explicit_flags, make_parser
 from jaxgpt.errors import UserError
 
-SECTIONS = ("train", "memory", "generate", "serve")
+SECTIONS = ("train", "memory", "generate", "serve", "data")
 
 
 def generation_configs(cfg: GPTConfig, gen: dict) -> list[GPTConfig]:
@@ -76,6 +77,10 @@ def main(argv: list[str]) -> int:
                                               "time_to_loss.ABLATION / LEAVE_ONE_OUT (default: all); --plans: rows "
                                               "whose name contains one of these")
     b.add_argument("--eval_every", type=int, default=50, help="--time_to_loss: steps between evaluations (default: %(default)s)")
+    b.add_argument("--data_mb", type=float, default=1000, help="--sections=data: the corpus's size in MB (default: %(default)s)")
+    b.add_argument("--data_workers", default="1,2", help="--sections=data: worker counts to time (default: %(default)s)")
+    b.add_argument("--data_txt_mb", type=float, default=300, help="--sections=data: one .txt of this many MB, for memory "
+                                                                 "(0: skip; default: %(default)s)")
     b.add_argument("--validate", action="store_true", help="the accelerator checklist (see benchmarks/validate.py)")
     b.add_argument("--validate_parity", default="model,generation,training,bf16",
                    help="--validate: parity groups to run on the device")
@@ -163,6 +168,12 @@ def main(argv: list[str]) -> int:
             for gen_cfg in generation_configs(cfg, gen):
                 log(f"generation, block {gen_cfg.block_size}:")
                 figures += bench.generation_figures(gen_cfg, gen, args.processes, args.recompute, args.threads, log)
+        if "data" in sections:
+            from benchmarks.data import loader_figures, prepare_figures
+            log("data:")
+            figures += loader_figures(log)
+            if args.data_mb:
+                figures += prepare_figures(args.data_mb, [int(w) for w in args.data_workers.split(",")], args.data_txt_mb, log)
         if "serve" in sections:
             from benchmarks.serve import decode_widths, serve_figures
             log("serving:")

@@ -137,8 +137,8 @@ def tiny_cfg() -> GPTConfig:
 
 @pytest.fixture(scope="module")
 def gcs():
-    """A Cloud Storage emulator for a test file (tests/gcs_emulator.py; the file skips when it is missing)."""
-    from tests.gcs_emulator import Emulator
+    """A Cloud Storage emulator for a test file (benchmarks/gcs_emulator.py; the file skips when it is missing)."""
+    from benchmarks.gcs_emulator import Emulator
 
     emulator = Emulator()
     yield emulator

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.gcs_emulator import Emulator, available
 from jaxgpt.platform import default_compile_cache
 from tests import launch, tiny
 from tests.fault_proxy import FaultProxy
-from tests.gcs_emulator import Emulator, available
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(available() is not None, reason=f"the Cloud Storage emulator needs it: {available()}")]
 ROOT = Path(__file__).resolve().parents[1]

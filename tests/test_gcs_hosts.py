@@ -10,7 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.gcs_emulator import Emulator
+from benchmarks.gcs_emulator import Emulator
 from tests.test_gcs import committed, finish, host_dir, metrics, pytestmark, train, wait_for  # noqa: F401  (the same marks)
 
 
