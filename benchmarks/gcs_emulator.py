@@ -64,6 +64,14 @@ class Emulator:
                 return None
             raise
 
+    def write(self, url: str, data: bytes) -> None:
+        """Upload `data` as the object gs://bucket/name."""
+        bucket, name = url[len("gs://"):].split("/", 1)
+        request = urllib.request.Request(f"{self.url}/upload/storage/v1/b/{bucket}/o?uploadType=media&name="
+                                         f"{urllib.parse.quote(name, safe='')}", data=data, method="POST",
+                                         headers={"Content-Type": "application/octet-stream"})
+        urllib.request.urlopen(request, timeout=30).close()
+
     def names(self, url: str) -> list[str]:
         bucket, prefix = (url[len("gs://"):] + "/").split("/", 1)
         with urllib.request.urlopen(f"{self.url}/storage/v1/b/{bucket}/o?prefix={urllib.parse.quote(prefix)}",

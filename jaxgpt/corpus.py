@@ -1,4 +1,5 @@
-"""A corpus as a stream of documents cut into pieces: the reading half of `prepare.py text`.
+"""A corpus as a stream of documents cut into pieces, and the workers that tokenize them: the reading
+and encoding halves of `prepare.py text` (jaxgpt.prepare runs them and writes the shards).
 
 Inputs are files and globs, local or gs://, of .txt (one document), .jsonl / .jsonl.gz / .jsonl.zst (a
 document per line, its text in --text_field) and .parquet (a document per row). Documents keep their
@@ -11,18 +12,21 @@ place (file, document, piece), from which a killed prepare starts again.
 from __future__ import annotations
 
 import codecs
-import glob
 import gzip
 import io
 import json
 import os
 import re
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+import numpy as np
+
 from jaxgpt import paths
 from jaxgpt.errors import UserError
+from jaxgpt.tokenizer import tiktoken_twin
 
 PIECE_CHARS = 1 << 20  # a piece's target length: a worker's memory is a few hundred bytes per character
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
@@ -57,30 +61,19 @@ class Piece:
 
 def _stat(url: str) -> Input:
     try:
-        if paths.is_remote(url):
-            import fsspec
-            info = fsspec.filesystem("gcs").info(url)
-            return Input(url, int(info.get("size") or 0),
-                         str(info.get("generation") or info.get("crc32c") or info.get("md5Hash") or ""))
-        st = os.stat(url)
+        size, version = paths.version(url)
     except FileNotFoundError:
         raise UserError(f"input file {url} does not exist; pass existing files or globs with --input") from None
-    if not os.path.isfile(url):
-        raise UserError(f"input {url} is not a file; pass files or globs with --input")
-    return Input(url, st.st_size, str(st.st_mtime_ns))
+    return Input(url, size, version)
 
 
 def expand_inputs(patterns: list[str]) -> list[Input]:
     """Files and globs (sorted matches) in the order given, each file once; refuses unknown formats,
-    missing files and globs that match nothing."""
+    missing files and globs that match nothing. Local paths, gs:// and other fsspec URLs (hf://)."""
     urls: list[str] = []
     for pattern in patterns:
         if any(c in pattern for c in "*?["):
-            if paths.is_remote(pattern):
-                import fsspec
-                matches = sorted("gs://" + m for m in fsspec.filesystem("gcs").glob(pattern))
-            else:
-                matches = sorted(glob.glob(pattern))
+            matches = paths.glob_urls(pattern)
             if not matches:
                 raise UserError(f"--input {pattern} matches no file; check the pattern (quote it so the shell leaves it)")
             urls.extend(matches)
@@ -152,7 +145,7 @@ def cuts_are_exact(encode: Callable[[str], list[int]]) -> bool:
 
 def _open(url: str) -> BinaryIO:
     """A binary stream of the file's (decompressed) bytes; gs:// objects are read in ranged chunks."""
-    raw: Any = paths.path(url).open("rb")
+    raw: Any = paths.open_read(url)
     if url.endswith(".gz"):
         return gzip.GzipFile(fileobj=raw)  # type: ignore[return-value]
     if url.endswith(".zst"):
@@ -194,7 +187,7 @@ def _records(url: str, text_field: str, first_doc: int) -> Iterator[tuple[int, A
             import pyarrow.parquet as pq
         except ImportError:
             raise UserError(f"{url}: .parquet files need the pyarrow package; pip install pyarrow") from None
-        with paths.path(url).open("rb") as f:
+        with paths.open_read(url) as f:
             pf = pq.ParquetFile(f)
             if text_field not in pf.schema_arrow.names:
                 raise UserError(f"{url} has no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)}); "
@@ -247,3 +240,54 @@ def pieces(inputs: list[Input], files: range, text_field: str, start: tuple[int,
             for n, part in enumerate(parts):
                 if (i, doc) != (f0, d0) or n >= p0:
                     yield Piece(i, doc, n, part, n == len(parts) - 1)
+
+
+# --- the tokenizing workers (jaxgpt.prepare starts them) -------------------------------------------------
+
+CHECK_CHARS = 8192  # how much of each job tokenizers encodes too, to check tiktoken
+
+_WORKER: dict[str, Any] = {}
+
+
+def init_worker(tokenizer_json: bytes | None, eot: int | None, dtype: str, fast: bool) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # this worker process only: one core each
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle (it ends the pool)
+    _die_with_parent()
+    tok = twin = None
+    if tokenizer_json is not None:
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+        twin = tiktoken_twin(tokenizer_json) if fast else None
+    _WORKER.update(tok=tok, twin=twin, eot=eot, dtype=np.dtype(dtype))
+
+
+def _die_with_parent() -> None:
+    """Linux: this worker is killed when the main process dies (a SIGKILLed prepare leaves no orphans)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def encode_pieces(batch: list[tuple[str, bool]]) -> list[tuple[np.ndarray, int]]:
+    """The workers' job: (ids with the end-of-text id after a document's last piece, UTF-8 bytes) for each (text, last).
+    With tiktoken, the start of each job's first piece is encoded by tokenizers too: the twin is checked on every job."""
+    tok, twin, eot, dtype = _WORKER["tok"], _WORKER["twin"], _WORKER["eot"], _WORKER["dtype"]
+    raw = [text.encode("utf-8") for text, _ in batch]
+    if tok is None:
+        ids = [np.frombuffer(r, np.uint8) for r in raw]
+    elif twin is not None:
+        ids = [np.asarray(twin.encode(t, allowed_special="all"), np.int64) for t, _ in batch]
+        sample = batch[0][0][:cut_points(batch[0][0], 0, CHECK_CHARS)]  # a few KB, cut where cuts are exact
+        if tok.encode(sample, add_special_tokens=False).ids != twin.encode(sample, allowed_special="all"):
+            raise UserError("tiktoken and tokenizers give different ids for a document of this corpus; run again with "
+                            "--encoder=tokenizers")
+    else:
+        ids = [np.asarray(e.ids, np.int64) for e in tok.encode_batch([t for t, _ in batch], add_special_tokens=False)]
+    out = []
+    for (_, last), a, r in zip(batch, ids, raw, strict=True):
+        if last and eot is not None:
+            a = np.append(a, eot)
+        out.append((a.astype(dtype), len(r)))
+    return out

@@ -260,6 +260,47 @@ def _gcs() -> Any:
     return fsspec.filesystem("gcs")
 
 
+def is_url(p: Any) -> bool:
+    """gs:// and any other fsspec URL (hf://, s3://, https://): read through fsspec, not the local file system."""
+    return "://" in str(p)
+
+
+def glob_urls(pattern: str) -> list[str]:
+    """Sorted matches of a glob, local or a URL (each match as a full URL)."""
+    if not is_url(pattern):
+        import glob
+        return sorted(glob.glob(pattern))
+    import fsspec
+    fs, root = fsspec.core.url_to_fs(pattern)
+    return sorted(fs.unstrip_protocol(m) for m in retrying(f"listing {pattern}", fs.glob, root))
+
+
+def version(p: str) -> tuple[int, str]:
+    """(size, what identifies this version of the file): its mtime locally, else the object's generation,
+    checksum or etag. FileNotFoundError when it does not exist."""
+    if not is_url(p):
+        st = os.stat(p)
+        if not os.path.isfile(p):
+            raise FileNotFoundError(p)
+        return st.st_size, str(st.st_mtime_ns)
+    import fsspec
+    fs, root = fsspec.core.url_to_fs(p)
+    info = retrying(f"reading {p}", fs.info, root)
+    if info.get("type") == "directory":
+        raise FileNotFoundError(p)
+    tag = next((str(info[k]) for k in ("generation", "crc32c", "md5Hash", "ETag", "etag", "last_commit", "mtime")
+                if info.get(k)), "")
+    return int(info.get("size") or 0), tag
+
+
+def open_read(p: str) -> Any:
+    """A binary stream of a local file or a URL (fsspec reads a remote one in ranged blocks)."""
+    if not is_url(p):
+        return open(p, "rb")
+    import fsspec
+    return fsspec.open(p, "rb", block_size=CHUNK_BYTES).open()
+
+
 def size(p: Any) -> int:
     """A file's or object's size in bytes."""
     if is_remote(p):

@@ -17,7 +17,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -39,7 +38,6 @@ EOT_BYTE = 0xFF  # byte-level data: 0xFF never occurs in UTF-8 text, so it marks
 PROGRESS = ".progress"
 JOB_CHARS = 1 << 20  # text per job handed to a worker
 ENCODERS = ("auto", "tokenizers", "tiktoken")
-CHECK_CHARS = 8192  # how much of each job tokenizers encodes too, to check tiktoken
 
 
 @dataclass(frozen=True)
@@ -70,55 +68,6 @@ class CorpusJob:
             raise UserError(f"--workers must be >= 1 (0 = the cores), got {self.workers}")
         if self.encoder not in ENCODERS:
             raise UserError(f"--encoder must be one of {ENCODERS}, got {self.encoder!r}")
-
-
-# --- the workers ---------------------------------------------------------------------------------------------
-
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(tokenizer_json: bytes | None, eot: int | None, dtype: str, fast: bool) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # this worker process only: one core each
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle (it ends the pool)
-    _die_with_parent()
-    tok = twin = None
-    if tokenizer_json is not None:
-        from tokenizers import Tokenizer
-        tok = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
-        twin = tiktoken_twin(tokenizer_json) if fast else None
-    _WORKER.update(tok=tok, twin=twin, eot=eot, dtype=np.dtype(dtype))
-
-
-def _die_with_parent() -> None:
-    """Linux: this worker is killed when the main process dies (a SIGKILLed prepare leaves no orphans)."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _encode(batch: list[tuple[str, bool]]) -> list[tuple[np.ndarray, int]]:
-    """(ids with the end-of-text id after a document's last piece, UTF-8 bytes) for each (text, last).
-    With tiktoken, the start of each job's first piece is encoded by tokenizers too: the twin is checked on every job."""
-    tok, twin, eot, dtype = _WORKER["tok"], _WORKER["twin"], _WORKER["eot"], _WORKER["dtype"]
-    raw = [text.encode("utf-8") for text, _ in batch]
-    if tok is None:
-        ids = [np.frombuffer(r, np.uint8) for r in raw]
-    elif twin is not None:
-        ids = [np.asarray(twin.encode(t, allowed_special="all"), np.int64) for t, _ in batch]
-        sample = batch[0][0][:corpus.cut_points(batch[0][0], 0, CHECK_CHARS)]  # a few KB, cut where cuts are exact
-        if tok.encode(sample, add_special_tokens=False).ids != twin.encode(sample, allowed_special="all"):
-            raise UserError("tiktoken and tokenizers give different ids for a document of this corpus; run again with "
-                            "--encoder=tokenizers")
-    else:
-        ids = [np.asarray(e.ids, np.int64) for e in tok.encode_batch([t for t, _ in batch], add_special_tokens=False)]
-    out = []
-    for (_, last), a, r in zip(batch, ids, raw, strict=True):
-        if last and eot is not None:
-            a = np.append(a, eot)
-        out.append((a.astype(dtype), len(r)))
-    return out
 
 
 # --- where shards and the ledger go ---------------------------------------------------------------------------
@@ -166,29 +115,6 @@ class _Out:
     def close(self) -> None:
         if self.remote:
             shutil.rmtree(self.local, ignore_errors=True)
-
-
-class _ShardFile:
-    """The open shard: a temporary file with a placeholder header, the header written when it is finished."""
-
-    def __init__(self, out: _Out, dtype: np.dtype, task: int):
-        fd, name = tempfile.mkstemp(dir=out.local, prefix=f".shard-{task:04d}-")
-        self.path, self.f, self.tokens, self.dtype = Path(name), os.fdopen(fd, "wb"), 0, dtype
-        self.f.write(bytes(shards.HEADER_BYTES))
-
-    def write(self, ids: np.ndarray) -> None:
-        self.f.write(ids.astype(self.dtype, copy=False).tobytes())
-        self.tokens += len(ids)
-
-    def finish(self) -> tuple[Path, str]:
-        self.f.seek(0)
-        self.f.write(shards.header(self.tokens, self.dtype))
-        self.f.close()
-        return self.path, paths.sha256(self.path)
-
-    def discard(self) -> None:
-        self.f.close()
-        self.path.unlink(missing_ok=True)
 
 
 # --- the run --------------------------------------------------------------------------------------------------
@@ -257,7 +183,7 @@ class _Run:
         self.val: list[np.ndarray] = []  # whole documents taken into val
         self.val_len = self.val_bytes = 0
         self.doc: list[tuple[tuple[int, int, int], np.ndarray, int]] = []  # the current document while val is open
-        self.shard: _ShardFile | None = None
+        self.shard: shards.ShardWriter | None = None
         self.open_bytes = 0
         self.last: list[int] | None = None  # the place after the last piece taken while val is open
 
@@ -302,11 +228,11 @@ class _Run:
         workers = self.job.workers or os.cpu_count() or 1
         ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads (JAX, gcsfs)
         init = (self.tok.raw if self.tok else None, self.eot, self.dtype.name, self._fast())
-        with ctx.Pool(workers, initializer=_init_worker, initargs=init) as pool:
+        with ctx.Pool(workers, initializer=corpus.init_worker, initargs=init) as pool:
             window: collections.deque = collections.deque()
             for batch in _batches(source):
                 window.append(([((p.file, p.doc, p.piece), p.last) for p in batch],
-                               pool.apply_async(_encode, ([(p.text, p.last) for p in batch],))))
+                               pool.apply_async(corpus.encode_pieces, ([(p.text, p.last) for p in batch],))))
                 while len(window) >= 2 * workers + 1:
                     yield from _results(window.popleft())
             while window:
@@ -360,7 +286,7 @@ class _Run:
         self.val_open, self.doc = False, []
         names, ids = [], np.concatenate(self.val) if self.val else np.zeros(0, self.dtype)
         for i, start in enumerate(range(0, len(ids), self.job.shard_tokens)):
-            f = _ShardFile(self.out, self.dtype, self.job.task)
+            f = shards.ShardWriter(self.out.local, self.dtype, self.job.task)
             f.write(ids[start:start + self.job.shard_tokens])
             path, sha = f.finish()
             name = f"val_{i:06d}.bin"
@@ -381,7 +307,7 @@ class _Run:
     def _train(self, tag: tuple[int, int, int], ids: np.ndarray, base: int, n_bytes: int) -> None:
         while True:
             if self.shard is None:
-                self.shard = _ShardFile(self.out, self.dtype, self.job.task)
+                self.shard = shards.ShardWriter(self.out.local, self.dtype, self.job.task)
             room = self.job.shard_tokens - self.shard.tokens
             self.shard.write(ids[:room])
             base += min(room, len(ids))

@@ -10,7 +10,9 @@ the same batches on any number of hosts, and each host reads only its rows.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -62,6 +64,37 @@ def read_header(path: str | Path) -> tuple[int, np.dtype]:
     """(token count, dtype) of a local llm.c shard."""
     with open(path, "rb") as f:
         return parse_header(f.read(HEADER_BYTES), os.path.getsize(path), path)
+
+
+class ShardWriter:
+    """The open shard: a temporary file with a placeholder header, the header written when it is finished."""
+
+    def __init__(self, folder: Path, dtype: np.dtype, task: int = 0):
+        fd, name = tempfile.mkstemp(dir=folder, prefix=f".shard-{task:04d}-")
+        self.path, self.f, self.tokens, self.dtype = Path(name), os.fdopen(fd, "wb"), 0, dtype
+        self.f.write(bytes(HEADER_BYTES))
+
+    def write(self, ids: np.ndarray) -> None:
+        self.f.write(ids.astype(self.dtype, copy=False).tobytes())
+        self.tokens += len(ids)
+
+    def finish(self) -> tuple[Path, str]:
+        self.f.seek(0)
+        self.f.write(header(self.tokens, self.dtype))
+        self.f.close()
+        return self.path, _sha256(self.path)
+
+    def discard(self) -> None:
+        self.f.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -162,6 +162,11 @@ def _set_up(model_cfg: GPTConfig, tc: TrainConfig, out_dir: Any, tokenizer: Toke
     fresh state."""
     data = open_dataset(tc.data_dir, tc.dataset, model_cfg.vocab_size)
     data_meta = data.meta
+    if data_meta.get("format") == "llm.c":  # no meta.json: the vocabulary is the user's word; check it on a sample
+        top = int(data.stream("train").head(1 << 20).max())
+        if top >= model_cfg.vocab_size:
+            raise UserError(f"dataset {tc.dataset} holds token ids up to {top} but the model's vocabulary is "
+                            f"{model_cfg.vocab_size}; give --vocab_size (50304 for GPT-2's tokenizer)")
     if data_meta["vocab_size"] > model_cfg.vocab_size:
         raise UserError(f"dataset {tc.dataset} has a vocabulary of {data_meta['vocab_size']} tokens but the model only "
                         f"{model_cfg.vocab_size}; raise --vocab_size")

@@ -108,10 +108,10 @@ def test_data_on_gcs_is_prepared_there_fetched_per_shard_once_and_checked_by_has
     damaged cached copy and fetches it again; the same losses either way."""
     host = tmp_path / "host"
     host.mkdir()
-    (host / "corpus.txt").write_bytes(tiny.corpus())
+    gcs.write(f"{bucket}/raw/corpus.txt", tiny.corpus())  # the input in the bucket too, found by a glob
     env = {**env_for(gcs), "XDG_CACHE_HOME": str(tmp_path / "cache")}  # data cache only; compiled programs:
     compiled = f"--compile_cache={default_compile_cache()}"  # the session's
-    prep = launch.run([sys.executable, str(ROOT / "scripts" / "prepare.py"), "text", "--input", "corpus.txt",
+    prep = launch.run([sys.executable, str(ROOT / "scripts" / "prepare.py"), "text", "--input", f"{bucket}/raw/*.txt",
                        "--name", "synth", f"--data_dir={bucket}/data", "--shard_tokens=4000", "--progress=false"],
                       cwd=host, env=env, capture_output=True, text=True, timeout=300)
     assert prep.returncode == 0, prep.stderr[-2000:]
