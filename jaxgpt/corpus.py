@@ -228,18 +228,28 @@ def pieces(inputs: list[Input], files: range, text_field: str, start: tuple[int,
         if i < f0:
             continue
         url = inputs[i].url
-        if url.endswith(".txt"):
-            yield from _txt_pieces(url, i, p0 if i == f0 else 0, chars)
+        try:
+            yield from _file_pieces(url, i, text_field, (d0, p0) if i == f0 else (0, 0), chars)
+        except UserError:
+            raise
+        except Exception as e:  # a damaged archive or parquet file: one line naming it
+            raise UserError(f"cannot read {url} ({paths.describe(e)}); check the file, or leave it out of --input") from None
+
+
+def _file_pieces(url: str, i: int, text_field: str, start: tuple[int, int], chars: int) -> Iterator[Piece]:
+    d0, p0 = start
+    if url.endswith(".txt"):
+        yield from _txt_pieces(url, i, p0, chars)
+        return
+    for doc, text in _records(url, text_field, d0):
+        if not isinstance(text, str):
+            raise UserError(f"{url}: document {doc} has a {type(text).__name__} in {text_field!r}, not text")
+        if not text:
             continue
-        for doc, text in _records(url, text_field, d0 if i == f0 else 0):
-            if not isinstance(text, str):
-                raise UserError(f"{url}: document {doc} has a {type(text).__name__} in {text_field!r}, not text")
-            if not text:
-                continue
-            parts = list(split_document(text, chars)) if len(text) > chars else [text]
-            for n, part in enumerate(parts):
-                if (i, doc) != (f0, d0) or n >= p0:
-                    yield Piece(i, doc, n, part, n == len(parts) - 1)
+        parts = list(split_document(text, chars)) if len(text) > chars else [text]
+        for n, part in enumerate(parts):
+            if doc != d0 or n >= p0:
+                yield Piece(i, doc, n, part, n == len(parts) - 1)
 
 
 # --- the tokenizing workers (jaxgpt.prepare starts them) -------------------------------------------------

@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -191,9 +192,12 @@ class _Run:
         pos = self.ledger.position or [self.files.start if len(self.files) else 0, 0, 0, 0]
         tok = self.tok
         cut = tok is None or corpus.cuts_are_exact(lambda t: tok.tok.encode(t, add_special_tokens=False).ids)
+        if self.eot is None:
+            tqdm.write(f"note: {self.job.tokenizer} has no end-of-text token ({EOT_TEXT}): documents are concatenated "
+                       f"without a separator", file=sys.stderr)
         if not cut:
             tqdm.write(f"note: {self.job.tokenizer} joins text across spaces, so documents are tokenized whole "
-                       f"(memory then grows with the longest document)")
+                       f"(memory then grows with the longest document)", file=sys.stderr)
         source = corpus.pieces(self.inputs, self.files, self.job.text_field, (pos[0], pos[1], pos[2]),
                                self.job.piece_chars, cut)
         total = sum(self.inputs[i].size for i in self.files)

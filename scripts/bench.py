@@ -78,6 +78,8 @@ def main(argv: list[str]) -> int:
                                               "whose name contains one of these")
     b.add_argument("--eval_every", type=int, default=50, help="--time_to_loss: steps between evaluations (default: %(default)s)")
     b.add_argument("--data_mb", type=float, default=1000, help="--sections=data: the corpus's size in MB (default: %(default)s)")
+    b.add_argument("--data_shard_tokens", type=int, default=20_000_000,
+                   help="--sections=data: tokens in each of the loader's 4 shards (default: %(default)s)")
     b.add_argument("--data_workers", default="1,2", help="--sections=data: worker counts to time (default: %(default)s)")
     b.add_argument("--data_txt_mb", type=float, default=300, help="--sections=data: one .txt of this many MB, for memory "
                                                                  "(0: skip; default: %(default)s)")
@@ -171,7 +173,7 @@ def main(argv: list[str]) -> int:
         if "data" in sections:
             from benchmarks.data import loader_figures, prepare_figures
             log("data:")
-            figures += loader_figures(log)
+            figures += loader_figures(log, shard_tokens=args.data_shard_tokens)
             if args.data_mb:
                 figures += prepare_figures(args.data_mb, [int(w) for w in args.data_workers.split(",")], args.data_txt_mb, log)
         if "serve" in sections:

@@ -32,3 +32,15 @@ def test_validate_prints_every_row_and_passes():
     assert {"parity", "bf16 train step", "training", "generate"} <= sections, sections
     assert "FAIL" not in table and all(r["value"] == r["value"] for r in rows if r["section"] != "bf16 train step")
     assert any(r["name"].startswith("val loss after 200 steps") for r in rows)
+
+
+def test_the_data_section_measures_the_prepare_against_the_plain_pool_and_the_loader():
+    table, rows = bench("--sections=data", "--data_mb=3", "--data_workers=1,2", "--data_txt_mb=2",
+                        "--data_shard_tokens=300000")
+    names = {r["name"]: r for r in rows}
+    for w in (1, 2):
+        assert names[f"prepare.py text, {w} worker(s): tokens/s"]["value"] > 0
+        assert 0 < names[f"prepare.py text, {w} worker(s): peak PSS of the process tree"]["value"] < 1431
+    assert names["prepare.py / plain process pool, 2 workers: wall-clock ratio"]["value"] > 0
+    assert any(n.startswith("loader local shards, epoch order") for n in names), table
+    assert any(n.startswith("resume after a SIGKILL") for n in names), table

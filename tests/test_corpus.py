@@ -131,6 +131,13 @@ def test_bad_text_input_is_one_clear_error(tmp_path, make, match):
         prepare_corpus(job([str(path)], tmp_path / "ds"))
 
 
+def test_a_damaged_archive_is_one_line_naming_it(tmp_path):
+    inputs = write_inputs(tmp_path / "in")
+    Path(inputs[1]).write_bytes(Path(inputs[1]).read_bytes()[:40])  # a cut .gz
+    with pytest.raises(UserError, match="cannot read .*b.jsonl.gz"):
+        prepare_corpus(job(inputs, tmp_path / "ds"))
+
+
 def test_jsonl_without_the_field_and_unknown_formats_are_refused(tmp_path):
     (tmp_path / "a.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
     with pytest.raises(UserError, match="--text_field"):
@@ -216,3 +223,34 @@ def test_epoch_order_reads_every_window_once_per_epoch_the_same_on_any_host_coun
               for h in range(2)]
     np.testing.assert_array_equal(np.concatenate([h[0] for h in halves], axis=1), x)
     np.testing.assert_array_equal(x[..., 1:], y[..., :-1])
+
+
+def test_shard_headers_round_trip_uint16_and_uint32():
+    for vocab, version in ((256, 1), (50304, 1), (70_000, 2)):
+        dtype = shards.shard_dtype(vocab)
+        raw = shards.header(5, dtype) + np.arange(5, dtype=dtype).tobytes()
+        assert shards.parse_header(raw, len(raw), "x") == (5, dtype) and int(np.frombuffer(raw[4:8], "<i4")[0]) == version
+    with pytest.raises(UserError, match="truncated"):
+        shards.parse_header(raw, len(raw) - 1, "x")
+
+
+def test_val_tokens_limits_what_evaluation_reads(tmp_path):
+    inputs = write_inputs(tmp_path / "in")
+    prepare_corpus(job(inputs, tmp_path / "ds", val_tokens=2000))
+    ds = open_dataset(str(tmp_path), "ds")
+    val = BatchSampler(ds.stream("val"), 16, 64, seed=0, split="val", limit=100)
+    assert val.n_tokens == 100 and val.offsets(0, stream=1).max() < 100 - 16
+    assert len(ds.stream("val").head(100)) == 100 and len(ds.stream("val").head(0)) == ds.stream("val").n_tokens
+
+
+def test_a_tokenizer_without_end_of_text_concatenates_documents_and_says_so(tmp_path, tok_path, capsys):
+    spec = json.loads(tok_path.read_bytes())
+    spec["added_tokens"] = []
+    spec["model"]["vocab"].pop("<|endoftext|>")
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps(spec))
+    inputs = write_inputs(tmp_path / "in")
+    meta = prepare_corpus(job(inputs[:1], tmp_path / "ds", tokenizer=str(plain)))
+    assert meta["eot_id"] is None and "no end-of-text token" in capsys.readouterr().err
+    tok = HFTokenizer(plain)
+    np.testing.assert_array_equal(stream(tmp_path / "ds", meta["vocab_size"]), np.concatenate([tok.encode(d) for d in DOCS[:10]]))
