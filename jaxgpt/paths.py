@@ -339,28 +339,12 @@ def upload(local: Path, dst: Any) -> None:
     def once() -> None:
         with open(local, "rb") as r, _gcs().open(str(dst), "wb", block_size=CHUNK_BYTES) as w:
             shutil.copyfileobj(r, w, CHUNK_BYTES)
-    retrying(f"uploading {dst}", once)
-
-
-def local_copy(folder: Any, cache: Path, names: list[str], expected: dict[str, str] | None = None) -> Path:
-    """A local copy of `names` from a gs:// folder, kept in `cache` and reused while every file
-    still has the sha256 in `expected` (or the remote file's own). Local folders are returned as
-    they are."""
-    if not is_remote(folder):
-        return Path(path(folder))
-    cache.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        src, dst = path(folder) / name, cache / name
-        if not src.exists():
-            continue
-        want = (expected or {}).get(name)
-        if dst.exists() and want and sha256(dst) == want:
-            continue
-        download(src, dst)
-        if want and sha256(dst) != want:
-            dst.unlink()
-            raise UserError(f"{src} does not match the sha256 recorded in its meta.json; prepare the data again")
-    return cache
+    try:
+        retrying(f"uploading {dst}", once)
+    except UserError:
+        raise
+    except Exception as e:  # refused for good (403, a bucket that does not exist, ...)
+        raise StorageError(f"uploading {dst} failed ({describe(e)})") from None
 
 
 @contextlib.contextmanager
@@ -377,23 +361,18 @@ def fetched(p: Any) -> Iterator[Path]:
         if src.is_dir():
             for f in src.rglob("*"):
                 if not f.is_dir():
-                    out = dst / str(f)[len(str(src)) + 1:]
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    out.write_bytes(f.read_bytes())
+                    download(f, dst / str(f)[len(str(src)) + 1:])
         else:
-            dst.write_bytes(src.read_bytes())
+            download(src, dst)
         yield dst
 
 
 def publish(local: Path, dst: Any) -> None:
     """Upload a finished local file or folder to `dst` (gs://), file by file."""
     target = path(dst)
-    if local.is_dir():
-        for f in sorted(local.rglob("*")):
-            if f.is_file():
-                write_bytes(target / str(f.relative_to(local)), f.read_bytes())
-    else:
-        write_bytes(target, local.read_bytes())
+    for f in sorted(local.rglob("*")) if local.is_dir() else [local]:
+        if f.is_file():
+            upload(f, target / str(f.relative_to(local)) if local.is_dir() else target)
 
 
 def remove(p: Any) -> None:

@@ -201,20 +201,25 @@ class _Run:
         source = corpus.pieces(self.inputs, self.files, self.job.text_field, (pos[0], pos[1], pos[2]),
                                self.job.piece_chars, cut)
         total = sum(self.inputs[i].size for i in self.files)
-        bar = tqdm(total=total, unit="B", unit_scale=True, disable=not self.job.progress, dynamic_ncols=True,
+        bar = tqdm(total=total, unit="B", unit_scale=True, disable=not self.job.progress, dynamic_ncols=True, delay=2,
                    desc=f"{Path(self.job.out).name}" + (f" task {self.job.task}/{self.job.tasks}" if self.job.tasks > 1 else ""))
         t0, tokens = time.perf_counter(), 0
         skip = pos[3]
-        for tag, last, ids, n_bytes in self._encoded(source):
-            if skip and tag == tuple(pos[:3]):
-                ids, base, skip = ids[skip:], skip, 0
-            else:
-                base = 0
-            self._take(tag, last, ids, base, n_bytes)
-            tokens += len(ids)
-            bar.update(n_bytes)
-            bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9) / 1e6:.2f} M tokens/s", refresh=False)
-        bar.close()
+        try:
+            for tag, last, ids, n_bytes in self._encoded(source):
+                if skip and tag == tuple(pos[:3]):
+                    ids, base, skip = ids[skip:], skip, 0
+                else:
+                    base = 0
+                self._take(tag, last, ids, base, n_bytes)
+                tokens += len(ids)
+                bar.update(n_bytes)
+                bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9) / 1e6:.2f} M tokens/s", refresh=False)
+        except BaseException:
+            bar.leave = False  # the error line stands alone
+            raise
+        finally:
+            bar.close()
         if self.val_open:
             self._close_val(None)
         if self.shard is not None and self.shard.tokens:
