@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -157,7 +158,6 @@ def prepare_figures(mb: float, workers: list[int], txt_mb: float, log) -> list:
     """Peak PSS and tokens/s of prepare.py for each worker count, against the plain process-pool script on the
     same files (the corpus without its .txt: the baseline reads a .txt whole), the resume after a SIGKILL at
     half way, and the peak for a corpus that is one .txt of txt_mb."""
-    import signal
     import tempfile
 
     from benchmarks.harness import Figure
@@ -190,24 +190,14 @@ def prepare_figures(mb: float, workers: list[int], txt_mb: float, log) -> list:
                            f"peak PSS {r['peak_pss_bytes'] / 2**20:.0f} MiB; benchmarks/baseline.py"),
                     Figure("data", f"prepare.py / plain process pool, {w} workers: wall-clock ratio", walls[w] / r["wall_s"],
                            "x", "< 1: prepare.py is faster (same files, same tokenizer, same session)")]
-        cmd = prepare_cmd(files, root / "out" / "killed", tok, w, "--shard_tokens=10000000")
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(walls[w] / 2)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        done = len(list((root / "out" / "killed").glob("train_*.bin")))
-        r = run_measured(cmd)
-        log(f"  resume after a SIGKILL at {walls[w] / 2:.0f} s ({done} shards done): {r['wall_s']:.1f} s")
-        figures.append(Figure("data", "resume after a SIGKILL at half the run's time", r["wall_s"], "s",
-                              f"{done} shards of 10 M tokens were done; the whole run takes {walls[w]:.1f} s"))
+        r = run_measured(prepare_cmd(files, root / "out" / "hf", tok, w, "--encoder=tokenizers"))
+        log(f"  prepare.py --encoder=tokenizers, {w} workers: {r['wall_s']:.1f} s, peak PSS {r['peak_pss_bytes'] / 2**20:.0f} MiB")
+        figures.append(Figure("data", f"prepare.py --encoder=tokenizers / plain process pool, {w} workers: wall-clock ratio",
+                              r["wall_s"] / figures[-2].value, "x", "the pipeline alone: the same encoder as the plain pool"))
+        figures.append(_resume_after_kill(prepare_cmd(files, root / "out" / "killed", tok, w, "--shard_tokens=10000000"),
+                                          root / "out" / "killed", walls[w], log))
         if txt_mb:
-            big = root / "corpus" / "one.txt"
-            with open(big, "w", encoding="utf-8") as f:
-                written, seed = 0, 0
-                while written < txt_mb * 1e6:
-                    chunk = "\n\n".join(documents(50_000_000, seed))
-                    f.write(chunk[:int(txt_mb * 1e6 - written)])
-                    written, seed = written + min(len(chunk), int(txt_mb * 1e6 - written)), seed + 1
+            big = write_big_txt(root / "corpus" / "one.txt", txt_mb)
             r = run_measured(prepare_cmd([big], root / "out" / "txt", tok, w))
             log(f"  one {txt_mb:g} MB .txt, {w} workers: {r['wall_s']:.1f} s, peak PSS {r['peak_pss_bytes'] / 2**20:.0f} MiB")
             figures.append(Figure("data", f"one {txt_mb:g} MB .txt document, {w} workers: peak PSS of the process tree",
@@ -215,74 +205,112 @@ def prepare_figures(mb: float, workers: list[int], txt_mb: float, log) -> list:
     return figures
 
 
+def _resume_after_kill(cmd: list[str], out: Path, whole_s: float, log) -> Any:
+    """The same prepare SIGKILLed at half the uninterrupted run's time, then run again: the second run's time."""
+    import signal
+
+    from benchmarks.harness import Figure
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(whole_s / 2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list(out.glob("train_*.bin")))
+    r = run_measured(cmd)
+    log(f"  resume after a SIGKILL at {whole_s / 2:.0f} s ({done} shards done): {r['wall_s']:.1f} s")
+    return Figure("data", "resume after a SIGKILL at half the run's time", r["wall_s"], "s",
+                  f"{done} shards of 10 M tokens were done; the whole run takes {whole_s:.1f} s")
+
+
+def write_big_txt(path: Path, mb: float) -> Path:
+    """One .txt document of `mb` MB (the corpus's documents joined by blank lines), written 50 MB at a time."""
+    with open(path, "w", encoding="utf-8") as f:
+        written, seed = 0, 0
+        while written < mb * 1e6:
+            chunk = "\n\n".join(documents(50_000_000, seed))[:int(mb * 1e6 - written)]
+            f.write(chunk)
+            written, seed = written + len(chunk), seed + 1
+    return path
+
+
+def write_shards(folder: Path, n_shards: int, shard_tokens: int, seed: int = 0) -> list[tuple[str, int]]:
+    """A val shard of 1 M and n_shards train shards of random GPT-2 ids in llm.c's format: (name, tokens) each."""
+    from jaxgpt import shards
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    listing = []
+    for i in range(n_shards + 1):
+        name = f"{'val' if i == 0 else 'train'}_{i:06d}.bin"
+        ids = rng.integers(0, 50257, shard_tokens if i else 1_000_000, dtype=np.uint16)
+        (folder / name).write_bytes(shards.header(len(ids), ids.dtype) + ids.tobytes())
+        listing.append((name, len(ids)))
+    return listing
+
+
+def upload_dataset(folder: Path, listing: list[tuple[str, int]], url: str) -> None:
+    """write_shards' folder to gs:// with the meta.json training reads (sizes and sha256 per shard)."""
+    from jaxgpt import paths
+    meta: dict[str, Any] = {"format": "shards", "vocab_size": 50257, "dtype": "uint16",
+                            "tokenizer_identity": {"kind": "unknown", "vocab_size": 50257},
+                            "shards": {s: [{"name": n, "tokens": t, "sha256": paths.sha256(folder / n)}
+                                           for n, t in listing if n.startswith(s)] for s in ("train", "val")}}
+    meta["files"] = {e["name"]: e["sha256"] for split in meta["shards"].values() for e in split}
+    for name, _ in listing:
+        paths.upload(folder / name, f"{url}/{name}")
+    paths.write_text(f"{url}/meta.json", json.dumps(meta))
+
+
+def loader_rate(data_dir: str, order: str, steps: int, batch: int, block: int) -> float:
+    """Tokens/s jaxgpt.loader.BatchSampler delivers over `steps` batches of batch x block from data_dir/synth."""
+    from jaxgpt.loader import BatchSampler, open_dataset
+    ds = open_dataset(data_dir, "synth", 50304)
+    sampler = BatchSampler(ds.stream("train"), block, batch, seed=0, order=order)  # type: ignore[arg-type]
+    t0 = time.perf_counter()
+    for step in range(steps):
+        sampler.get(step)
+    return steps * batch * block / (time.perf_counter() - t0)
+
+
 def loader_figures(log, steps: int = 40, shard_tokens: int = 20_000_000, n_shards: int = 4) -> list:
-    """Tokens/s one host's loader (jaxgpt.loader.BatchSampler) delivers at GPT-2 124M's host batch from local
-    shards and from gs:// shards (the emulator: cold = fetching, warm = cached), random and epoch order, beside
-    the tokens/s a v5e-8 step consumes at its roofline (jaxgpt.targets' peak, jaxgpt.perf's FLOP formula: the
-    compile-only plan's figure for GPT-2 124M)."""
+    """Tokens/s one host's loader delivers at GPT-2 124M's host batch from local shards and from gs:// shards
+    (the emulator: cold = fetching, warm = cached), random and epoch order, beside the tokens/s a v5e-8 step
+    consumes at its roofline (jaxgpt.targets' peak, jaxgpt.perf's FLOP formula: the compile-only plan's bound)."""
     import shutil
     import tempfile
 
+    from benchmarks.gcs_emulator import Emulator, available
     from benchmarks.harness import Figure
-    from jaxgpt import GPTConfig, paths, shards
-    from jaxgpt.loader import BatchSampler, open_dataset
+    from jaxgpt import GPTConfig, paths
     from jaxgpt.perf import flops_per_token
     from jaxgpt.targets import parse
     devices, rows, block = GPT2_HOST_BATCH
-    batch = devices * rows
     v5e = parse("v5e-8")
     need = v5e.devices * v5e.chip.peak_flops / flops_per_token(GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024,
                                                                           vocab_size=50304))
     figures = [Figure("data", "a v5e-8 step consumes, at the roofline (GPT-2 124M)", need, "tokens/s",
                       "peak bf16 FLOP/s / training FLOPs per token: the compile-only plan's bound")]
+
+    def measure(data_dir: str, order: str, label: str) -> None:
+        rate = loader_rate(data_dir, order, steps, devices * rows, block)
+        log(f"  loader, {label}, {order}: {rate / 1e6:.2f} M tokens/s ({rate / need:.1f}x a v5e-8 step's need)")
+        figures.append(Figure("data", f"loader {label}, {order} order: {devices * rows} x {block} per step", rate,
+                              "tokens/s", f"{rate / need:.1f}x what a v5e-8 consumes; {steps} steps"))
     with tempfile.TemporaryDirectory(prefix="jaxgpt-loader-bench-") as tmp:
         folder = Path(tmp) / "data" / "synth"
-        folder.mkdir(parents=True)
-        rng = np.random.default_rng(0)
-        listing = []
-        for i in range(n_shards + 1):
-            name = f"{'val' if i == 0 else 'train'}_{i:06d}.bin"
-            ids = rng.integers(0, 50257, shard_tokens if i else 1_000_000, dtype=np.uint16)
-            (folder / name).write_bytes(shards.header(len(ids), ids.dtype) + ids.tobytes())
-            listing.append((name, len(ids)))
-
-        def measure(data_dir: str, order: str, label: str) -> None:
-            ds = open_dataset(data_dir, "synth", 50304)
-            sampler = BatchSampler(ds.stream("train"), block, batch, seed=0, order=order)  # type: ignore[arg-type]
-            t0 = time.perf_counter()
-            for step in range(steps):
-                sampler.get(step)
-            rate = steps * batch * block / (time.perf_counter() - t0)
-            log(f"  loader, {label}, {order}: {rate / 1e6:.2f} M tokens/s ({rate / need:.1f}x a v5e-8 step's need)")
-            figures.append(Figure("data", f"loader {label}, {order} order: {batch} x {block} per step", rate, "tokens/s",
-                                  f"{rate / need:.1f}x what a v5e-8 consumes; {steps} steps"))
+        listing = write_shards(folder, n_shards, shard_tokens)
         for order in ("random", "epoch"):
             measure(str(folder.parent), order, "local shards")
-        try:
-            from benchmarks.gcs_emulator import Emulator, available
-        except ImportError:
-            available = lambda: "benchmarks.gcs_emulator cannot be imported"  # noqa: E731
-        why = available()
-        if why:
-            log(f"  loader from gs://: skipped ({why})")
+        if available():
+            log(f"  loader from gs://: skipped ({available()})")
             return figures
-        emulator = Emulator()
-        old = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "XDG_CACHE_HOME")}
-        try:
-            os.environ["STORAGE_EMULATOR_HOST"], os.environ["XDG_CACHE_HOME"] = emulator.url, str(Path(tmp) / "cache")
+        emulator, old = Emulator(), {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "XDG_CACHE_HOME")}
+        try:  # this bench process only: the CLIs' way to talk to an emulator
+            os.environ.update(STORAGE_EMULATOR_HOST=emulator.url, XDG_CACHE_HOME=str(Path(tmp) / "cache"))
             paths.configure_gcs()
-            bucket = emulator.create_bucket("jaxgpt-loader-bench")
-            meta = {"format": "shards", "vocab_size": 50257, "dtype": "uint16", "tokenizer_identity": {"kind": "unknown",
-                    "vocab_size": 50257}, "shards": {s: [{"name": n, "tokens": t, "sha256": paths.sha256(folder / n)}
-                                                         for n, t in listing if n.startswith(s)] for s in ("train", "val")}}
-            meta["files"] = {e["name"]: e["sha256"] for s in meta["shards"].values() for e in s}
-            for name, _ in listing:
-                paths.upload(folder / name, f"{bucket}/data/synth/{name}")
-            paths.write_text(f"{bucket}/data/synth/meta.json", json.dumps(meta))
+            upload_dataset(folder, listing, f"{emulator.create_bucket('jaxgpt-loader-bench')}/data/synth")
             for order in ("epoch", "random"):
                 shutil.rmtree(Path(tmp) / "cache", ignore_errors=True)
-                measure(f"{bucket}/data", order, "gs:// shards, cold cache")
-                measure(f"{bucket}/data", order, "gs:// shards, warm cache")
+                measure("gs://jaxgpt-loader-bench/data", order, "gs:// shards, cold cache")
+                measure("gs://jaxgpt-loader-bench/data", order, "gs:// shards, warm cache")
         finally:
             emulator.stop()
             for k, v in old.items():

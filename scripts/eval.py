@@ -30,6 +30,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--data_dir", help="a prepared dataset's parent folder (default: the run's own, else data)")
     p.add_argument("--dataset", help="the dataset name (default: the run's own, else shakespeare)")
     p.add_argument("--split", choices=["val", "train"], default="val")
+    p.add_argument("--max_tokens", type=int, default=0, help="score only the split's first this many tokens (0: all)")
     p.add_argument("--batch_size", type=int, default=0, help="windows per forward (default: chosen by memory)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--progress", type=parse_bool, nargs="?", const=True, default=True, metavar="BOOL")
@@ -37,6 +38,8 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.text and (args.data_dir or args.dataset):
         raise UserError("--text evaluates a file; --data_dir/--dataset a prepared split: give one or the other")
+    if args.max_tokens < 0:
+        raise UserError(f"--max_tokens must be >= 0 (0 = the whole split), got {args.max_tokens}")
     if args.batch_size < 0:
         raise UserError(f"--batch_size must be >= 1 (or 0 = by memory), got {args.batch_size}")
     cli.apply_compile_cache(args.compile_cache)
@@ -45,9 +48,10 @@ def main(argv: list[str]) -> int:
 
     from formats.io import load_any, need_tokenizer
     from jaxgpt.evaluate import EvalResult, batch_size_for, make_nll, score, text_bytes
-    from jaxgpt.loader import dataset_dir, num_windows, read_meta
+    from jaxgpt.loader import num_windows, open_dataset
 
     model, info = load_any(args.checkpoint, args.meta, args.which)
+    n_bytes = None
     tok = need_tokenizer(model, info, args.checkpoint)
     cfg = model.config
     if args.text:
@@ -56,12 +60,14 @@ def main(argv: list[str]) -> int:
     else:
         run = info.get("train") or info.get("config") or {}
         data_dir, dataset = args.data_dir or run.get("data_dir", "data"), args.dataset or run.get("dataset", "shakespeare")
-        folder = dataset_dir(data_dir, dataset)
-        meta = read_meta(folder)
-        if meta["tokenizer_identity"] != tok.identity():
-            raise UserError(f"{folder} was prepared with another tokenizer than the checkpoint's; evaluate with --text, "
+        ds = open_dataset(data_dir, dataset, cfg.vocab_size)
+        if ds.meta["tokenizer_identity"].get("kind") != "unknown" and ds.meta["tokenizer_identity"] != tok.identity():
+            raise UserError(f"{ds.folder} was prepared with another tokenizer than the checkpoint's; evaluate with --text, "
                             f"or prepare the data with the model's tokenizer")
-        tokens, source = np.fromfile(folder / f"{args.split}.bin", dtype=np.dtype(meta["dtype"])), f"{folder}/{args.split}.bin"
+        stream = ds.stream(args.split)
+        tokens, source = stream.head(args.max_tokens), f"{ds.folder} ({args.split})"
+        if len(tokens) == stream.n_tokens:  # the whole split: its bytes as prepare.py counted them, where it did
+            n_bytes = ds.split_bytes(args.split)
     if len(tokens) < 2:
         raise UserError(f"{source} holds {len(tokens)} token(s); evaluation needs at least 2")
     if tokens.max() >= cfg.vocab_size:
@@ -71,7 +77,7 @@ def main(argv: list[str]) -> int:
     graphdef, params = nnx.split(model)
     with tqdm(total=windows, unit="window", delay=2, file=sys.stderr, disable=not args.progress, dynamic_ncols=True) as bar:
         total, count = score(make_nll(graphdef), params, tokens, cfg.block_size, batch, progress=bar.update)
-    result = EvalResult(total / count, count, text_bytes(tokens, tok))
+    result = EvalResult(total / count, count, n_bytes if n_bytes is not None else text_bytes(tokens, tok))
     out = {"checkpoint": str(args.checkpoint), "step": info.get("step"), "source": source, **result.to_dict(),
            "block_size": cfg.block_size, "windows": windows, "batch_size": batch}
     if args.json:

@@ -101,3 +101,8 @@ def test_a_200_mb_corpus_in_flat_memory_exact_resumable_and_trainable(made):
     assert run.returncode == 0, run.stderr[-3000:]
     losses = [json.loads(line)["train_loss"] for line in (root / "out" / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0] - 0.5, losses
+    scored = launch.run([sys.executable, str(ROOT / "scripts" / "eval.py"), str(root / "out"), "--json", "--progress=false"],
+                        capture_output=True, text=True, timeout=600)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    result = json.loads(scored.stdout)  # the whole val split, its bytes from meta.json
+    assert result["tokens"] == meta["val_tokens"] - 1 and result["bytes"] == meta["val_bytes"], result
