@@ -215,6 +215,7 @@ class Engine:
 
     # --- the engine's thread ---
     def _admit(self, job: Job, slot: int) -> None:
+        """The prefill of a job already reserved in self.jobs[slot] (under the lock, by _serve)."""
         P = len(job.prompt)
         window = np.zeros(self.block, np.int32)
         window[:min(P, self.block)] = job.prompt[-self.block:]
@@ -225,7 +226,6 @@ class Engine:
         self.temperature[slot] = job.temperature
         self.top_k[slot] = self.vocab if job.top_k is None else job.top_k
         self.top_p[slot] = job.top_p
-        self.jobs[slot] = job
 
     def _loop(self) -> None:
         try:
@@ -259,7 +259,9 @@ class Engine:
                     if job.cancelled:
                         job.emit([], "cancelled")
                         continue
-                    admit.append((job, free.pop(0)))
+                    slot = free.pop(0)
+                    self.jobs[slot] = job  # reserved under the lock: submit() and close() see it during its prefill
+                    admit.append((job, slot))
             for job, slot in admit:
                 self._admit(job, slot)
             if not self.jobs:

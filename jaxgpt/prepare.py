@@ -280,16 +280,19 @@ class _Run:
         The rest of `pending` begins train."""
         pending = pending or []
         if not self.val and pending:  # no whole document fits: the first val_tokens ids of the first one
-            whole = np.concatenate([a for _, a, _ in pending])
-            self.val, self.val_len = [whole[:self.val_limit]], min(len(whole), self.val_limit)
-            self.val_bytes = self._text_bytes(self.val[0])
-            rest, drop = [], self.val_len
+            rest, room = [], self.val_limit
             for tag, a, b in pending:
-                if drop >= len(a):
-                    drop -= len(a)
+                if room >= len(a):  # a whole piece: its bytes are known
+                    self.val.append(a)
+                    self.val_bytes, room = self.val_bytes + b, room - len(a)
                     continue
-                rest.append((tag, a[drop:], drop, b))
-                drop = 0
+                part = self._text_bytes(a[:room]) if room else 0  # only the piece that straddles the cut is decoded
+                if room:
+                    self.val.append(a[:room])
+                    self.val_bytes += part
+                rest.append((tag, a[room:], room, b - part))
+                room = 0
+            self.val_len = self.val_limit - room
         else:
             rest = [(tag, a, 0, b) for tag, a, b in pending]
         self.val_open, self.doc = False, []
@@ -310,8 +313,15 @@ class _Run:
             self._train(tag, a, base, b)
 
     def _text_bytes(self, ids: np.ndarray) -> int:
+        """UTF-8 bytes of the text these ids encode (end-of-text ids not counted): exact for bytes and where
+        tiktoken stands for the tokenizer; else tokenizers' decoding (a character cut in two counts as U+FFFD)."""
         body = ids[ids != self.eot] if self.eot is not None else ids
-        return len(body) if self.tok is None else len(self.tok.decode(body).encode("utf-8"))
+        if self.tok is None:
+            return len(body)
+        twin = tiktoken_twin(self.tok.raw)
+        if twin is not None:
+            return len(twin.decode_bytes(body.tolist()))
+        return len(self.tok.decode(body).encode("utf-8"))
 
     def _train(self, tag: tuple[int, int, int], ids: np.ndarray, base: int, n_bytes: int) -> None:
         while True:

@@ -82,6 +82,14 @@ def test_val_is_the_first_whole_documents_and_a_single_document_is_cut(tmp_path)
     one.write_text("x y " * 400)
     meta = prepare_corpus(job([str(one)], tmp_path / "single", val_tokens=123))
     assert meta["val_tokens"] == 123 and meta["train_tokens"] == 1600 + 1 - 123
+    assert (meta["val_bytes"], meta["train_bytes"]) == (123, 1600 - 123)
+
+
+def test_bytes_of_a_document_cut_by_the_val_split_add_up(tmp_path, tok_path):
+    one = tmp_path / "one.txt"
+    one.write_text("Wherefore art thou, Romeo? 東京 " * 300)
+    meta = prepare_corpus(job([str(one)], tmp_path / "single", tokenizer=str(tok_path), val_tokens=777))
+    assert meta["val_tokens"] == 777 and meta["val_bytes"] + meta["train_bytes"] == len(one.read_bytes())
 
 
 def test_a_crash_mid_run_resumes_to_identical_shards(tmp_path, tok_path, monkeypatch):
