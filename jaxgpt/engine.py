@@ -133,7 +133,7 @@ class Engine:
         if slots < 1 or chunk < 1:
             raise UserError(f"--slots and the chunk must be >= 1, got {slots} and {chunk}")
         model.eval()
-        self.model, self.slots, self.chunk, self.max_queue = model, slots, chunk, max_queue
+        self.slots, self.chunk, self.max_queue = slots, chunk, max_queue
         self.graphdef, self.state = nnx.split(model)
         cfg = model.config
         self.vocab, self.block = cfg.vocab_size, cfg.block_size

@@ -54,7 +54,7 @@ def make_nll(graphdef: nnx.GraphDef, dtype: Any = jnp.float32) -> Callable:
         logits = nnx.merge(graphdef, params)(x).astype(jnp.float32)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         return jnp.sum(jnp.where(mask, losses, 0.0)), jnp.sum(mask)
-    return platform.jit(nll)
+    return jax.jit(nll)
 
 
 def batch_size_for(cfg: Any, n_windows: int, devices: int = 1, limit: int | None = None) -> int:

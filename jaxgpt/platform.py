@@ -1,10 +1,8 @@
 """Everything that depends on the backend (CPU, GPU, TPU), decided in one place.
 
-`resolve()` turns the user's `--dtype`/`--remat` (default `auto`) and the devices present into
-plain values that train.py uses and config.json records. Nothing else in jaxgpt asks "am I on
-CPU?", and nothing here touches os.environ: CPU-only XLA options are passed per compilation
-(`jax.jit(..., compiler_options=...)`), only to programs compiled for the CPU backend, and only
-after a probe compile shows the installed jaxlib accepts them.
+`describe()` turns the user's `--dtype`/`--remat`/`--attention`/`--matmul_precision` (default `auto`)
+and the devices present (a `Site`) into a `Platform` of plain values that train.py uses and config.json
+records. Nothing else in jaxgpt asks "am I on CPU?", and importing this changes no environment variable.
 """
 from __future__ import annotations
 
@@ -27,10 +25,6 @@ from jaxgpt.errors import UserError
 
 log = logging.getLogger("jaxgpt")
 
-# XLA:CPU options for CPU programs only, each kept only with a measured effect (BENCHMARKS.md).
-# Empty: xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT made one VM's
-# step 7 % faster and this project's AMD EPYC VM's 8 % slower, so it is not a default.
-CPU_COMPILER_OPTIONS: dict[str, str] = {}
 REMAT_BY_MEMORY = ("none", "dots", "full")  # remat=auto: the first whose compiled step fits in memory
 # glibc malloc settings for CPU training processes (mallopt parameter, value); see tune_host_allocator
 GLIBC_MALLOPT = {"M_ARENA_MAX": (-8, 1), "M_MMAP_MAX": (-4, 0), "M_TRIM_THRESHOLD": (-1, -1)}
@@ -50,7 +44,6 @@ class Platform:
     dtype: str  # compute dtype; parameters and optimizer state stay float32
     remat: str  # 'none' | 'dots' | 'full'
     attention: str  # the kernel for dropout-free attention: 'xla' | 'cudnn'
-    compiler_options: dict[str, str]
     host_allocator: str  # what tune_host_allocator did ('' = untouched)
     matmul: str = "float32"  # the linear layers' products in float32 compute: 'float32' | 'bfloat16' (layers.bf16_matmul)
     batch_split: int = 1  # parts of each batch whose gradients the step computes side by side (resolve_batch_split)
@@ -80,31 +73,6 @@ def backend() -> str:
 def local_site() -> Site:
     limit, where = memory_limit()
     return Site(backend(), jax.devices()[0].device_kind, jax.device_count(), jax.process_count(), limit, where)
-
-
-@functools.cache
-def cpu_compiler_options() -> dict[str, str]:
-    """The CPU options this jaxlib accepts (call only when the default backend is CPU). Each is tried on a tiny program once per process;
-    one that jaxlib rejects is dropped with a one-line notice instead of failing the run."""
-    accepted = {}
-    for name, value in CPU_COMPILER_OPTIONS.items():
-        try:
-            jax.jit(lambda x: x + 1, compiler_options={name: value}).lower(1.0).compile()
-            accepted[name] = value
-        except Exception as e:  # jaxlib raises (never aborts) for an unknown option or value
-            log.warning("XLA:CPU option %s=%s is not supported by jaxlib %s; running without it (%s)",
-                        name, value, jax.__version__, str(e).splitlines()[0][:120])
-    return accepted
-
-
-def compiler_options(platform: str | None = None) -> dict[str, str]:
-    """Options for a program compiled for `platform` (default: the default backend)."""
-    return dict(cpu_compiler_options()) if (platform or backend()) == "cpu" else {}
-
-
-def jit(fun: Any, platform: str | None = None, **kwargs: Any) -> Any:
-    """jax.jit with the compiler options of `platform` (default: the default backend; none outside CPU)."""
-    return jax.jit(fun, compiler_options=compiler_options(platform) or None, **kwargs)
 
 
 def eval_batch_limit(platform: str | None = None) -> int:
@@ -305,7 +273,7 @@ def describe(cfg: GPTConfig, tc: TrainConfig, remat: str, site: Site | None = No
     dtype = resolve_dtype(tc.dtype, site.backend)
     return Platform(backend=site.backend, device_kind=site.device_kind, devices=site.devices,
                     processes=site.processes, dtype=dtype, remat=remat,
-                    attention=resolve_attention(cfg, dtype, site.backend, tc.attention), compiler_options=compiler_options(site.backend),
+                    attention=resolve_attention(cfg, dtype, site.backend, tc.attention),
                     host_allocator="".join(_host_allocator) if site.backend == "cpu" else "",
                     matmul=resolve_matmul(tc.matmul_precision, dtype, site.backend))
 

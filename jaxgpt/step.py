@@ -91,14 +91,13 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, tc
                                                "param_norm": optax.tree.norm(params)}
 
     # pin the output layout to the input's, so the donated buffers are reused step after step
-    return platform.jit(train_step, backend, donate_argnums=0,
-                        out_shardings=(state_sharding, None) if state_sharding else None)
+    return jax.jit(train_step, donate_argnums=0, out_shardings=(state_sharding, None) if state_sharding else None)
 
 
 def make_eval_step(graphdef: nnx.GraphDef, tc: TrainConfig, backend: str | None = None) -> Callable:
     backend = backend or platform.backend()
     dtype = DTYPES[platform.resolve_dtype(tc.dtype, backend)]
-    return platform.jit(lambda params, x, y: loss_fn(graphdef, params, x, y, None, dtype), backend)
+    return jax.jit(lambda params, x, y: loss_fn(graphdef, params, x, y, None, dtype))
 
 
 def graphdefs(model_cfg: GPTConfig, remat: str, attention: str = "xla",

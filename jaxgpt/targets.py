@@ -45,8 +45,8 @@ class Chip:
 
 
 MIB = 2 ** 20
-# TPU usable bytes: the "available HBM" XLA:TPU (libtpu 0.0.42) states when a program is too big
-# (`python -m jaxgpt.aot --probe_hbm` prints them). GPU memory: what the driver reports.
+# TPU usable bytes: the "available HBM" XLA:TPU (libtpu 0.0.42) stated for programs too big to fit.
+# GPU memory: what the driver reports.
 CHIPS: dict[str, Chip] = {c.name: c for c in (
     Chip("v4", "tpu", ("tpu v4",), 32 * GIB, int(30.75 * GIB), 275e12, 1.2e12),
     Chip("v5e", "tpu", ("tpu v5 lite", "tpu v5e"), 16 * GIB, int(15.75 * GIB), 197e12, 819e9),

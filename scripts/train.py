@@ -92,7 +92,7 @@ def main(argv: list[str]) -> int:
             matmul = " (bfloat16 matmuls)" if plat.matmul == "bfloat16" else ""
             split = f", batch in {plat.batch_split} parts side by side" if plat.batch_split > 1 else ""
             print(f"platform: {plat.backend} ({plat.device_kind}), dtype={plat.dtype}{matmul}, remat={plat.remat}, "
-                  f"attention={plat.attention}{split}, compiler options {plat.compiler_options or 'none'}, "
+                  f"attention={plat.attention}{split}, "
                   f"host allocator {plat.host_allocator or 'untouched'}{fits}, compiled in {memory['compile_s']:.1f} s",
                   flush=True)
 

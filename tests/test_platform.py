@@ -50,30 +50,12 @@ def test_a_cli_freezes_its_heap_before_main_and_at_exit_and_importing_jaxgpt_doe
     assert proc.stdout.split() == ["False", "[True]", "1", "0"]
 
 
-def test_cpu_options_are_per_compilation_and_an_unsupported_one_is_one_notice(tmp_path):
-    """A jaxlib that rejects an option (here: a made-up one) costs a notice line, not the run."""
-    prepare_text(synthetic_corpus(5_000).astype(np.uint8).tobytes(), tmp_path / "data" / "synth", "synthetic")
-    code = ("import sys, runpy; from jaxgpt import platform\n"
-            "platform.CPU_COMPILER_OPTIONS['xla_cpu_option_from_the_future'] = 'on'\n"
-            f"sys.argv = ['train.py', '--dataset=synth', '--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=16',"
-            f" '--batch_size=4', '--max_iters=2', '--eval_iters=1', '--progress=false', '--plot=false']\n"
-            f"runpy.run_path({str(ROOT / 'scripts' / 'train.py')!r}, run_name='__main__')")
-    proc = _python(code, cwd=tmp_path, timeout=300)
-    notices = [l for l in proc.stderr.splitlines() if l.startswith("notice:")]
-    assert len(notices) == 1 and "xla_cpu_option_from_the_future" in notices[0], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    saved = json.loads((tmp_path / "out" / "synth" / "config.json").read_text())["platform"]
-    assert "xla_cpu_option_from_the_future" not in saved["compiler_options"]
-    assert "platform: cpu" in proc.stdout
-
-
 def test_auto_resolves_per_platform_and_explicit_flags_win():
     assert [platform.resolve_dtype("auto", p) for p in ("cpu", "gpu", "tpu")] == ["float32", "bfloat16", "bfloat16"]
     assert platform.resolve_dtype("float32", "tpu") == "float32" and platform.resolve_dtype("bfloat16", "cpu") == "bfloat16"
     assert platform.remat_candidates("auto", "gpu") == platform.remat_candidates("auto", "tpu") == ("none", "dots", "full")
     assert platform.remat_candidates("auto", "cpu") == ("none", "dots", "full")
     assert platform.remat_candidates("dots", "gpu") == ("dots",)
-    assert platform.compiler_options("gpu") == {} and platform.compiler_options("tpu") == {}
     assert [platform.eval_batch_limit(p) for p in ("cpu", "gpu", "tpu")] == [32, 256, 256]
 
 
