@@ -18,10 +18,6 @@ def test_invalid_gpt_config_names_the_field(kwargs, field):
         GPTConfig(**kwargs)
 
 
-def test_user_error_is_a_value_error():
-    assert issubclass(UserError, ValueError)
-
-
 def test_gpt_config_from_dict_ignores_extra_keys():
     cfg = GPTConfig.from_dict({"n_layer": 3, "n_head": 3, "n_embd": 48, "unrelated": 1})
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd) == (3, 3, 48)
@@ -50,28 +46,30 @@ def test_cli_bad_values_raise_user_error(flag):
 
 
 def test_recipe_composes_with_the_preset_and_explicit_flags_win():
-    from jaxgpt.config import base_values
+    """Each value comes from the first of: an explicit flag, the recipe's values for this preset, the recipe's,
+    the preset's, the default -- checked against the tables themselves, not copies of their numbers."""
+    from jaxgpt.config import RECIPE_FOR_PRESET, base_values
 
     parser = make_parser("t", GPTConfig, TrainConfig, presets=True)
+    explicit = {"muon_lr": 0.05, "qk_norm": False, "n_layer": 3}
     args = parser.parse_args(["--preset=cpu", "--recipe=modern", "--muon_lr=0.05", "--qk_norm=false", "--n_layer=3"])
     base = base_values(args.preset, args.recipe)
     model, train = build(GPTConfig, args, base), build(TrainConfig, args, base)
-    assert (model.n_layer, model.n_embd, model.block_size) == (3, 128, 64)  # the flag's depth, the cpu preset's width
-    assert build(GPTConfig, parser.parse_args(["--preset=cpu", "--recipe=modern"]), base).n_layer == 2  # the recipe's depth
-    assert (train.batch_size, train.max_iters, train.warmup_iters) == (32, 95, 5)  # the recipe's own batch and schedule here
-    assert train.muon_momentum == 0.85  # ... and its momentum for a short run
-    # evaluates at least as many windows as nanoGPT's estimate, by less than a batch more
-    assert (train.eval_iters - 1) * train.batch_size < 20 * 12 <= train.eval_iters * train.batch_size
-    assert model.pos_embedding == "rope" and model.norm == "rmsnorm" and not model.qk_norm  # recipe, then the flag
-    assert train.optimizer == "muon" and train.muon_lr == 0.05 and train.recipe == "modern"
-    assert base_values("cpu", "nanogpt") == PRESETS["cpu"]  # the default recipe changes nothing
+    value = lambda k: getattr(model, k) if hasattr(model, k) else getattr(train, k)  # noqa: E731
+    for layer in (PRESETS["cpu"], RECIPES["modern"], RECIPE_FOR_PRESET[("modern", "cpu")], explicit):  # later wins
+        for k in layer:
+            want = next(src[k] for src in (explicit, RECIPE_FOR_PRESET[("modern", "cpu")], RECIPES["modern"],
+                                           PRESETS["cpu"]) if k in src)
+            assert value(k) == want, (k, value(k), want)
+    assert train.recipe == "modern" and base_values("cpu", "nanogpt") == PRESETS["cpu"]  # nanogpt changes nothing
+    assert base_values("gpu", "nanogpt") == {}  # the seed config: nanoGPT's defaults stay the defaults
+    # the recipe's CPU estimate takes at least nanoGPT's windows (the preset's eval_iters x batch), by less than a batch
+    nanogpt_windows = PRESETS["cpu"]["eval_iters"] * PRESETS["cpu"]["batch_size"]
+    assert (train.eval_iters - 1) * train.batch_size < nanogpt_windows <= train.eval_iters * train.batch_size
     seed = build(TrainConfig, parser.parse_args(["--recipe=modern"]), base_values("gpu", "modern"))
-    assert (seed.batch_size, seed.max_iters, seed.decay_iters, seed.warmup_iters) == (64, 2000, 2000, 200)
-    assert seed.muon_momentum == RECIPES["modern"]["muon_momentum"] == 0.95
-    assert seed.muon_lr == 0.03 and seed.muon_beta2 == train.muon_beta2 == 0.95  # NorMuon in both; lr 0.07 is the cpu preset's
-    assert build(TrainConfig, parser.parse_args(["--preset=cpu", "--recipe=modern"]), base).muon_lr == 0.07
-    assert build(GPTConfig, parser.parse_args(["--recipe=modern"]), base_values("gpu", "modern")).dropout == 0.2
-    assert base_values("gpu", "nanogpt") == {}  # the seed config: nanoGPT's 5000 steps stay the default
+    assert all(getattr(seed, k) == v for k, v in RECIPE_FOR_PRESET[("modern", "gpu")].items())
+    assert build(GPTConfig, parser.parse_args(["--recipe=modern"]), base_values("gpu", "modern")).dropout == \
+        GPTConfig().dropout  # the recipe leaves the seed config's dropout
     assert "with --preset=gpu also" in parser.epilog and "with --preset=cpu also" in parser.epilog
 
 

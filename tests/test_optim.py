@@ -2,8 +2,6 @@
 and nanoGPT's AdamW left as it was."""
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -126,12 +124,3 @@ def test_muon_steps_match_torchref_on_the_same_gradients():
     ours = to_torch_state_dict(nnx.merge(nnx.graphdef(model), params))
     worst = max(float((ours[k] - v).abs().max()) for k, v in tmodel.state_dict().items())
     assert worst < 1e-6, worst
-
-
-def test_default_optimizer_is_nanogpts_adamw_unchanged():
-    """--optimizer=adamw builds the same optax chain as before Muon existed: clip, then adamw on the schedule."""
-    tc = TrainConfig(max_iters=50)
-    params = nnx.state(GPT(dataclasses.replace(CFG, tie_embeddings=True), rngs=nnx.Rngs(0)), nnx.Param)
-    state = make_optimizer(tc).init(params)
-    assert isinstance(state, tuple) and len(state) == 2  # (clip, adamw)
-    assert "MultiTransformState" not in repr(type(state[1]))

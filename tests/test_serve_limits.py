@@ -12,12 +12,9 @@ import json
 import logging
 import os
 import socket
-import statistics
 import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -247,20 +244,14 @@ def test_the_prompt_cap_follows_block_size_unless_set(server):
     assert post(server, {"prompt": "x" * 32, "max_tokens": 2}).status_code == 200
 
 
-def test_the_worst_allowed_stop_request_costs_about_what_a_plain_one_does(server):
-    """Four 64-character stop strings that keep almost matching the greedy text against none: the
-    filter's work per token is bounded by the limits, so the two take about the same time."""
+def test_the_worst_allowed_stop_request_returns_the_plain_text(server):
+    """Four 64-character stop strings that keep almost matching the greedy text and never complete: the
+    same text as without them (their work per character is bounded: tests/test_textstream.py counts it)."""
     base = {"prompt": "KING", "max_tokens": 400, "temperature": 0}
     text = post(server, base).json()["choices"][0]["text"]
     stops = [(text * 2)[i:i + 63] + "\x00" for i in (0, 7, 19, 33)]
-    plain, worst = [], []
-    for _ in range(3):
-        for times, body in ((plain, base), (worst, {**base, "stop": stops})):
-            start = time.perf_counter()
-            r = post(server, body)
-            times.append(time.perf_counter() - start)
-            assert r.status_code == 200 and r.json()["choices"][0]["text"] == text
-    assert statistics.median(worst) < 1.5 * statistics.median(plain) + 0.25, (worst, plain)
+    r = post(server, {**base, "stop": stops})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == text
 
 
 def test_a_client_gone_mid_upload_or_too_slow_with_its_body_costs_nothing(server):
@@ -374,19 +365,17 @@ def test_after_the_fuzz_a_normal_request_gets_the_right_text_and_the_log_has_no_
 
 
 def test_a_server_on_a_network_address_without_a_key_warns_and_its_caps_follow_block_size(tmp_path):
+    """serve.py's start-up for --host=0.0.0.0 without a key, with uvicorn's run() stubbed in that process: the
+    warning and the caps are printed, and nothing listens on any interface."""
     work = served.tiny_model(tmp_path)
-    proc = subprocess.Popen([sys.executable, str(served.ROOT / "scripts" / "serve.py"), f"--checkpoint={work / 'run'}",
-                             "--host=0.0.0.0", f"--port={served.free_port()}"], stderr=subprocess.PIPE, text=True,
-                            stdout=subprocess.DEVNULL, cwd=work, env={**os.environ, "JAXGPT_API_KEY": ""})
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
-    reader.start()
-    deadline = time.time() + 300
-    while not any(line.startswith("serving ") for line in lines) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    proc.terminate()
-    proc.wait(timeout=60)
-    text = "".join(lines)
-    assert "warning: 0.0.0.0 is reachable from other machines and no API key is set" in text, text[-2000:]
-    assert "prompts up to 32 tokens, max_tokens up to 32" in text, text[-2000:]
-    assert Path(work / "run").exists()
+    argv = ["serve.py", f"--checkpoint={work / 'run'}", "--host=0.0.0.0", f"--port={served.free_port()}"]
+    code = ("import runpy, sys, uvicorn\n"
+            "uvicorn.Server.run = lambda self: print('not listening on', self.config.host, file=sys.stderr)\n"
+            f"sys.argv = {argv!r}\n"
+            f"runpy.run_path({str(served.ROOT / 'scripts' / 'serve.py')!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=work, timeout=300,
+                          env={**os.environ, "JAXGPT_API_KEY": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "warning: 0.0.0.0 is reachable from other machines and no API key is set" in proc.stderr, proc.stderr[-2000:]
+    assert "prompts up to 32 tokens, max_tokens up to 32" in proc.stderr, proc.stderr[-2000:]
+    assert "not listening on 0.0.0.0" in proc.stderr

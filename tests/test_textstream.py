@@ -87,3 +87,21 @@ def test_utf8_characters_and_stop_strings_are_never_sent_broken_or_retracted():
     assert all("\ufffd" not in d for d in deltas), deltas
     assert choice.tokens > choice.returned_tokens()
     assert choice.returned_tokens() == len("héllo 世界? ".encode()), "usage must count the returned text's tokens"
+
+
+def test_the_stop_filters_work_per_character_is_bounded_whatever_the_stops():
+    """Four 64-character stop strings that keep almost matching the text (the worst the limits allow): the
+    matcher reads a bounded number of stop characters per character of text and stop string (amortised
+    Knuth-Morris-Pratt), counted, not timed."""
+    reads = [0]
+
+    class Counted(str):
+        def __getitem__(self, key):
+            reads[0] += 1
+            return str.__getitem__(self, key)
+    text = ("abaabaaabaaaab" * 60)[:800]
+    stops = [Counted((text * 2)[i:i + 63] + "\x00") for i in (0, 7, 19, 33)]
+    f = StopFilter(stops)
+    out = "".join(f.push(text[i:i + 3]) for i in range(0, len(text), 3)) + f.flush()
+    assert out == text and not f.stopped
+    assert reads[0] <= 4 * len(text) * len(stops), f"{reads[0]} reads for {len(text)} characters x {len(stops)} stops"
