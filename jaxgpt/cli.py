@@ -42,23 +42,15 @@ def _quiet_background_failures() -> None:
 
 @functools.cache
 def _freeze_heap_at_exit() -> None:
-    """At exit, freeze the heap so the interpreter's shutdown skips its full garbage collections.
-
-    With JAX, flax and orbax loaded, those collections walk every object of a large heap: ~0.4 s of
-    every CLI process on a 2-core VM (BENCHMARKS.md, "Time to quality, seventh lap"). Objects are still freed
-    by reference counting as the modules are torn down; only those in reference cycles are left to
-    the operating system, and Python never promises finalizers for objects alive at exit. Registered
-    once, before the run, so it runs after the exit handlers the run registers (last in, first out)."""
+    """At exit, freeze the heap so the interpreter's shutdown skips full collections of JAX's large heap
+    (~0.4 s a process: BENCHMARKS.md, "seventh lap"); registered first, so it runs after the run's own exit
+    handlers."""
     atexit.register(gc.freeze)
 
 
 def _freeze_imported_heap() -> None:
-    """Move what the script imported (JAX, flax, orbax: most of the heap, alive to the end) out of the
-    collector's generations, so the run's own full collections walk only what the run made.
-
-    Tracing a train step makes enough objects to trigger full collections, and each walked the whole
-    imported heap: 0.29 -> 0.15 s of collections in a modern CPU run (BENCHMARKS.md, "twelfth lap").
-    Cyclic garbage left by the imports themselves (a few hundred objects) is never collected."""
+    """Move what the script imported (most of the heap, alive to the end) out of the collector's generations,
+    so the run's full collections walk only what it made (BENCHMARKS.md, "twelfth lap")."""
     gc.freeze()
 
 

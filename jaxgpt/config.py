@@ -249,21 +249,9 @@ RECIPES: dict[str, dict[str, Any]] = {
                    muon_beta2=0.95, learning_rate=0.03, min_lr=0.003, beta1=0.8, beta2=0.95, weight_decay=0.0,
                    matmul_precision="auto", attention="fast", batch_split=0),
 }
-# what a recipe changes for one preset: its own model depth, batch, iteration count and schedule. The CPU
-# preset's: 2 layers of the preset's width (not 4), 32 x 64 tokens per step for 95 steps with a 5-step warmup,
-# Muon momentum 0.85 (short runs want less momentum) and Muon lr 0.07. At a ~190k-token budget depth buys
-# less than steps do: 2 layers end lower than 4 in less wall clock (4 layers needed 105 steps of 24 rows
-# at 1.4-1.7x a 2-layer step's time), and 95 steps of 32 rows is the shortest schedule measured to end under nanoGPT's
-# final whole-split val loss at seeds 1337, 1338 and 1339 with a margin, in float32 and with bfloat16
-# matmuls alike (90 missed seed 1337's; 48-row batches missed seeds 1338 and 1339: BENCHMARKS.md
-# "thirteenth lap"; pass --n_layer=4 for the preset's own model). Its estimate takes 8 batches of 32: 256
-# windows, the nearest to the 240 nanoGPT's 20 x 12 take. The seed config's
-# (`gpu`): nanoGPT's 64 x 256 batch for 2000 steps (0.4x its 5000), warmup 10 % (the proxy's) and the recipe's
-# momentum 0.95 and Muon lr 0.03 -- chosen at a proxy this VM can run (the seed width at 2 layers, batch 8),
-# where the recipe needed <= 0.10x, 0.13-0.19x and <= 0.25x of nanoGPT's steps to its final loss as runs got
-# longer and repeated their data: the ratio grows with the run, so 0.4x keeps 1.6x the largest as margin.
-# NorMuon joined the recipe after those proxy runs (at the CPU preset, lr 0.03, it was no worse than plain
-# Muon). Unmeasured at full size (BENCHMARKS.md "The modern recipe for the seed config").
+# what a recipe changes for one preset: its model depth, batch, iteration count and schedule, each measured at
+# that preset's budget (BENCHMARKS.md: "thirteenth lap" for cpu, "The modern recipe for the seed config" for gpu,
+# which is unmeasured at full size).
 RECIPE_FOR_PRESET: dict[tuple[str, str], dict[str, Any]] = {
     ("modern", "cpu"): dict(n_layer=2, batch_size=32, max_iters=95, lr_decay_iters=95, warmup_iters=5,
                             muon_momentum=0.85, muon_lr=0.07, eval_iters=8),

@@ -166,14 +166,10 @@ def _runs_on_cpu() -> bool:
 
 
 def tune_host_allocator() -> str:
-    """For CPU training processes, before JAX starts (the CLIs call it; importing jaxgpt never does).
-
-    XLA:CPU allocates a step's temporaries as one buffer per call. glibc serves a buffer above
-    32 MiB with a fresh mmap and unmaps it on free, so every step page-faults its whole working
-    set back in: on the CPU preset without remat 11,000 faults and 45 ms of kernel time per
-    step, which made storing activations slower than recomputing them (BENCHMARKS.md). One
-    arena, no mmap and no trimming keep freed memory for the next step. Linux/glibc only; a
-    no-op elsewhere and on GPU/TPU hosts. Returns what it changed ('' when nothing)."""
+    """For CPU training processes, before JAX starts (the CLIs call it; importing jaxgpt never does): glibc
+    keeps freed memory (one arena, no mmap, no trimming), so a step's large temporaries are not page-faulted
+    back in every step (BENCHMARKS.md, "Why storing activations was slower"). Linux/glibc on CPU only; returns
+    what it changed ('' when nothing)."""
     if _host_allocator or not sys.platform.startswith("linux") or not _runs_on_cpu():
         return "".join(_host_allocator)
     try:

@@ -37,9 +37,8 @@ class StopFilter:
     dropped; of two completed by the same character, the longer) — where generation would stop,
     however the text was split into pieces.
 
-    One matcher state per stop string (how much of it the text now ends with), advanced a character
-    at a time: amortised O(1) per character and stop string, where searching the held-back text
-    again at each piece was quadratic in a stop string's length."""
+    One Knuth-Morris-Pratt matcher state per stop string, advanced a character at a time: amortised O(1)
+    per character and stop string."""
 
     def __init__(self, stops: list[str]):
         self.stops, self.fail = stops, [_failure(s) for s in stops]
