@@ -97,7 +97,7 @@ def decode_widths(cfg: Any, slots: int = 16, chunk: int = 8, calls: int = 4, rep
                     eng.carry = (ctx, jnp.full_like(n, start), j, cache)
                     t = time.perf_counter()
                     for _ in range(calls):
-                        eng.carry, tokens = E._decode(eng.graphdef, eng.state, eng.carry, rows, *sampling, steps=chunk)
+                        eng.carry, tokens = E.decode_program(eng.graphdef, eng.state, eng.carry, rows, *sampling, steps=chunk)
                     jax.block_until_ready(tokens)
                     times.append((time.perf_counter() - t) / (calls * chunk) * 1000)
                 figures.append(figure("serve", f"decode step, width {width}, {where}", times[1:], "ms",

@@ -63,7 +63,7 @@ def config_to_hf(cfg: GPTConfig) -> dict[str, Any]:
             "tie_word_embeddings": True, "bos_token_id": None, "eos_token_id": None, "dtype": "float32"}
 
 
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
@@ -92,7 +92,7 @@ def _read_with_torch(path: Path) -> dict[str, Any]:
 def read_weights(folder: Path) -> dict[str, Any]:
     """All tensors of a folder: model.safetensors, its sharded index, or pytorch_model.bin."""
     if (folder / SAFETENSORS).is_file():
-        sd = _read_safetensors(folder / SAFETENSORS)
+        sd = read_safetensors(folder / SAFETENSORS)
     elif (folder / INDEX).is_file():
         try:
             shards = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
@@ -102,7 +102,7 @@ def read_weights(folder: Path) -> dict[str, Any]:
         for shard in shards:
             if "/" in shard or not (folder / shard).is_file():
                 raise UserError(f"{folder / INDEX} names shard {shard!r}, which is not a file in {folder}")
-            sd.update(_read_safetensors(folder / shard))
+            sd.update(read_safetensors(folder / shard))
     elif (folder / BIN).is_file():
         sd = _read_with_torch(folder / BIN)
         if not isinstance(sd, dict):

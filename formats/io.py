@@ -112,13 +112,13 @@ def save_pt(model: GPT, path: Path, info: dict[str, Any]) -> None:
 def load_safetensors(path: Path) -> tuple[GPT, dict[str, Any]]:
     from safetensors import SafetensorError, safe_open
 
-    from formats.hf import _read_safetensors
+    from formats.hf import read_safetensors
     try:
         with safe_open(str(path), framework="np") as f:
             header = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"cannot read {path} as safetensors ({str(e)[:160]})") from None
-    sd = _read_safetensors(path)
+    sd = read_safetensors(path)
     if "model_args" in header:
         model_args = json.loads(header["model_args"])
     elif (sidecar := path.with_suffix(".json")).is_file():

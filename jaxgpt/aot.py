@@ -192,7 +192,7 @@ def plan_generation(model_cfg: GPTConfig, w: Where, log: Callable[[str], None], 
     uniforms = _sds((sample.CHUNK, batch), jnp.float32, one)
     log(f"compiling the generation chunk for {w.name}")
     t = time.perf_counter()
-    compiled = sample._chunk.lower(graphdef, params, carry, uniforms, i32, i32, temperature=0.8,
+    compiled = sample.chunk_program.lower(graphdef, params, carry, uniforms, i32, i32, temperature=0.8,
                                    top_k=min(200, model_cfg.vocab_size), top_p=1.0, on_token=None,
                                    return_logits=False, mode="mixed").compile()
     out = figures(compiled, time.perf_counter() - t)
@@ -222,7 +222,7 @@ def plan_serving(model: Any, target: str | None, slots: int, chunk: int,
     while True:
         log(f"compiling the decode step for {w.name} ({width} of {slots} slots)")
         t = time.perf_counter()
-        compiled = engine._decode.lower(graphdef, params, carry, vec(width, jnp.int32), _sds((width, 2), jnp.uint32, one),
+        compiled = engine.decode_program.lower(graphdef, params, carry, vec(width, jnp.int32), _sds((width, 2), jnp.uint32, one),
                                         vec(width, jnp.float32), vec(width, jnp.int32), vec(width, jnp.float32),
                                         vec(width, jnp.bool_), steps=chunk).compile()
         programs[f"decode_{width}"] = figures(compiled, time.perf_counter() - t)
@@ -232,7 +232,7 @@ def plan_serving(model: Any, target: str | None, slots: int, chunk: int,
     log(f"compiling the prefill for {w.name} ({cfg.block_size} tokens)")
     t = time.perf_counter()
     i32 = _sds((), jnp.int32, one)
-    compiled = engine._admit.lower(graphdef, params, carry, i32, _sds((cfg.block_size,), jnp.int32, one), i32,
+    compiled = engine.prefill_program.lower(graphdef, params, carry, i32, _sds((cfg.block_size,), jnp.int32, one), i32,
                                    bucket=cfg.block_size).compile()
     programs["prefill"] = figures(compiled, time.perf_counter() - t)
     report = _report(w, cfg, programs)

@@ -62,7 +62,7 @@ Carry = tuple[jax.Array, jax.Array, jax.Array, tuple[jax.Array, jax.Array]]  # (
 
 
 @partial(jax.jit, static_argnames=("graphdef", "bucket"), donate_argnames=("carry",))
-def _admit(graphdef: nnx.GraphDef, state: nnx.State, carry: Carry, slot: jax.Array, window: jax.Array,
+def prefill_program(graphdef: nnx.GraphDef, state: nnx.State, carry: Carry, slot: jax.Array, window: jax.Array,
            length: jax.Array, bucket: int) -> Carry:
     """Prefill slot `slot`: its context window, length, token counter 0, and the KV cache of its first
     `bucket` positions (padding past the prompt is overwritten before any query sees it)."""
@@ -78,7 +78,7 @@ def _admit(graphdef: nnx.GraphDef, state: nnx.State, carry: Carry, slot: jax.Arr
 
 
 @partial(jax.jit, static_argnames=("graphdef", "steps"), donate_argnames=("carry",))
-def _decode(graphdef: nnx.GraphDef, state: nnx.State, carry: Carry, rows: jax.Array, keys: jax.Array,
+def decode_program(graphdef: nnx.GraphDef, state: nnx.State, carry: Carry, rows: jax.Array, keys: jax.Array,
             temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, active: jax.Array,
             steps: int) -> tuple[Carry, jax.Array]:
     """`steps` more tokens for the slots `rows` (w,) -> (carry, tokens (steps, w)). Those slots are
@@ -189,7 +189,7 @@ class Engine:
             width = 1
             while True:
                 rows = np.arange(width, dtype=np.int32)
-                self.carry, tokens = _decode(self.graphdef, self.state, self.carry, jnp.asarray(rows),
+                self.carry, tokens = decode_program(self.graphdef, self.state, self.carry, jnp.asarray(rows),
                                              jnp.asarray(self.keys[rows]), jnp.asarray(self.temperature[rows]),
                                              jnp.asarray(self.top_k[rows]), jnp.asarray(self.top_p[rows]),
                                              jnp.zeros(width, bool), steps=self.chunk)
@@ -197,7 +197,7 @@ class Engine:
                     break
                 width = min(self.slots, width * 2)
             for bucket in sorted({prompt_bucket(n, self.block) for n in range(self.block + 2)}):
-                self.carry = _admit(self.graphdef, self.state, self.carry, jnp.int32(0),
+                self.carry = prefill_program(self.graphdef, self.state, self.carry, jnp.int32(0),
                                     jnp.zeros(self.block, jnp.int32), jnp.int32(1), bucket=bucket)
             jax.block_until_ready(tokens)
 
@@ -220,7 +220,7 @@ class Engine:
         window = np.zeros(self.block, np.int32)
         window[:min(P, self.block)] = job.prompt[-self.block:]
         bucket = prompt_bucket(P - 1, self.block) if P <= self.block else 0
-        self.carry = _admit(self.graphdef, self.state, self.carry, jnp.int32(slot), jnp.asarray(window), jnp.int32(P),
+        self.carry = prefill_program(self.graphdef, self.state, self.carry, jnp.int32(slot), jnp.asarray(window), jnp.int32(P),
                             bucket=bucket)
         self.keys[slot] = np.asarray(jax.random.key_data(jax.random.key(job.seed)))
         self.temperature[slot] = job.temperature
@@ -270,7 +270,7 @@ class Engine:
             width = min(self.slots, 1 << (len(busy) - 1).bit_length())
             rows = np.array(busy + [s for s in range(self.slots) if s not in self.jobs][:width - len(busy)], np.int32)
             active = np.arange(width) < len(busy)
-            self.carry, tokens = _decode(self.graphdef, self.state, self.carry, jnp.asarray(rows),
+            self.carry, tokens = decode_program(self.graphdef, self.state, self.carry, jnp.asarray(rows),
                                          jnp.asarray(self.keys[rows]), jnp.asarray(self.temperature[rows]),
                                          jnp.asarray(self.top_k[rows]), jnp.asarray(self.top_p[rows]), jnp.asarray(active),
                                          steps=self.chunk)

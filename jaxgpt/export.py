@@ -70,7 +70,7 @@ def export_eval_step(model_cfg: GPTConfig, tc: TrainConfig, platforms: tuple[str
 
 def export_decode_step(model_cfg: GPTConfig, batch: int, platforms: tuple[str, ...], dtype: str = "float32",
                        chunk: int = 8, mode: str = "mixed") -> export.Exported:
-    """Generation's compiled chunk (sample._chunk): `chunk` tokens per sequence through the KV
+    """Generation's compiled chunk (sample.chunk_program): `chunk` tokens per sequence through the KV
     cache or, past block_size, the window; top-k/top-p sampling inside. The default 'mixed'
     chunk holds both steps (the one crossing block_size); 'cache' and 'window' are the others."""
     from jaxgpt import sample
@@ -83,7 +83,7 @@ def export_decode_step(model_cfg: GPTConfig, batch: int, platforms: tuple[str, .
     i32 = jax.ShapeDtypeStruct((), jnp.int32)
     carry = (jax.ShapeDtypeStruct((batch, model_cfg.block_size), jnp.int32), i32, cache)
     uniforms = jax.ShapeDtypeStruct((chunk, batch), jnp.float32)
-    return export.export(sample._chunk, platforms=platforms)(
+    return export.export(sample.chunk_program, platforms=platforms)(
         graphdef, params, carry, uniforms, i32, i32, temperature=0.8, top_k=40, top_p=0.95, on_token=None,
         return_logits=False, mode=mode)
 

@@ -28,7 +28,7 @@ LayerCache = tuple[jax.Array, jax.Array, jax.Array]  # (k, v, index of the layer
 MATMULS = tuple(m for m in MATMUL_CHOICES if m != "auto")  # what GPT takes; jaxgpt.platform resolves auto
 
 
-def _row_major(a: jax.Array) -> jax.Array:
+def row_major(a: jax.Array) -> jax.Array:
     """The 2-D array `a` (typically a transpose) materialised in row-major order. XLA keeps a transpose
     as a layout where it can, and XLA:CPU's bfloat16 matmul (YNNPACK) takes row-major operands only:
     handed a transposed one, the compiler multiplies in float32 instead (1536 x 512 x 128: 3.4x slower
@@ -65,7 +65,7 @@ def _bf16_matmul_fwd(x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple[jax.A
 def _bf16_matmul_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
     xb, wb = res
     gb = g.astype(jnp.bfloat16)
-    return _bf16_dot(gb, _row_major(wb.T)), _bf16_dot(_row_major(xb.T), gb)
+    return _bf16_dot(gb, row_major(wb.T)), _bf16_dot(row_major(xb.T), gb)
 
 
 bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
@@ -74,13 +74,13 @@ bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 def _bf16_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, precision: Any = None,
                       **kwargs: Any) -> jax.Array:
     """nnx.Linear's dot_general for --matmul_precision=bfloat16: bf16_matmul for the float32 (tokens, C)
-    @ (C, out) products of _flat; anything else (bfloat16 compute, other shapes) as lax.dot_general."""
+    @ (C, out) products of flat_matmul; anything else (bfloat16 compute, other shapes) as lax.dot_general."""
     if lhs.ndim == 2 and lhs.dtype == rhs.dtype == jnp.float32 and dimension_numbers == (((1,), (0,)), ((), ())):
         return bf16_matmul(lhs, rhs)
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, **kwargs)
 
 
-def _linear(d_in: int, d_out: int, std: float, cfg: GPTConfig, rngs: nnx.Rngs, zero: bool = False,
+def linear(d_in: int, d_out: int, std: float, cfg: GPTConfig, rngs: nnx.Rngs, zero: bool = False,
             matmul: str = "float32", use_bias: bool | None = None) -> nnx.Linear:
     init = nnx.initializers.zeros if zero else nnx.initializers.normal(std)
     dot: dict[str, Any] = dict(dot_general=_bf16_dot_general) if matmul == "bfloat16" else {}  # else nnx.Linear's own
@@ -88,7 +88,7 @@ def _linear(d_in: int, d_out: int, std: float, cfg: GPTConfig, rngs: nnx.Rngs, z
                       bias_init=nnx.initializers.zeros, rngs=rngs, **dot)
 
 
-def _flat(f: Any, x: jax.Array) -> jax.Array:
+def flat_matmul(f: Any, x: jax.Array) -> jax.Array:
     """Apply a matmul to (..., C) as a 2-D (tokens, C) matmul. Measured on XLA:CPU: the
     backward of a 3-D dot contracts over two axes (B, T) and ran the step ~1.35x slower."""
     return f(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
@@ -159,14 +159,14 @@ def attention_path(dropout_active: bool, kernel: str) -> str:
 class CausalSelfAttention(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, attention: str = "xla", matmul: str = "float32"):
         resid_std = 0.02 / math.sqrt(2 * cfg.n_layer)  # GPT-2: scale the residual projections
-        self.c_attn = _linear(cfg.n_embd, 3 * cfg.n_embd, 0.02, cfg, rngs, matmul=matmul)  # q, k, v in one matmul
+        self.c_attn = linear(cfg.n_embd, 3 * cfg.n_embd, 0.02, cfg, rngs, matmul=matmul)  # q, k, v in one matmul
         self.q_norm = nnx.RMSNorm(cfg.head_dim, epsilon=cfg.layer_norm_epsilon, rngs=rngs) if cfg.qk_norm else None
         self.k_norm = nnx.RMSNorm(cfg.head_dim, epsilon=cfg.layer_norm_epsilon, rngs=rngs) if cfg.qk_norm else None
         # value embeddings: v = ve_lambda[0] * v + ve_lambda[1] * (this layer's table row, or zeros)
         # float32, not the weak type jnp.full(.., 0.5) gives: a step's output state is strongly typed, so a
         # weak leaf made a jitted train or eval step compile again on its second call (parity's twins, notebooks)
         self.ve_lambda = nnx.Param(jnp.full((2,), 0.5, jnp.float32)) if cfg.value_embeds else None
-        self.c_proj = _linear(cfg.n_embd, cfg.n_embd, resid_std, cfg, rngs, zero=cfg.zero_init_proj, matmul=matmul)
+        self.c_proj = linear(cfg.n_embd, cfg.n_embd, resid_std, cfg, rngs, zero=cfg.zero_init_proj, matmul=matmul)
         self.attn_dropout = nnx.Dropout(cfg.dropout)
         self.resid_dropout = nnx.Dropout(cfg.dropout)
         self.n_head = cfg.n_head
@@ -177,7 +177,7 @@ class CausalSelfAttention(nnx.Module):
         """(B, T, C) -> q, k, v (B, T, H, D), q and k normalised when qk_norm is on (before RoPE), the
         value embedding rows ve (B, T, C) mixed into v when value_embeds is on."""
         B, T, C = x.shape
-        q, k, v = jnp.split(_flat(self.c_attn, x), 3, axis=-1)
+        q, k, v = jnp.split(flat_matmul(self.c_attn, x), 3, axis=-1)
         q, k, v = (t.reshape(B, T, self.n_head, C // self.n_head) for t in (q, k, v))  # dot_product_attention's layout
         if self.ve_lambda is not None and ve is not None:
             lam = self.ve_lambda[...].astype(v.dtype)
@@ -207,7 +207,7 @@ class CausalSelfAttention(nnx.Module):
                 att = jnp.where(jnp.tril(jnp.ones((T, T), bool)), att, -jnp.inf)
                 att = self.attn_dropout(jax.nn.softmax(att, axis=-1), rngs=key_attn)
                 y = jnp.einsum("bhqk,bkhd->bqhd", att, v)
-        return self.resid_dropout(_flat(self.c_proj, y.reshape(B, T, C)), rngs=key_resid), cache
+        return self.resid_dropout(flat_matmul(self.c_proj, y.reshape(B, T, C)), rngs=key_resid), cache
 
     def _cached(self, q: jax.Array, k: jax.Array, v: jax.Array, cache: LayerCache,
                 pos: jax.Array | int) -> tuple[jax.Array, LayerCache]:
@@ -266,20 +266,20 @@ class CausalSelfAttention(nnx.Module):
         if self.rope_base:
             q, k = rope(q, np.arange(T - 1, T), self.rope_base, axis=1), rope(k, np.arange(T), self.rope_base, axis=1)
         y = jax.nn.dot_product_attention(q, k, v)  # the last query sees every key: no mask
-        return _flat(self.c_proj, y.reshape(B, 1, C))
+        return flat_matmul(self.c_proj, y.reshape(B, 1, C))
 
 
 class MLP(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, matmul: str = "float32"):
-        self.c_fc = _linear(cfg.n_embd, 4 * cfg.n_embd, 0.02, cfg, rngs, matmul=matmul)
-        self.c_proj = _linear(4 * cfg.n_embd, cfg.n_embd, 0.02 / math.sqrt(2 * cfg.n_layer), cfg, rngs,
+        self.c_fc = linear(cfg.n_embd, 4 * cfg.n_embd, 0.02, cfg, rngs, matmul=matmul)
+        self.c_proj = linear(4 * cfg.n_embd, cfg.n_embd, 0.02 / math.sqrt(2 * cfg.n_layer), cfg, rngs,
                               zero=cfg.zero_init_proj, matmul=matmul)
         self.dropout = nnx.Dropout(cfg.dropout)
         self.activation = cfg.activation
 
     def __call__(self, x: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
-        h = activation(_flat(self.c_fc, x), self.activation)
-        return self.dropout(_flat(self.c_proj, h), rngs=key)
+        h = activation(flat_matmul(self.c_fc, x), self.activation)
+        return self.dropout(flat_matmul(self.c_proj, h), rngs=key)
 
 
 class ValueEmbeds(nnx.Module):

@@ -18,7 +18,7 @@ from flax import nnx
 
 from jaxgpt.config import ATTENTION_KERNELS, GPTConfig
 from jaxgpt.errors import UserError
-from jaxgpt.layers import MATMULS, Block, ValueEmbeds, _flat, _linear, _row_major, bf16_matmul, norm
+from jaxgpt.layers import MATMULS, Block, ValueEmbeds, bf16_matmul, flat_matmul, linear, norm, row_major
 
 # What the backward pass may keep from the forward pass of each block.
 REMAT_POLICIES = {
@@ -79,7 +79,7 @@ class GPT(nnx.Module):
         self.ln_f = norm(cfg, cfg.n_embd, rngs)
         # nanoGPT ties lm_head to wte (logits = x @ wte.T, see _head); untied it is its own matrix
         self.lm_head = None if cfg.tie_embeddings else \
-            _linear(cfg.n_embd, cfg.vocab_size, 0.02, cfg, rngs, zero=cfg.zero_init_proj, matmul=matmul, use_bias=False)
+            linear(cfg.n_embd, cfg.vocab_size, 0.02, cfg, rngs, zero=cfg.zero_init_proj, matmul=matmul, use_bias=False)
 
     def __call__(self, idx: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
         """idx int (B, T), T <= block_size -> logits float (B, T, vocab_size).
@@ -123,9 +123,9 @@ class GPT(nnx.Module):
         if self.lm_head is None:
             head = self.wte.embedding[...]  # (vocab_size, C); Embed.attend would promote to float32 too
             bf16 = self.matmul == "bfloat16" and x.dtype == head.dtype == jnp.float32
-            logits = _flat(lambda h: bf16_matmul(h, _row_major(head.T)) if bf16 else h @ head.T, x)
+            logits = flat_matmul(lambda h: bf16_matmul(h, row_major(head.T)) if bf16 else h @ head.T, x)
         else:
-            logits = _flat(self.lm_head, x)
+            logits = flat_matmul(self.lm_head, x)
         cap = self.config.logit_softcap
         return cap * jnp.tanh(logits / cap) if cap else logits
 

@@ -153,7 +153,7 @@ def chunk_mode(length: int, steps: int, block_size: int, rolling: bool = False) 
 
 @partial(jax.jit, static_argnames=("graphdef", "temperature", "top_k", "top_p", "on_token", "return_logits", "mode"),
          donate_argnames=("carry",))
-def _chunk(graphdef: nnx.GraphDef, state: nnx.State, carry: Carry, uniforms: jax.Array, j0: jax.Array,
+def chunk_program(graphdef: nnx.GraphDef, state: nnx.State, carry: Carry, uniforms: jax.Array, j0: jax.Array,
            limit: jax.Array, *, temperature: float, top_k: int | None, top_p: float, on_token: Callable | None,
            return_logits: bool, mode: str) -> tuple[Carry, jax.Array, jax.Array | None]:
     """uniforms.shape[0] more tokens for every sequence (the first `limit` of them wanted).
@@ -270,7 +270,7 @@ def generate_chunks(model: GPT, prompt: np.ndarray | jax.Array, max_new_tokens: 
             part = np.asarray(uniforms, np.float32)[j0:j0 + chunk]
             u[:len(part)] = part
         keep = min(chunk, max_new_tokens - j0)
-        carry, tokens, logits = _chunk(graphdef, state, carry, jnp.asarray(u), jnp.int32(j0), jnp.int32(keep),
+        carry, tokens, logits = chunk_program(graphdef, state, carry, jnp.asarray(u), jnp.int32(j0), jnp.int32(keep),
                                        temperature=float(temperature), top_k=top_k, top_p=float(top_p),
                                        on_token=callback, return_logits=return_logits,
                                        mode=chunk_mode(P + j0, chunk, bs, rolling))

@@ -20,7 +20,7 @@ from formats.table import flat_params, from_torch_state_dict, to_torch_state_dic
 from jaxgpt.config import GPTConfig
 from jaxgpt.model import GPT
 from parity import tolerances as tol
-from parity.rows import Result, _jit_forward, jax_logits, logits_diff, max_diff, synthetic_corpus
+from parity.rows import Result, jax_logits, jit_forward, logits_diff, max_diff, synthetic_corpus
 from parity.twins import jax_to_torch_model
 
 # Small configs covering bias on/off, 1-4 layers; each is run at T < block_size and T == block_size.
@@ -38,7 +38,7 @@ def _cases() -> Iterator[tuple[str, GPTConfig, int]]:
             yield f"{name} T={T}", cfg, T
 
 
-def _tokens(cfg: GPTConfig, T: int, seed: int = 0, batch: int = 3) -> np.ndarray:
+def sample_tokens(cfg: GPTConfig, T: int, seed: int = 0, batch: int = 3) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, T), dtype=np.int64)
 
 
@@ -50,7 +50,7 @@ def torch_logits(model: torchref.GPT, idx: np.ndarray) -> np.ndarray:
 def check_logits_jax_to_torch(cfg: GPTConfig, T: int, case: str) -> list[Result]:
     model = GPT(cfg, rngs=nnx.Rngs(1))
     model.eval()
-    idx = _tokens(cfg, T)
+    idx = sample_tokens(cfg, T)
     diff = logits_diff(jax_logits(model, idx), torch_logits(jax_to_torch_model(model), idx))
     return [Result("logits jax->torch", case, diff, tol.LOGITS_TOL)]
 
@@ -58,7 +58,7 @@ def check_logits_jax_to_torch(cfg: GPTConfig, T: int, case: str) -> list[Result]
 def check_logits_torch_to_jax(cfg: GPTConfig, T: int, case: str) -> list[Result]:
     torch.manual_seed(2)
     tmodel = torchref.GPT(cfg).eval()
-    idx = _tokens(cfg, T, seed=1)
+    idx = sample_tokens(cfg, T, seed=1)
     diff = logits_diff(jax_logits(from_torch_state_dict(tmodel.state_dict(), cfg), idx), torch_logits(tmodel, idx))
     return [Result("logits torch->jax", case, diff, tol.LOGITS_TOL)]
 
@@ -170,7 +170,7 @@ def check_bf16_logits() -> list[Result]:
         model = GPT(cfg, rngs=nnx.Rngs(1))
         model.eval()
         out.append(Result("bf16 logits jax vs torch autocast, rel.", f"{name} T={cfg.block_size}",
-                          bf16_logit_gap(model, _tokens(cfg, cfg.block_size)), tol.BF16_LOGITS_RTOL))
+                          bf16_logit_gap(model, sample_tokens(cfg, cfg.block_size)), tol.BF16_LOGITS_RTOL))
     return out
 
 
@@ -178,7 +178,7 @@ def bf16_logit_gap(model: GPT, idx: np.ndarray) -> float:
     """max|jaxgpt in bf16 - torchref under autocast(bf16)| / max|fp32 logit|, the same fp32 weights."""
     ref = jax_logits(model, idx)
     graphdef, state = nnx.split(model)
-    bf16 = np.asarray(_jit_forward(graphdef, jax.tree.map(lambda p: p.astype(jnp.bfloat16), state),
+    bf16 = np.asarray(jit_forward(graphdef, jax.tree.map(lambda p: p.astype(jnp.bfloat16), state),
                                    jnp.asarray(idx, jnp.int32)).astype(jnp.float32))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         tb = jax_to_torch_model(model)(torch.from_numpy(idx)).float().numpy()
@@ -213,7 +213,7 @@ def _gen_pair(new_tokens: int, **sampling) -> tuple[np.ndarray, np.ndarray]:
 
     model = GPT(GEN_CFG, rngs=nnx.Rngs(11))
     model.eval()
-    prompt = _tokens(GEN_CFG, 5, seed=3, batch=2)
+    prompt = sample_tokens(GEN_CFG, 5, seed=3, batch=2)
     u = np.random.default_rng(5).random((new_tokens, 2)).astype(np.float32)
     a = generate(model, prompt, new_tokens, uniforms=u, **sampling)
     b = torch_generate(jax_to_torch_model(model), torch.from_numpy(prompt), new_tokens,
@@ -244,7 +244,7 @@ def check_cache_vs_full_forward(new_tokens: int = 150) -> list[Result]:
     bs = GEN_CFG.block_size
     out = []
     for P in (7, bs, bs + 9):  # short prompt (crosses block_size while decoding), full, overlong
-        prompt = _tokens(GEN_CFG, P, seed=P, batch=2)
+        prompt = sample_tokens(GEN_CFG, P, seed=P, batch=2)
         tokens, logits = generate(model, prompt, new_tokens, temperature=1.0, key=jax.random.key(P), return_logits=True)
         # one compiled shape: causality lets a block that starts at the context start stand in for it
         ref = [jax_logits(model, tokens[:, max(0, L - bs):max(L, bs)])[:, min(L, bs) - 1] for L in range(P, P + new_tokens)]

@@ -19,7 +19,7 @@ from formats.table import flat_params, from_torch_state_dict, to_torch_state_dic
 from jaxgpt.config import GPTConfig
 from jaxgpt.model import GPT
 from parity import tolerances as tol
-from parity.checks import _tokens, bf16_logit_gap, check_param_counts, torch_logits, train_twins
+from parity.checks import bf16_logit_gap, check_param_counts, sample_tokens, torch_logits, train_twins
 from parity.rows import Result, jax_logits, logits_diff, max_diff
 from parity.twins import jax_to_torch_model
 
@@ -68,7 +68,7 @@ def check_switch(name: str, cfg: GPTConfig) -> list[Result]:
     model, tmodel = _model(cfg, 1), _torch_model(cfg, 2)
     out = []
     for T in (cfg.block_size // 2 + 3, cfg.block_size):
-        idx = _tokens(cfg, T)
+        idx = sample_tokens(cfg, T)
         out.append(Result("logits jax->torch", f"{name} T={T}",
                           logits_diff(jax_logits(model, idx), torch_logits(jax_to_torch_model(model), idx)), tol.LOGITS_TOL))
         out.append(Result("logits torch->jax", f"{name} T={T}",
@@ -94,7 +94,7 @@ def check_decoding(name: str, cfg: GPTConfig, new_tokens: int = 48) -> list[Resu
 
     model = _model(cfg, 11)
     tmodel = jax_to_torch_model(model)
-    prompt = _tokens(cfg, 5, seed=3, batch=2)
+    prompt = sample_tokens(cfg, 5, seed=3, batch=2)
     u = np.random.default_rng(5).random((new_tokens, 2)).astype(np.float32)
     out = []
     for label, sampling in (("greedy", dict(temperature=0.0)), ("sampled", dict(temperature=1.0, top_k=40, top_p=0.95))):
@@ -117,7 +117,7 @@ def check_rope_past_block(new_tokens: int = 300) -> list[Result]:
 
     model = _model(MODERN, 13)
     tmodel = jax_to_torch_model(model)
-    prompt = _tokens(MODERN, 5, seed=4, batch=2)
+    prompt = sample_tokens(MODERN, 5, seed=4, batch=2)
     crop = generate(model, prompt, new_tokens, temperature=0.0)
     ref = torch_generate(tmodel, torch.from_numpy(prompt), new_tokens, temperature=0.0).numpy()
     slide, logits = generate(model, prompt, new_tokens, temperature=0.0, return_logits=True, past_context="slide")
@@ -152,7 +152,7 @@ def check_bf16() -> list[Result]:
     """The full recipe in bf16 compute (fp32 master weights): logits vs torch autocast, 100 Muon steps
     vs torch autocast, and the held-out loss of 300 steps vs the fp32 run; the same for bf16 matmuls
     in float32 compute (--matmul_precision=bfloat16)."""
-    gap = bf16_logit_gap(_model(MODERN, 1), _tokens(MODERN, MODERN.block_size))
+    gap = bf16_logit_gap(_model(MODERN, 1), sample_tokens(MODERN, MODERN.block_size))
     cfg = dataclasses.replace(MODERN, bias=True)
     jl, tl, *_ = train_twins(100, dtype="bfloat16", cfg=cfg, **MUON)
     *_, b16 = train_twins(300, dtype="bfloat16", torch_side=False, cfg=cfg, **MUON)
@@ -195,7 +195,7 @@ def check_bf16_matmuls(steps: int = 60, accum: int = 2) -> list[Result]:
     as they train (jaxgpt against itself with every weight nudged by 2 ulps: gradients 2.4e-03 apart
     relative to the largest; after 60 steps the twins' losses differ by ~4e-05, parameters by ~1e-02)."""
     model = _model(MODERN, 1, matmul="bfloat16")
-    idx = _tokens(MODERN, MODERN.block_size)
+    idx = sample_tokens(MODERN, MODERN.block_size)
     cfg = dataclasses.replace(MODERN, bias=True)
     jl, tl, *_ = train_twins(steps, accum, cfg=cfg, **MUON, matmul_precision="bfloat16")
     return [Result("bf16 matmul: output and both gradients jax vs torch, rel.", "96 x 64 @ 64 x 48", bf16_matmul_gap(),
@@ -211,7 +211,7 @@ def check_explicit_attention() -> list[Result]:
     setting, takes on CPU) against torchref's SDPA at float32's tolerances: the full recipe's logits, and
     NorMuon training as the recipe runs it."""
     model = _model(MODERN, 1, attention="explicit")
-    idx = _tokens(MODERN, MODERN.block_size)
+    idx = sample_tokens(MODERN, MODERN.block_size)
     return [Result("logits jax->torch", f"modern, explicit attention T={MODERN.block_size}",
                    logits_diff(jax_logits(model, idx), torch_logits(jax_to_torch_model(model), idx)), tol.LOGITS_TOL),
             *check_muon_training(beta2=0.95, attention="explicit")]

@@ -37,14 +37,14 @@ def logits_diff(ours, theirs) -> float:
 
 
 @partial(jax.jit, static_argnums=0)
-def _jit_forward(graphdef: nnx.GraphDef, state: nnx.State, idx: jax.Array) -> jax.Array:
+def jit_forward(graphdef: nnx.GraphDef, state: nnx.State, idx: jax.Array) -> jax.Array:
     return nnx.merge(graphdef, state)(idx)
 
 
 def jax_logits(model: GPT, idx: np.ndarray) -> np.ndarray:
     """Jitted forward (checks call it many times with one shape)."""
     model.check_input(idx)
-    return np.asarray(_jit_forward(*nnx.split(model), jnp.asarray(idx, jnp.int32)))
+    return np.asarray(jit_forward(*nnx.split(model), jnp.asarray(idx, jnp.int32)))
 
 
 def synthetic_corpus(n_bytes: int, seed: int = 0) -> np.ndarray:

@@ -188,7 +188,7 @@ def test_bf16_matmuls_multiply_every_linear_layer_in_bf16_forward_and_backward()
     """--matmul_precision=bfloat16 rounds the linear layers' inputs (and, backward, their output
     gradient) to bf16 with float32 sums: the logits move by about bf16's rounding, the gradients stay
     close, and XLA:CPU's compiled step keeps all three products of each layer in bf16 (given a
-    transposed operand it multiplies in float32: layers._row_major)."""
+    transposed operand it multiplies in float32: layers.row_major)."""
     from jaxgpt.step import loss_fn
     cfg = GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=False, tie_embeddings=False)
     f32, b16 = (GPT(cfg, rngs=nnx.Rngs(0), matmul=m) for m in ("float32", "bfloat16"))

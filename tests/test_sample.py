@@ -61,9 +61,9 @@ def test_streaming_callback_sees_every_token_in_order(model):
 
 def test_compiled_once_per_prompt_bucket(model):
     generate(model, np.array([[1, 2, 3, 4]]), 12, key=jax.random.key(0))
-    before = (sample._start._cache_size(), sample._chunk._cache_size())
+    before = (sample._start._cache_size(), sample.chunk_program._cache_size())
     generate(model, np.array([[7, 8, 9, 10, 11, 12, 13]]), 12, key=jax.random.key(5))  # same bucket and chunk
-    assert (sample._start._cache_size(), sample._chunk._cache_size()) == before
+    assert (sample._start._cache_size(), sample.chunk_program._cache_size()) == before
 
 
 @pytest.mark.slow
