@@ -273,15 +273,15 @@ def loader_rate(data_dir: str, order: str, steps: int, batch: int, block: int) -
 def loader_figures(log, steps: int = 40, shard_tokens: int = 20_000_000, n_shards: int = 4) -> list:
     """Tokens/s one host's loader delivers at GPT-2 124M's host batch from local shards and from gs:// shards
     (the emulator: cold = fetching, warm = cached), random and epoch order, beside the tokens/s a v5e-8 step
-    consumes at its roofline (jaxgpt.targets' peak, jaxgpt.perf's FLOP formula: the compile-only plan's bound)."""
+    consumes at its roofline (jaxgpt.plan.targets' peak, jaxgpt.plan.perf's FLOP formula: the compile-only plan's bound)."""
     import shutil
     import tempfile
 
     from benchmarks.gcs_emulator import Emulator, available
     from benchmarks.harness import Figure
     from jaxgpt import GPTConfig, paths
-    from jaxgpt.perf import flops_per_token
-    from jaxgpt.targets import parse
+    from jaxgpt.plan.perf import flops_per_token
+    from jaxgpt.plan.targets import parse
     devices, rows, block = GPT2_HOST_BATCH
     v5e = parse("v5e-8")
     need = v5e.devices * v5e.chip.peak_flops / flops_per_token(GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024,

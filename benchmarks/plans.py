@@ -25,13 +25,13 @@ TARGETS = ("v5e-8", "v6e-8", "h100x8")
 
 
 def python_for(target: str, tpu_python: str, gpu_python: str) -> str:
-    from jaxgpt.targets import parse
+    from jaxgpt.plan.targets import parse
 
     return tpu_python if parse(target).platform == "tpu" else gpu_python
 
 
 def cell(flags: list[str], target: str, python: str) -> dict:
-    from jaxgpt.targets import parse
+    from jaxgpt.plan.targets import parse
 
     flags = [f.format(devices=parse(target).devices) for f in flags]
     proc = subprocess.run([python, str(ROOT / "scripts" / "train.py"), *flags, f"--target={target}", "--compile_only",

@@ -80,8 +80,8 @@ def decode_widths(cfg: Any, slots: int = 16, chunk: int = 8, calls: int = 4, rep
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxgpt import engine as E
     from jaxgpt.model import GPT
+    from jaxgpt.serve import engine as E
 
     eng = E.Engine(GPT(cfg, rngs=nnx.Rngs(0)), slots=slots, chunk=chunk)
     figures, width = [], 1

@@ -23,7 +23,7 @@ from benchmarks.harness import Figure, alternate, train_specs
 from benchmarks.workers import generation
 from jaxgpt import platform
 from jaxgpt.config import GPTConfig, TrainConfig
-from jaxgpt.perf import device_peak_flops
+from jaxgpt.plan.perf import device_peak_flops
 
 VALIDATE_STEPS = 200
 LOSS_FRACTION = 0.6  # val loss after VALIDATE_STEPS must be below this fraction of log(vocab_size)
@@ -64,15 +64,15 @@ def step_rows(cfg: GPTConfig, tc: TrainConfig, log: Callable[[str], None]) -> li
                        "peak in use" if r["peak_bytes"] else "XLA temporaries")]
     # beside the measured step: the planner's roofline bound for the same step on this device
     # (what `train.py --target=... --compile_only` promised before the chip was rented)
-    from jaxgpt.aot import plan_training
-    from jaxgpt.targets import chip_for_kind
+    from jaxgpt.plan.aot import plan_training
+    from jaxgpt.plan.targets import chip_for_kind
 
     if chip_for_kind(jax.devices()[0].device_kind) is None:  # a CPU, or a chip the table does not know: no peak
         return out
     bound = plan_training(cfg, bf16)["programs"]["train_step"].get("step_time_lower_bound_s")
     if bound:
         measured = out[0].value / 1e3
-        out.insert(1, Figure("bf16 train step", "as configured: roofline lower bound (jaxgpt.aot)", bound * 1e3, "ms",
+        out.insert(1, Figure("bf16 train step", "as configured: roofline lower bound (jaxgpt.plan.aot)", bound * 1e3, "ms",
                              f"an estimate at the datasheet peak; measured is {measured / bound:.1f}x it"))
     return out
 

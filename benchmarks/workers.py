@@ -66,7 +66,7 @@ def jax_train(spec: dict) -> dict:
     """The jitted train step as scripts/train.py compiles it (platform choices, remat by memory)."""
     import jax
 
-    from jaxgpt.perf import flops_per_token
+    from jaxgpt.plan.perf import flops_per_token
     from jaxgpt.step import compile_train_step, init_state
 
     cfg, tc = _configs(spec)

@@ -107,7 +107,7 @@ def add_compile_cache_flag(parser: argparse.ArgumentParser) -> None:
 
 def add_plan_flags(parser: Any, compile_only_help: str) -> None:
     """--target, --compile_only and --json (train.py and serve.py): the script's programs compiled for an
-    accelerator (jaxgpt.aot) and reported instead of run. `parser`: a parser or an argument group."""
+    accelerator (jaxgpt.plan.aot) and reported instead of run. `parser`: a parser or an argument group."""
     parser.add_argument("--target", help="plan for this accelerator instead of this host's devices: a Cloud TPU type "
                                          "(v4-8, v5e-8 = v5litepod-8, v5e-16, v5p-8, v6e-8, ...) or GPUs (h100, h100x8, "
                                          "h200x8, a100x8, b200x8, h100x16 = 2 hosts); needs --compile_only")
@@ -146,9 +146,9 @@ def progress_lines(quiet: bool) -> Callable[[str], None]:
 
 
 def print_plan(report: dict[str, Any], as_json: bool, extra: str = "") -> int:
-    """A plan (jaxgpt.aot) as JSON or as its table (+ `extra`), then one `error:` line when it does
+    """A plan (jaxgpt.plan.aot) as JSON or as its table (+ `extra`), then one `error:` line when it does
     not fit; returns the exit code (0 fits, 1 does not)."""
-    from jaxgpt.aot import describe, finite, shortfall
+    from jaxgpt.plan.aot import describe, finite, shortfall
 
     print(json.dumps(finite(report)) if as_json else describe(report) + extra, flush=True)
     if not report["fits"]:

@@ -287,7 +287,7 @@ def int_or_auto(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected an integer or auto, got {text!r}") from None
 
 
-AUTO_FLAGS = ("batch_size",)  # also take 'auto' on the command line: chosen by the compiler (scripts/train.py, jaxgpt.aot)
+AUTO_FLAGS = ("batch_size",)  # also take 'auto' on the command line: chosen by the compiler (scripts/train.py, jaxgpt.plan.aot)
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:

@@ -55,7 +55,7 @@ class Platform:
 @dataclass(frozen=True)
 class Site:
     """Where programs will run: this process's devices (local_site), or a target they are compiled
-    for ahead of time (jaxgpt.aot). Every choice below that depends on the backend takes one, so a
+    for ahead of time (jaxgpt.plan.aot). Every choice below that depends on the backend takes one, so a
     plan made on this host decides exactly as the run will on the target."""
 
     backend: str  # 'cpu' | 'gpu' | 'tpu'
@@ -242,7 +242,7 @@ def check_state_fits(state_bytes: int, what: str, remedies: str, device: jax.Dev
 def check_model_fits(cfg: GPTConfig, what: str) -> None:
     """Before a checkpoint's weights are built or restored: its config alone (a crafted config.json
     or header can claim any size) must describe float32 weights that fit in memory."""
-    from jaxgpt.perf import total_params
+    from jaxgpt.plan.perf import total_params
 
     check_state_fits(4 * total_params(cfg), f"{what}'s float32 weights", "it cannot be loaded on this machine")
 
@@ -278,7 +278,7 @@ def streams_by_callback(platform: str) -> bool:
     """generate.py prints a streamed sample token by token from inside the compiled loop (an ordered
     host callback) on CPU, where host and device are one; on GPU/TPU a callback per token would
     stop the device every token, so it streams a short chunk at a time instead (no callback in the
-    program: jaxgpt.aot checks every accelerator program for them)."""
+    program: jaxgpt.plan.aot checks every accelerator program for them)."""
     return platform == "cpu"
 
 

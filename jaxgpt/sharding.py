@@ -30,7 +30,7 @@ def init_distributed(coordinator_address: str | None = None, num_processes: int 
 
 
 def make_mesh(data: int = 0, fsdp: int = 1, devices: list | None = None) -> Mesh:
-    """A (data, fsdp) mesh over all devices (or `devices`: a target's, jaxgpt.aot); data=0 means
+    """A (data, fsdp) mesh over all devices (or `devices`: a target's, jaxgpt.plan.aot); data=0 means
     'all devices not used by fsdp'."""
     n = len(devices) if devices is not None else jax.device_count()
     if fsdp < 1 or n % fsdp:

@@ -53,7 +53,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, tc
     gradients are computed side by side and averaged: the same mean, summed in another order (with
     dropout, each part draws its own masks); 0: the platform's choice for an unsharded batch (train.py
     resolves it per device).
-    `backend`: the platform it is compiled for (default: this process's; jaxgpt.aot's targets)."""
+    `backend`: the platform it is compiled for (default: this process's; jaxgpt.plan.aot's targets)."""
     backend = backend or platform.backend()
     dtype = DTYPES[platform.resolve_dtype(tc.dtype, backend)]
     grad_fn = jax.value_and_grad(loss_fn, argnums=1)
@@ -174,7 +174,7 @@ class Fit(NamedTuple):
 
 def fit_train_step(model_cfg: GPTConfig, tc: TrainConfig, state: TrainState, x: Any, y: Any, step: Any, attention: str,
                    site: platform.Site) -> tuple[Fit, nnx.GraphDef]:
-    """The train step a run compiles, and the planner (jaxgpt.aot) too: under remat=auto the first
+    """The train step a run compiles, and the planner (jaxgpt.plan.aot) too: under remat=auto the first
     policy of none -> dots -> full whose program fits `site`'s memory with a margin. `state`, x and
     y may be arrays or ShapeDtypeStructs carrying their shardings. Returns the last Fit tried and
     its eval-mode graphdef; raises nothing for memory (the caller decides)."""

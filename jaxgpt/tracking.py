@@ -200,7 +200,7 @@ def sinks(out_dir: Any, tc: Any, model_cfg: Any, config: dict[str, Any], start: 
     if writer and (tc.tensorboard or tc.wandb_log):
         from functools import partial
 
-        from jaxgpt.perf import device_peak_flops, flops_per_token
+        from jaxgpt.plan.perf import device_peak_flops, flops_per_token
         peak, _ = device_peak_flops()
         derive = partial(derived, tokens_per_step=tc.batch_size * tc.gradient_accumulation_steps * model_cfg.block_size,
                          flops_per_token=flops_per_token(model_cfg), peak=peak)

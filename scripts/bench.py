@@ -151,7 +151,7 @@ def main(argv: list[str]) -> int:
                 log(f"whole-process generation, block {gen_cfg.block_size}:")
                 figures += bench.whole_process_generation(gen_cfg, gen, args.processes, log)
     else:
-        from jaxgpt.perf import device_peak_flops
+        from jaxgpt.plan.perf import device_peak_flops
         peak, how = device_peak_flops()
         info["peak"] = f"{peak / 1e12:.3g} TFLOP/s ({how})" if peak else how
         figures = []

@@ -66,9 +66,9 @@ def main(argv: list[str]) -> int:
     cli.apply_compile_cache(args.compile_cache)
     from formats.io import load_any, need_tokenizer
     from jaxgpt import paths
-    from jaxgpt.engine import Engine
-    from jaxgpt.http import http_config, is_loopback
-    from jaxgpt.server import Limits, Server, api_key_from
+    from jaxgpt.serve.engine import Engine
+    from jaxgpt.serve.http import http_config, is_loopback
+    from jaxgpt.serve.server import Limits, Server, api_key_from
 
     key = api_key_from(args.api_key)
     if not is_loopback(args.host) and not key:
@@ -114,13 +114,13 @@ def plan_only(args: argparse.Namespace) -> int:
     """--compile_only: the engine's programs for --target (or this host), from the checkpoint's config
     and weights' dtype; nothing served."""
 
-    from jaxgpt import targets
+    from jaxgpt.plan import targets
 
     if args.target:  # JAX stays on this host's CPU; the target's compiler is asked for its chips
         targets.compile_here(args.target)
     cli.apply_compile_cache(args.compile_cache)
     from formats.io import load_any
-    from jaxgpt.aot import plan_serving
+    from jaxgpt.plan.aot import plan_serving
 
     model, _ = load_any(args.checkpoint, args.meta, args.which)
     report = plan_serving(model, args.target, args.slots, args.chunk, cli.progress_lines(args.json))

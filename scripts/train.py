@@ -20,10 +20,10 @@ from jaxgpt.config import base_values, explicit_flags, make_parser
 from jaxgpt.data import prepare_if_missing
 from jaxgpt.loader import data_vocab
 from jaxgpt.model import crop_block_size
+from jaxgpt.plan.targets import compile_here
 from jaxgpt.platform import tune_host_allocator
 from jaxgpt.rundir import resolve_configs
 from jaxgpt.sharding import init_distributed
-from jaxgpt.targets import compile_here
 from jaxgpt.train import train
 
 
@@ -69,7 +69,7 @@ def main(argv: list[str]) -> int:
     paths.check_gcs(train_flags.get("out_dir") or f"out/{dataset}")  # an unreachable bucket: one line, before anything
     model_cfg, tc = resolve_configs(model_flags, train_flags, preset, init_cfg, vocab)
     if batch_auto:  # chosen by compiling on this host's devices, then trained with
-        from jaxgpt.aot import plan_training
+        from jaxgpt.plan.aot import plan_training
         step = plan_training(model_cfg, tc, batch_auto=True)["programs"]["train_step"]
         tc = replace(tc, batch_size=step["batch_size"], gradient_accumulation_steps=step["gradient_accumulation_steps"],
                      remat=step["remat"])  # the very program the plan compiled
@@ -110,7 +110,7 @@ def main(argv: list[str]) -> int:
 def plan_only(args, model_flags: dict, train_flags: dict, preset: dict, batch_auto: bool) -> int:
     """--compile_only: the run's programs compiled for --target (or this host), reported; nothing read
     but the prepared data's meta.json (its vocabulary) when present, nothing written."""
-    from jaxgpt.aot import plan_training
+    from jaxgpt.plan.aot import plan_training
 
     data_dir, dataset = train_flags.get("data_dir", "data"), train_flags.get("dataset", preset.get("dataset", "shakespeare"))
     init_cfg = None

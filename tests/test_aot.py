@@ -1,4 +1,4 @@
-"""Plans by the real compilers (jaxgpt.aot, jaxgpt.targets): targets by name, the planner on this
+"""Plans by the real compilers (jaxgpt.plan.aot, jaxgpt.plan.targets): targets by name, the planner on this
 host's CPU, and — where the plugin is installed (.ci/aot's .venv-tpu and .venv-gpu) — the seed
 config, the modern recipe, a GPT-2-wide model with FSDP on a multi-host slice and a model that
 cannot fit, compiled by XLA:TPU and XLA:GPU for chips this host does not have."""
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from jaxgpt import GPTConfig, TrainConfig, UserError, targets
+from jaxgpt import GPTConfig, TrainConfig, UserError
+from jaxgpt.plan import targets
 from tests import launch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +63,7 @@ def test_cloud_tpu_and_gpu_names_resolve_to_their_real_layouts():
 
 
 def test_every_chip_has_memory_peak_and_bandwidth_and_perf_reads_them():
-    from jaxgpt.perf import device_peak_flops
+    from jaxgpt.plan.perf import device_peak_flops
 
     for chip in targets.CHIPS.values():
         assert 0 < chip.usable() <= chip.memory_bytes and chip.peak_flops > 1e14 and chip.bandwidth > 5e11, chip
@@ -84,7 +85,7 @@ def test_gpu_usable_memory_follows_jax_allocator_fraction(monkeypatch):
 # --- the planner on this host (CPU) and the CLI's refusals ---
 
 def test_the_plan_on_this_host_compiles_the_runs_three_programs():
-    from jaxgpt.aot import describe, plan_training
+    from jaxgpt.plan.aot import describe, plan_training
 
     cfg = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=64, dropout=0.0)
     report = plan_training(cfg, TrainConfig(batch_size=4, gradient_accumulation_steps=2, remat="dots", dtype="float32"))
@@ -98,7 +99,7 @@ def test_the_plan_on_this_host_compiles_the_runs_three_programs():
 
 
 def test_batch_auto_splits_the_global_batch_into_micro_batches_per_device():
-    from jaxgpt.aot import _train_candidates
+    from jaxgpt.plan.aot import _train_candidates
 
     got = [(c.batch_size, c.gradient_accumulation_steps) for c in _train_candidates(TrainConfig(batch_size=64), 8, True)]
     assert got == [(64, 1), (32, 2), (16, 4), (8, 8)]

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from jaxgpt import engine as eng
+from jaxgpt.serve import engine as eng
 
 
 def test_a_sequence_in_its_prefill_holds_its_slot_for_submit_and_close(tiny_model, monkeypatch):

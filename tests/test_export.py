@@ -9,7 +9,7 @@ import pytest
 from jax._src.cudnn import fused_attention_stablehlo
 
 from jaxgpt import GPTConfig, TrainConfig
-from jaxgpt import export as ex
+from jaxgpt.plan import export as ex
 from jaxgpt.platform import resolve_attention
 
 pytestmark = pytest.mark.slow  # subprocesses / emulators / transformers: the full suite only

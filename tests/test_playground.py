@@ -130,7 +130,7 @@ def test_no_ui_turns_the_page_off_and_the_page_needs_no_key_and_no_external_asse
 
     from starlette.testclient import TestClient
 
-    from jaxgpt.server import Limits, Server
+    from jaxgpt.serve.server import Limits, Server
     limits = Limits(max_prompt_tokens=8, max_tokens=8)
     on = TestClient(Server(SimpleNamespace(), None, "m", "secret", limits).app()).get("/")
     assert on.status_code == 200 and on.headers["content-type"].startswith("text/html")

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jaxgpt import ByteTokenizer
-from jaxgpt.api import ApiError
+from jaxgpt.serve.api import ApiError
 from jaxgpt.tokenizer import CharTokenizer
 from tests import served
 
@@ -153,7 +153,7 @@ def test_bodies_that_are_not_declared_json_are_refused(server):
 
 
 def test_a_prompt_the_tokenizer_cannot_encode_is_a_400():
-    from jaxgpt.server import Limits, Server
+    from jaxgpt.serve.server import Limits, Server
     chars = CharTokenizer({"a": 0, "b": 1}, {0: "a", 1: "b"})
     s = Server(SimpleNamespace(vocab=2, block=8), chars, "m", None, Limits(max_prompt_tokens=8, max_tokens=8))
     assert s.encode(["abba"])[0].tolist() == [0, 1, 1, 0]
@@ -167,7 +167,7 @@ def test_a_prompt_the_tokenizer_cannot_encode_is_a_400():
 def test_the_last_resort_handler_answers_a_json_500_and_logs_one_line(caplog):
     from starlette.requests import Request
 
-    from jaxgpt.server import Limits, Server
+    from jaxgpt.serve.server import Limits, Server
 
     async def broken(request: Request):
         raise RuntimeError("a bug\nwith a second line")
@@ -184,8 +184,8 @@ def test_the_last_resort_handler_answers_a_json_500_and_logs_one_line(caplog):
 def test_an_engine_failure_is_a_503_not_a_200_with_an_error_reason():
     from starlette.requests import Request
 
-    from jaxgpt.api import CompletionRequest
-    from jaxgpt.server import Limits, Server
+    from jaxgpt.serve.api import CompletionRequest
+    from jaxgpt.serve.server import Limits, Server
 
     class Failing:  # the engine's thread died: every job hears "error"
         vocab, block = 256, 32
@@ -298,7 +298,7 @@ def test_a_stream_send_that_blocks_past_the_deadline_closes_the_stream(caplog):
     them to drain: the deadline on every send ends the stream there, and closing the generator runs
     its cleanup (which cancels the request's jobs). Loopback buffers absorb megabytes, so this is
     shown with a send that never returns."""
-    from jaxgpt.http import TimedStream
+    from jaxgpt.serve.http import TimedStream
 
     cleaned = []
 

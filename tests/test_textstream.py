@@ -1,4 +1,4 @@
-"""The text pipeline between the engine and a client (jaxgpt/textstream.py): whole UTF-8 characters,
+"""The text pipeline between the engine and a client (jaxgpt/serve/textstream.py): whole UTF-8 characters,
 stop strings cut where generation would stop however the text arrives, nothing sent and then retracted,
 and per-character work bounded by the limits (a worst-case stop request timed against a plain one)."""
 from __future__ import annotations
@@ -11,8 +11,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from jaxgpt import ByteTokenizer
-from jaxgpt.api import MAX_STOP_CHARS, MAX_STOPS
-from jaxgpt.textstream import Choice, Params, StopFilter
+from jaxgpt.serve.api import MAX_STOP_CHARS, MAX_STOPS
+from jaxgpt.serve.textstream import Choice, Params, StopFilter
 
 
 def test_stop_filter_holds_back_a_possible_stop_prefix_and_cuts_at_the_stop():

@@ -24,7 +24,7 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 for _name in ("absl.logging", "flax.nnx", "optax", "orbax.checkpoint", "torch", "jaxgpt.cli", "jaxgpt.train",
-              "jaxgpt.sample", "jaxgpt.aot", "formats.io", "formats.hf", "parity.checks"):
+              "jaxgpt.sample", "jaxgpt.plan.aot", "formats.io", "formats.hf", "parity.checks"):
     try:
         importlib.import_module(_name)
     except ImportError:  # an environment without it (the compile tier's has no torch): the child imports what it needs

@@ -3,7 +3,7 @@ may not have, with their memory, FLOPs and a roofline bound.
 
 `plan_training` builds the train step with the same function the run uses (step.fit_train_step:
 same step, dtype, remat, accumulation, mesh and shardings), the eval step and generation's chunk,
-and compiles them with XLA:TPU or XLA:GPU over deviceless devices (jaxgpt.targets) or with the
+and compiles them with XLA:TPU or XLA:GPU over deviceless devices (jaxgpt.plan.targets) or with the
 local backend. `plan_serving` does the same for the serving engine's decode widths and KV cache.
 The answer to "does it fit?" is the compiler's: XLA:TPU refuses a program over its HBM while
 compiling, and every program's memory_analysis() is checked against the chip's usable memory.
@@ -22,11 +22,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxgpt import platform, targets
+from jaxgpt import platform
 from jaxgpt.config import GPTConfig, TrainConfig
 from jaxgpt.errors import UserError
-from jaxgpt.export import HOST_CALLBACKS
-from jaxgpt.perf import flops_per_token, total_params
+from jaxgpt.plan import targets
+from jaxgpt.plan.export import HOST_CALLBACKS
+from jaxgpt.plan.perf import flops_per_token, total_params
 from jaxgpt.sharding import BATCH_AXES, batch_sharding, make_mesh
 from jaxgpt.step import abstract_train_state, fit_train_step, make_eval_step
 
@@ -95,7 +96,7 @@ def _roofline(fig: dict[str, Any], model_flops: float, devices: int, w: Where, t
     # (GPT-2 124M, 8 micro-steps on v5e-8) it said 37.8 TFLOP a step against the formula's 448. A program
     # does no less than the model's FLOPs, so a figure below them is not used, nor its bytes accessed.
     trusted = bool(compiler) and compiler >= FLOPS_FLOOR * model_flops / devices
-    source = "compiler" if trusted else "formula (jaxgpt.perf.flops_per_token)" + (
+    source = "compiler" if trusted else "formula (jaxgpt.plan.perf.flops_per_token)" + (
         ": the compiler's figure counts loops once" if compiler else "")
     per_device = compiler if trusted else model_flops / devices
     sizes = fig["per_device_bytes"]
@@ -203,9 +204,9 @@ def plan_generation(model_cfg: GPTConfig, w: Where, log: Callable[[str], None], 
 def plan_serving(model: Any, target: str | None, slots: int, chunk: int,
                  log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """scripts/serve.py's programs for `target`: the engine's decode step at every width it compiles
-    (1, 2, 4, ... slots; jaxgpt.engine) and its prefill for the longest prompt bucket, over the KV
+    (1, 2, 4, ... slots; jaxgpt.serve.engine) and its prefill for the longest prompt bucket, over the KV
     cache of `slots` sequences, with the checkpoint's weights as loaded (their dtype)."""
-    from jaxgpt import engine
+    from jaxgpt.serve import engine
 
     w = where(target)
     one = SingleDeviceSharding(w.devices[0])

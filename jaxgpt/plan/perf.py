@@ -1,4 +1,4 @@
-"""Performance accounting, defined once: the FLOP formula (peak FLOP/s: the chip table, jaxgpt.targets).
+"""Performance accounting, defined once: the FLOP formula (peak FLOP/s: the chip table, jaxgpt.plan.targets).
 
 FLOPs per token follow nanoGPT's estimate_mfu (PaLM appendix B): 6 N for the matmuls of
 the forward and backward pass (N = non-embedding parameters, the tied head included)
@@ -36,8 +36,8 @@ def flops_per_token(cfg: GPTConfig) -> float:
 
 def device_peak_flops(device: jax.Device | None = None, measure_cpu: bool = True) -> tuple[float | None, str]:
     """(peak FLOP/s, how it was obtained): the datasheet bf16 peak of a known accelerator (the one
-    table, jaxgpt.targets.CHIPS), or a measured CPU matmul peak."""
-    from jaxgpt.targets import chip_for_kind
+    table, jaxgpt.plan.targets.CHIPS), or a measured CPU matmul peak."""
+    from jaxgpt.plan.targets import chip_for_kind
 
     device = device or jax.devices()[0]
     chip = chip_for_kind(device.device_kind)

@@ -5,8 +5,8 @@ bandwidth), how many devices on how many hosts, and the topology the real compil
 `devices(target)` asks that compiler's plugin for deviceless descriptions of those chips
 (`jax.experimental.topologies`): libtpu for TPU slices (`pip install -e ".[tpu]"`), the CUDA plugin
 for GPUs (`pip install -e ".[gpu]"`) with a target config written from the table below, so a
-program can be compiled for a chip this host does not have (jaxgpt.aot). This module is also the
-one table of peak FLOP/s (jaxgpt.perf reads it).
+program can be compiled for a chip this host does not have (jaxgpt.plan.aot). This module is also the
+one table of peak FLOP/s (jaxgpt.plan.perf reads it).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The serving engine: continuous batching over a fixed set of KV-cache slots (no HTTP in here;
-jaxgpt/server.py is the HTTP layer, JetStream's split of prefill, generate and orchestration).
+jaxgpt/serve/server.py is the HTTP layer, JetStream's split of prefill, generate and orchestration).
 
 One compiled program decodes `chunk` tokens for all `slots` at once; a background thread runs it
 again and again. Between chunks, waiting requests are prefilled into free slots (prompt-length

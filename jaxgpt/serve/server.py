@@ -1,11 +1,11 @@
-"""The HTTP layer of `scripts/serve.py`: the OpenAI completions API over jaxgpt.engine, on Starlette.
+"""The HTTP layer of `scripts/serve.py`: the OpenAI completions API over jaxgpt.serve.engine, on Starlette.
 
-It reads a request into its typed model (jaxgpt.api), checks it against the server's limits, turns
-tokens into text (jaxgpt.textstream) and streams it. Every answer other than 200 is an OpenAI-style
+It reads a request into its typed model (jaxgpt.serve.api), checks it against the server's limits, turns
+tokens into text (jaxgpt.serve.textstream) and streams it. Every answer other than 200 is an OpenAI-style
 JSON error: 400 bad request, 401 wrong key, 404, 405, 408 body too slow, 413 body too large, 415 not
 JSON, 429 queue full, 500 unexpected (one line in the log, never a traceback), 503 engine down, 504
 timeout. The work of a request is bounded by the limits, not by what it asks for; a client that goes
-away or stops reading frees its slots (jaxgpt/http.py: the connections' deadlines). Chat completions
+away or stops reading frees its slots (jaxgpt/serve/http.py: the connections' deadlines). Chat completions
 use a plain template (CHAT_TEMPLATE).
 `GET /` is the playground page (playground.html), unless the server runs with --no_ui.
 """
@@ -29,12 +29,12 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from jaxgpt.api import ApiError, ChatRequest, CompletionRequest, Sampling
-from jaxgpt.engine import Engine, EngineDown, QueueFull
 from jaxgpt.errors import UserError
-from jaxgpt.http import TimedStream
 from jaxgpt.paths import describe
-from jaxgpt.textstream import Choice, Params
+from jaxgpt.serve.api import ApiError, ChatRequest, CompletionRequest, Sampling
+from jaxgpt.serve.engine import Engine, EngineDown, QueueFull
+from jaxgpt.serve.http import TimedStream
+from jaxgpt.serve.textstream import Choice, Params
 
 log = logging.getLogger("jaxgpt.serve")
 CHAT_TEMPLATE = "{role}: {content}\n"  # each message, then "assistant:" for the model to continue

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxgpt.engine import Job
+from jaxgpt.serve.engine import Job
 
 
 def _failure(s: str) -> list[int]:
