@@ -111,60 +111,16 @@ def decode_widths(cfg: Any, slots: int = 16, chunk: int = 8, calls: int = 4, rep
 
 def serve_figures(cfg: Any, rounds: int = 3, slots: int = 16, max_tokens: int = 256, memory_requests: int = 1000,
                   log: Callable[[str], None] = print) -> list[Figure]:
-    from flax import nnx
-
-    from formats.io import save_safetensors
-    from jaxgpt.model import GPT
-
+    """scripts/serve.py on a random model of `cfg`, under 1 and 16 streaming clients: tokens/s, time to first
+    token, and resident memory over `memory_requests` requests."""
     # Requests of max_tokens run past block_size, where every token recomputes its window (nanoGPT's
     # crop); `short` ones stay inside the context, where every token is one cached step.
     short = max(4, cfg.block_size - 24)
     work = Path(tempfile.mkdtemp(prefix="jaxgpt-serve-"))
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    save_safetensors(GPT(cfg, rngs=nnx.Rngs(0)), work / "model.safetensors", {})
-    env = {**os.environ, "XDG_CACHE_HOME": str(work / "cache")}
-    log_file = open(work / "server.log", "w")  # a file, not a pipe: the server logs a line per request
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), f"--checkpoint={work / 'model.safetensors'}",
-                             f"--port={port}", f"--slots={slots}", f"--max_tokens={max_tokens}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=log_file, text=True)
+    proc, url, log_file = _start_server(cfg, work, slots, max_tokens)
     try:
-        import httpx
-
-        deadline = time.time() + 600
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"the server did not start: {(work / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.2)
-        single, many, idle, loaded, short_single, short_many = [], [], [], [], [], []
-        for r in range(rounds):
-            one = asyncio.run(_clients(url, 1, 3, max_tokens))
-            sixteen = asyncio.run(_clients(url, 16, 2, max_tokens))
-            short_one = asyncio.run(_clients(url, 1, 6, short))
-            short_sixteen = asyncio.run(_clients(url, 16, 4, short))
-            ttft = asyncio.run(_clients(url, 1, 20, 4, prompt="ROMEO:"))
-            single.append(one["tokens_per_s"])
-            many.append(sixteen["tokens_per_s"])
-            short_single.append(short_one["tokens_per_s"])
-            short_many.append(short_sixteen["tokens_per_s"])
-            idle.append(statistics.median(ttft["ttft"]) * 1000)
-            loaded.append(statistics.median(sixteen["ttft"]) * 1000)
-            log(f"  round {r + 1}/{rounds}: {max_tokens} tokens: 1 client {single[-1]:.0f} tok/s, 16 clients "
-                f"{many[-1]:.0f} tok/s; {short} tokens: 1 client {short_single[-1]:.0f}, 16 clients {short_many[-1]:.0f} "
-                f"tok/s; idle first token {idle[-1]:.1f} ms, under load {loaded[-1]:.1f} ms")
-        rss = [_rss_mib(proc.pid)]
-        done = 0
-        while done < memory_requests:
-            batch = min(100, memory_requests - done)
-            asyncio.run(_clients(url, 16, max(1, batch // 16), 16))
-            done += 16 * max(1, batch // 16)
-            rss.append(_rss_mib(proc.pid))
-        log(f"  memory over {done} requests: {rss[0]:.0f} -> {rss[-1]:.0f} MiB (samples {[round(x) for x in rss]})")
+        rows = _load_rounds(url, rounds, max_tokens, short, log)
+        rss, done = _memory_over_requests(url, proc.pid, memory_requests, log)
     finally:
         proc.terminate()
         try:
@@ -173,6 +129,8 @@ def serve_figures(cfg: Any, rounds: int = 3, slots: int = 16, max_tokens: int = 
             proc.kill()
         log_file.close()
         shutil.rmtree(work, ignore_errors=True)
+    single, many, short_single, short_many, idle, loaded = (rows[k] for k in ("single", "many", "short_single",
+                                                                               "short_many", "idle", "loaded"))
     note = f"{slots} slots, {max_tokens} tokens per request, temperature 0.8, {rounds} rounds"
     return [figure("serve", "1 streaming client: tokens/s", single, "tok/s", note),
             figure("serve", "16 streaming clients: aggregate tokens/s", many, "tok/s", note),
@@ -188,3 +146,64 @@ def serve_figures(cfg: Any, rounds: int = 3, slots: int = 16, max_tokens: int = 
                    f"from {rss[0]:.0f} MiB after the load rounds; largest {max(rss):.0f} MiB"),
             figure("serve", f"resident memory growth over {done} requests", [rss[-1] - rss[1]], "MiB",
                    "last sample minus the sample after the first 100 requests")]
+
+
+def _start_server(cfg: Any, work: Path, slots: int, max_tokens: int) -> tuple[subprocess.Popen, str, Any]:
+    """serve.py on a random model saved in `work`, once /health answers: (process, URL, its log file)."""
+    import httpx
+    from flax import nnx
+
+    from formats.io import save_safetensors
+    from jaxgpt.model import GPT
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    save_safetensors(GPT(cfg, rngs=nnx.Rngs(0)), work / "model.safetensors", {})
+    env = {**os.environ, "XDG_CACHE_HOME": str(work / "cache")}
+    log_file = open(work / "server.log", "w")  # a file, not a pipe: the server logs a line per request
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), f"--checkpoint={work / 'model.safetensors'}",
+                             f"--port={port}", f"--slots={slots}", f"--max_tokens={max_tokens}"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=log_file, text=True)
+    deadline = time.time() + 600
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url, log_file
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            log_file.close()
+            raise RuntimeError(f"the server did not start: {(work / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.2)
+
+
+def _load_rounds(url: str, rounds: int, max_tokens: int, short: int, log: Callable[[str], None]) -> dict[str, list]:
+    """Per round: tokens/s of 1 and 16 clients at max_tokens and at `short` tokens, first-token latency idle
+    and under load."""
+    rows: dict[str, list] = {k: [] for k in ("single", "many", "short_single", "short_many", "idle", "loaded")}
+    for r in range(rounds):
+        rows["single"].append(asyncio.run(_clients(url, 1, 3, max_tokens))["tokens_per_s"])
+        sixteen = asyncio.run(_clients(url, 16, 2, max_tokens))
+        rows["many"].append(sixteen["tokens_per_s"])
+        rows["short_single"].append(asyncio.run(_clients(url, 1, 6, short))["tokens_per_s"])
+        rows["short_many"].append(asyncio.run(_clients(url, 16, 4, short))["tokens_per_s"])
+        rows["idle"].append(statistics.median(asyncio.run(_clients(url, 1, 20, 4, prompt="ROMEO:"))["ttft"]) * 1000)
+        rows["loaded"].append(statistics.median(sixteen["ttft"]) * 1000)
+        log(f"  round {r + 1}/{rounds}: {max_tokens} tokens: 1 client {rows['single'][-1]:.0f} tok/s, 16 clients "
+            f"{rows['many'][-1]:.0f} tok/s; {short} tokens: 1 client {rows['short_single'][-1]:.0f}, 16 clients "
+            f"{rows['short_many'][-1]:.0f} tok/s; idle first token {rows['idle'][-1]:.1f} ms, under load "
+            f"{rows['loaded'][-1]:.1f} ms")
+    return rows
+
+
+def _memory_over_requests(url: str, pid: int, requests: int, log: Callable[[str], None]) -> tuple[list[float], int]:
+    """The server's resident memory sampled every ~100 requests of 16 clients; (samples, requests made)."""
+    rss, done = [_rss_mib(pid)], 0
+    while done < requests:
+        batch = min(100, requests - done)
+        asyncio.run(_clients(url, 16, max(1, batch // 16), 16))
+        done += 16 * max(1, batch // 16)
+        rss.append(_rss_mib(pid))
+    log(f"  memory over {done} requests: {rss[0]:.0f} -> {rss[-1]:.0f} MiB (samples {[round(x) for x in rss]})")
+    return rss, done

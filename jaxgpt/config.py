@@ -227,6 +227,44 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def _help(text: str, default: Any) -> Any:
+    return dataclasses.field(default=default, metadata={"help": text})
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """scripts/serve.py's options (its flags are generated from these fields, as train.py's from TrainConfig)."""
+
+    checkpoint: str = _help("run folder, ckpt.pt, .safetensors or Hugging Face folder, local or gs:// (required)", "")
+    which: Literal["best", "latest"] = "best"
+    meta: str | None = _help("nanoGPT meta.pkl for character-level checkpoints", None)
+    host: str = _help("address to bind (127.0.0.1: this machine only)", "127.0.0.1")
+    port: int = 8000
+    slots: int = _help("sequences decoded together (KV-cache slots)", 16)
+    chunk: int = _help("tokens per compiled decode call between admissions", 8)
+    max_queue: int = _help("sequences allowed to wait for a slot; a request whose sequences do not all fit gets 429", 64)
+    api_key: str | None = _help("require 'Authorization: Bearer KEY' (default: $JAXGPT_API_KEY, else none)", None)
+    model_name: str | None = _help("the model id the API reports (default: the checkpoint's folder or file name)", None)
+    max_tokens: int | None = _help("largest max_tokens a request may ask for (default: the model's block_size)", None)
+    max_prompt_tokens: int | None = _help("longest prompt in tokens (default: block_size; a longer one is cropped)", None)
+    timeout: float = _help("seconds a request may take, streaming included", 300.0)
+    max_connections: int = _help("open connections at once; more get 503", 256)
+    header_timeout: float = _help("seconds a connection may take to send a request's headers", 10.0)
+    body_timeout: float = _help("seconds a request's body may take to arrive", 30.0)
+    no_ui: bool = _help("no playground page at GET /", False)
+    shutdown_grace: float = _help("seconds SIGTERM waits for requests in flight", 10.0)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.checkpoint), "--checkpoint is required: a run folder, ckpt.pt, .safetensors or HF folder")
+        for name in ("slots", "chunk", "max_queue", "max_connections", "max_tokens", "max_prompt_tokens"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"--{name} must be >= 1, got {value}")
+        for name in ("timeout", "header_timeout", "body_timeout"):
+            _require(getattr(self, name) > 0, f"--{name} must be > 0 seconds, got {getattr(self, name)}")
+        _require(self.shutdown_grace >= 0, f"--shutdown_grace must be >= 0 seconds, got {self.shutdown_grace}")
+        _require(0 < self.port < 65536, f"--port must be in [1, 65535], got {self.port}")
+
+
 # nanoGPT's CPU recipe from its README (train_shakespeare_char on a MacBook / CPU); dtype and
 # remat stay `auto`, which jaxgpt.platform resolves for the backend the run lands on.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -296,7 +334,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     group = parser.add_argument_group(cls.__name__)
     for f in fields(cls):
         hint = hints[f.name]
-        kwargs: dict[str, Any] = {"default": None, "help": f"(default: {f.default!r})"}
+        what = f.metadata.get("help", "")
+        kwargs: dict[str, Any] = {"default": None, "help": f"{what} (default: {f.default!r})" if what else f"(default: {f.default!r})"}
         if hint is bool:
             kwargs.update(type=parse_bool, nargs="?", const=True, metavar="BOOL")
         elif bool in get_args(hint):  # bool | Literal[...]: true/false or one of the words
@@ -308,8 +347,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         elif f.name in AUTO_FLAGS:
             kwargs.update(type=int_or_auto,
                           help=f"(default: {f.default!r}; auto: the largest that fits, chosen by the compiler)")
-        else:
-            kwargs.update(type=hint)
+        else:  # int, float, str, or one of them | None
+            kwargs.update(type=next((a for a in get_args(hint) if a is not type(None)), hint))
         group.add_argument(f"--{f.name}", **kwargs)
 
 

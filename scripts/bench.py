@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from typing import Any
 
 from jaxgpt import GPTConfig, TrainConfig, cli
 from jaxgpt.config import base_values, build, explicit_flags, make_parser
@@ -45,6 +46,41 @@ def _rows(text: str, known: dict) -> list[str] | None:
 
 
 def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if args.plans:
+        from benchmarks.plans import ROWS, table
+        rows = {k: v for k, v in ROWS.items() if not args.rows or any(r.strip() in k for r in args.rows.split(","))}
+        print(table(args.tpu_python, args.gpu_python, tuple(t.strip() for t in args.targets.split(",")), rows, log=log))
+        return 0
+    sections = args.sections.split(",")
+    if unknown := set(sections) - set(SECTIONS):
+        raise UserError(f"unknown --sections {sorted(unknown)}; choose from {SECTIONS}")
+    if args.processes < 1 or args.iters < 1 or args.warmup < 0:
+        raise UserError("--processes and --iters must be >= 1 and --warmup >= 0")
+    base = base_values(args.preset, args.recipe or "nanogpt")
+    cfg = dataclasses.replace(build(GPTConfig, args, base), dropout=0.0)  # dropout off: the same math on both sides
+    tc = build(TrainConfig, args, base)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    except ValueError:
+        raise UserError(f"--seeds must be comma-separated integers like 1337,1338, got {args.seeds!r}") from None
+
+    from benchmarks import harness as bench  # heavy imports after argument checks
+    info = bench.machine()
+    if args.leave_one_out or args.recipes or args.time_to_loss is not None or args.ablation:
+        figures = _time_to_quality(args, seeds, log)
+    elif args.validate:
+        from benchmarks.validate import validate
+        figures = validate(build(GPTConfig, args, base), tc, args.validate_parity.split(","), log)
+    elif args.whole_process:
+        figures = _whole_processes(args, cfg, sections, log)
+    else:
+        figures = _sections(args, cfg, tc, sections, info, log)
+    return _print(figures, info, cfg, tc, args)
+
+
+def _parser() -> argparse.ArgumentParser:
     p = make_parser(__doc__, GPTConfig, TrainConfig, presets=True)
     b = p.add_argument_group("benchmark")
     b.add_argument("--sections", default="train,memory,generate", help="comma-separated subset of " + ",".join(SECTIONS) +
@@ -92,95 +128,89 @@ def main(argv: list[str]) -> int:
     b.add_argument("--targets", default="v5e-8,v6e-8,h100x8", help="--plans: comma-separated targets (default: %(default)s)")
     b.add_argument("--tpu_python", default=".venv-tpu/bin/python", help="--plans: a python with jaxgpt[tpu] (.ci/aot builds it)")
     b.add_argument("--gpu_python", default=".venv-gpu/bin/python", help="--plans: a python with jaxgpt[gpu]")
-    args = p.parse_args(argv)
-    if args.plans:
-        from benchmarks.plans import ROWS, table
-        rows = {k: v for k, v in ROWS.items() if not args.rows or any(r.strip() in k for r in args.rows.split(","))}
-        print(table(args.tpu_python, args.gpu_python, tuple(t.strip() for t in args.targets.split(",")), rows,
-                    log=lambda msg: print(msg, file=sys.stderr, flush=True)))
-        return 0
-    sections = args.sections.split(",")
-    if unknown := set(sections) - set(SECTIONS):
-        raise UserError(f"unknown --sections {sorted(unknown)}; choose from {SECTIONS}")
-    if args.processes < 1 or args.iters < 1 or args.warmup < 0:
-        raise UserError("--processes and --iters must be >= 1 and --warmup >= 0")
-    base = base_values(args.preset, args.recipe or "nanogpt")
-    cfg = dataclasses.replace(build(GPTConfig, args, base), dropout=0.0)  # dropout off: the same math on both sides
-    tc = build(TrainConfig, args, base)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    gen = dict(num_samples=args.num_samples, new_tokens=args.new_tokens, prompt_len=args.prompt_len)
+    return p
 
-    from benchmarks import harness as bench  # heavy imports after argument checks
-    info = bench.machine()
-    try:
-        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-    except ValueError:
-        raise UserError(f"--seeds must be comma-separated integers like 1337,1338, got {args.seeds!r}") from None
+
+def _time_to_quality(args: argparse.Namespace, seeds: list[int] | None, log: Any) -> list:
+    """--leave_one_out, --recipes, --time_to_loss (with --ablation): whole training runs to a loss."""
+    from benchmarks import time_to_loss as ttl
     if args.leave_one_out:
-        from benchmarks import time_to_loss as ttl
         figures, records = ttl.leave_one_out([f"--preset={args.preset}"], seeds or [1337], log,
                                              only=_rows(args.rows, ttl.LEAVE_ONE_OUT))
-        for record in records:
-            print(json.dumps({"run": record}))
     elif args.recipes:
-        from benchmarks import time_to_loss as ttl
-        figures = ttl.recipes_as_run([f"--preset={args.preset}"], args.processes, log, seeds)
-    elif args.time_to_loss is not None:
-        from benchmarks import time_to_loss as ttl
-        preset_flags = [f"--preset={args.preset}"] + [f"--{k}={v}" for k, v in explicit_flags(args, GPTConfig).items()]
-        if args.ablation:
-            figures, records = ttl.ablation(preset_flags, args.time_to_loss, seeds or [1337],
-                                            args.eval_every, args.max_iters, log, only=_rows(args.rows, ttl.ABLATION))
-            for record in records:
-                print(json.dumps({"run": record}))
-        else:
-            figures = ttl.time_to_loss(preset_flags, args.time_to_loss, args.processes, args.eval_every, log, seeds)
-    elif args.ablation:
+        return ttl.recipes_as_run([f"--preset={args.preset}"], args.processes, log, seeds)
+    elif args.time_to_loss is None:
         raise UserError("--ablation needs --time_to_loss=LOSS (the loss each run must reach)")
-    elif args.validate:
-        from benchmarks.validate import validate
-        figures = validate(build(GPTConfig, args, base), tc, args.validate_parity.split(","), log)
-    elif args.whole_process:
-        figures = []
-        if "train" in sections:
-            flags = [f"--preset={args.preset}"] + [f"--{k}={v}" for k, v in {**explicit_flags(args, GPTConfig),
-                                                                               **explicit_flags(args, TrainConfig)}.items()]
-            figures += bench.whole_process(flags, args.processes, log)
-        if "generate" in sections:
-            for gen_cfg in generation_configs(cfg, gen):
-                log(f"whole-process generation, block {gen_cfg.block_size}:")
-                figures += bench.whole_process_generation(gen_cfg, gen, args.processes, log)
+    elif args.ablation:
+        preset_flags = [f"--preset={args.preset}"] + [f"--{k}={v}" for k, v in explicit_flags(args, GPTConfig).items()]
+        figures, records = ttl.ablation(preset_flags, args.time_to_loss, seeds or [1337], args.eval_every, args.max_iters,
+                                        log, only=_rows(args.rows, ttl.ABLATION))
     else:
-        from jaxgpt.plan.perf import device_peak_flops
-        peak, how = device_peak_flops()
-        info["peak"] = f"{peak / 1e12:.3g} TFLOP/s ({how})" if peak else how
-        figures = []
-        if "train" in sections:
-            log("train step:")
-            runs = bench.alternate(bench.train_specs(cfg, tc, args.warmup, args.iters, args.threads, args.torch_compile),
-                                   args.processes, log)
-            slow = bench.slow_processes(runs)
-            figures += bench.train_figures(runs, slow, peak)
-            info["slow_processes"] = f"{len(slow)} of {sum(len(v) for v in runs.values())} (probe < {bench.SLOW_PROBE} x median)"
-        if "memory" in sections:
-            log("memory per remat policy:")
-            figures += bench.memory_figures(cfg, tc, max(1, args.warmup // 2), max(3, args.iters // 2),
-                                            args.processes, args.threads, log)
-        if "generate" in sections:
-            for gen_cfg in generation_configs(cfg, gen):
-                log(f"generation, block {gen_cfg.block_size}:")
-                figures += bench.generation_figures(gen_cfg, gen, args.processes, args.recompute, args.threads, log)
-        if "data" in sections:
-            from benchmarks.data import loader_figures, prepare_figures
-            log("data:")
-            figures += loader_figures(log, shard_tokens=args.data_shard_tokens)
-            if args.data_mb:
-                figures += prepare_figures(args.data_mb, [int(w) for w in args.data_workers.split(",")], args.data_txt_mb, log)
-        if "serve" in sections:
-            from benchmarks.serve import decode_widths, serve_figures
-            log("serving:")
-            figures += decode_widths(cfg, log=log)
-            figures += serve_figures(cfg, rounds=args.processes, log=log)
+        preset_flags = [f"--preset={args.preset}"] + [f"--{k}={v}" for k, v in explicit_flags(args, GPTConfig).items()]
+        return ttl.time_to_loss(preset_flags, args.time_to_loss, args.processes, args.eval_every, log, seeds)
+    for record in records:
+        print(json.dumps({"run": record}))
+    return figures
+
+
+def _whole_processes(args: argparse.Namespace, cfg: GPTConfig, sections: list[str], log: Any) -> list:
+    """--whole_process: train.py against PyTorch eager, generate.py against nanoGPT-style sampling."""
+    from benchmarks import harness as bench
+    figures = []
+    if "train" in sections:
+        flags = [f"--preset={args.preset}"] + [f"--{k}={v}" for k, v in {**explicit_flags(args, GPTConfig),
+                                                                           **explicit_flags(args, TrainConfig)}.items()]
+        figures += bench.whole_process(flags, args.processes, log)
+    if "generate" in sections:
+        for gen_cfg in generation_configs(cfg, _gen(args)):
+            log(f"whole-process generation, block {gen_cfg.block_size}:")
+            figures += bench.whole_process_generation(gen_cfg, _gen(args), args.processes, log)
+    return figures
+
+
+def _gen(args: argparse.Namespace) -> dict:
+    return dict(num_samples=args.num_samples, new_tokens=args.new_tokens, prompt_len=args.prompt_len)
+
+
+def _sections(args: argparse.Namespace, cfg: GPTConfig, tc: TrainConfig, sections: list[str], info: dict, log: Any) -> list:
+    """The in-process sections: train step, memory per remat policy, generation, data, serving."""
+    from benchmarks import harness as bench
+    from jaxgpt.plan.perf import device_peak_flops
+    peak, how = device_peak_flops()
+    info["peak"] = f"{peak / 1e12:.3g} TFLOP/s ({how})" if peak else how
+    figures = []
+    if "train" in sections:
+        log("train step:")
+        runs = bench.alternate(bench.train_specs(cfg, tc, args.warmup, args.iters, args.threads, args.torch_compile),
+                               args.processes, log)
+        slow = bench.slow_processes(runs)
+        figures += bench.train_figures(runs, slow, peak)
+        info["slow_processes"] = f"{len(slow)} of {sum(len(v) for v in runs.values())} (probe < {bench.SLOW_PROBE} x median)"
+    if "memory" in sections:
+        log("memory per remat policy:")
+        figures += bench.memory_figures(cfg, tc, max(1, args.warmup // 2), max(3, args.iters // 2),
+                                        args.processes, args.threads, log)
+    if "generate" in sections:
+        for gen_cfg in generation_configs(cfg, _gen(args)):
+            log(f"generation, block {gen_cfg.block_size}:")
+            figures += bench.generation_figures(gen_cfg, _gen(args), args.processes, args.recompute, args.threads, log)
+    if "data" in sections:
+        from benchmarks.data import loader_figures, prepare_figures
+        log("data:")
+        figures += loader_figures(log, shard_tokens=args.data_shard_tokens)
+        if args.data_mb:
+            figures += prepare_figures(args.data_mb, [int(w) for w in args.data_workers.split(",")], args.data_txt_mb, log)
+    if "serve" in sections:
+        from benchmarks.serve import decode_widths, serve_figures
+        log("serving:")
+        figures += decode_widths(cfg, log=log)
+        figures += serve_figures(cfg, rounds=args.processes, log=log)
+    return figures
+
+
+def _print(figures: list, info: dict, cfg: GPTConfig, tc: TrainConfig, args: argparse.Namespace) -> int:
+    """The machine and config, the markdown table, then one JSON line per figure; 1 when a check failed."""
+    from benchmarks import harness as bench
     context = {**info, "model": cfg.to_dict(), "batch_size": tc.batch_size, "accum": tc.gradient_accumulation_steps,
                "dtype": tc.dtype, "remat": tc.remat, "threads": args.threads or "all"}
     print(f"machine and config: {json.dumps(context)}\n")

@@ -12,6 +12,7 @@ comparable between a byte-level model and a BPE model.
 import argparse
 import json
 import sys
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -48,26 +49,12 @@ def main(argv: list[str]) -> int:
 
     from formats.io import load_any, need_tokenizer
     from jaxgpt.evaluate import EvalResult, batch_size_for, make_nll, score, text_bytes
-    from jaxgpt.loader import num_windows, open_dataset
+    from jaxgpt.loader import num_windows
 
     model, info = load_any(args.checkpoint, args.meta, args.which)
-    n_bytes = None
     tok = need_tokenizer(model, info, args.checkpoint)
     cfg = model.config
-    if args.text:
-        raw = cli.read_text_file(args.text, "--text")
-        tokens, source = np.asarray(tok.encode(raw)), args.text
-    else:
-        run = info.get("train") or info.get("config") or {}
-        data_dir, dataset = args.data_dir or run.get("data_dir", "data"), args.dataset or run.get("dataset", "shakespeare")
-        ds = open_dataset(data_dir, dataset, cfg.vocab_size)
-        if ds.meta["tokenizer_identity"].get("kind") != "unknown" and ds.meta["tokenizer_identity"] != tok.identity():
-            raise UserError(f"{ds.folder} was prepared with another tokenizer than the checkpoint's; evaluate with --text, "
-                            f"or prepare the data with the model's tokenizer")
-        stream = ds.stream(args.split)
-        tokens, source = stream.head(args.max_tokens), f"{ds.folder} ({args.split})"
-        if len(tokens) == stream.n_tokens:  # the whole split: its bytes as prepare.py counted them, where it did
-            n_bytes = ds.split_bytes(args.split)
+    tokens, source, n_bytes = what_to_score(args, info, tok, cfg.vocab_size)
     if len(tokens) < 2:
         raise UserError(f"{source} holds {len(tokens)} token(s); evaluation needs at least 2")
     if tokens.max() >= cfg.vocab_size:
@@ -87,6 +74,25 @@ def main(argv: list[str]) -> int:
               f"loss {result.loss:.4f} nats/token, perplexity {result.perplexity:.3f}, "
               f"{result.bits_per_byte:.4f} bits per byte")
     return 0
+
+
+def what_to_score(args: argparse.Namespace, info: dict, tok: Any, vocab_size: int) -> tuple[np.ndarray, str, int | None]:
+    """(tokens, where they come from, their text's UTF-8 bytes where prepare.py counted them): --text's file, or
+    a prepared split (the run's own dataset by default), its first --max_tokens."""
+    if args.text:
+        return np.asarray(tok.encode(cli.read_text_file(args.text, "--text"))), args.text, None
+    from jaxgpt.loader import open_dataset
+
+    run = info.get("train") or info.get("config") or {}
+    data_dir, dataset = args.data_dir or run.get("data_dir", "data"), args.dataset or run.get("dataset", "shakespeare")
+    ds = open_dataset(data_dir, dataset, vocab_size)
+    if ds.meta["tokenizer_identity"].get("kind") != "unknown" and ds.meta["tokenizer_identity"] != tok.identity():
+        raise UserError(f"{ds.folder} was prepared with another tokenizer than the checkpoint's; evaluate with --text, "
+                        f"or prepare the data with the model's tokenizer")
+    stream = ds.stream(args.split)
+    tokens = stream.head(args.max_tokens)
+    whole = len(tokens) == stream.n_tokens  # the whole split: its bytes as prepare.py counted them, where it did
+    return tokens, f"{ds.folder} ({args.split})", ds.split_bytes(args.split) if whole else None
 
 
 if __name__ == "__main__":

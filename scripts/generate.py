@@ -8,6 +8,7 @@ import argparse
 import shutil
 import sys
 import tempfile
+from typing import Any
 
 import jax
 import numpy as np
@@ -33,6 +34,35 @@ def load(checkpoint: str, which: str, meta: str | None):
 
 
 def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
+        raise UserError(f"--max_new_tokens must be in [1, {MAX_NEW_TOKENS}], got {args.max_new_tokens}")
+    cli.apply_compile_cache(args.compile_cache)
+    prompt = args.prompt
+    if args.prompt_file:
+        prompt = cli.read_text_file(args.prompt_file, "--prompt_file")
+    prompt = prompt or "\n"
+
+    model, tok, info = load(args.checkpoint or args.out_dir, args.which, args.meta)
+    top_k = args.top_k if args.top_k is not None else min(200, model.config.vocab_size)
+    check_sampling(args.temperature, top_k, args.top_p, model.config.vocab_size, args.num_samples)  # before tiling
+    ids = np.tile(tok.encode(prompt), (args.num_samples, 1))
+    stream = args.num_samples == 1 if args.stream is None else args.stream
+    if stream and args.num_samples > 1:
+        raise UserError("--stream prints one sample as it is generated; use --num_samples=1 or --no-stream")
+    print(f"# {args.checkpoint or args.out_dir} step {info.get('step')}, val loss {info.get('val_loss')}", file=sys.stderr)
+    if len(ids[0]) > model.config.block_size:
+        print(f"# prompt is {len(ids[0])} tokens; the model sees its last {model.config.block_size}", file=sys.stderr)
+    sampling = dict(temperature=args.temperature, top_k=top_k, top_p=args.top_p, key=jax.random.key(args.seed),
+                    past_context=args.past_context)
+    if stream:
+        print_streamed(model, tok, ids, prompt, args.max_new_tokens, sampling)
+    else:
+        print_samples(model, tok, ids, prompt, args.max_new_tokens, sampling, args.progress)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", default="", help="start text; empty starts from a newline, like nanoGPT")
     p.add_argument("--prompt_file", help="read the prompt from this UTF-8 file instead")
@@ -55,53 +85,38 @@ def main(argv: list[str]) -> int:
     p.add_argument("--progress", type=parse_bool, nargs="?", const=True, default=True, metavar="BOOL",
                    help="progress bar on stderr for non-streamed output that takes more than 2 s (default: true)")
     cli.add_compile_cache_flag(p)
-    args = p.parse_args(argv)
-    if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
-        raise UserError(f"--max_new_tokens must be in [1, {MAX_NEW_TOKENS}], got {args.max_new_tokens}")
-    cli.apply_compile_cache(args.compile_cache)
-    prompt = args.prompt
-    if args.prompt_file:
-        prompt = cli.read_text_file(args.prompt_file, "--prompt_file")
-    prompt = prompt or "\n"
+    return p
 
-    model, tok, info = load(args.checkpoint or args.out_dir, args.which, args.meta)
-    top_k = args.top_k if args.top_k is not None else min(200, model.config.vocab_size)
-    check_sampling(args.temperature, top_k, args.top_p, model.config.vocab_size, args.num_samples)  # before tiling
-    ids = np.tile(tok.encode(prompt), (args.num_samples, 1))
-    stream = args.num_samples == 1 if args.stream is None else args.stream
-    if stream and args.num_samples > 1:
-        raise UserError("--stream prints one sample as it is generated; use --num_samples=1 or --no-stream")
-    print(f"# {args.checkpoint or args.out_dir} step {info.get('step')}, val loss {info.get('val_loss')}", file=sys.stderr)
-    if len(ids[0]) > model.config.block_size:
-        print(f"# prompt is {len(ids[0])} tokens; the model sees its last {model.config.block_size}", file=sys.stderr)
-    sampling = dict(temperature=args.temperature, top_k=top_k, top_p=args.top_p, key=jax.random.key(args.seed),
-                    past_context=args.past_context)
-    if stream:  # token by token as the device produces them
-        decoder = tok.stream_decoder()
 
-        def print_token(t: np.ndarray) -> None:  # called from inside the jitted loop
-            sys.stdout.write(decoder.push(int(t[0])))
-            sys.stdout.flush()
+def print_streamed(model: Any, tok: Any, ids: np.ndarray, prompt: str, max_new_tokens: int, sampling: dict) -> None:
+    """One sample, token by token as the device produces them."""
+    decoder = tok.stream_decoder()
 
-        sys.stdout.write(prompt)
-        if streams_by_callback(backend()):
-            for _ in generate_chunks(model, ids, args.max_new_tokens, on_token=print_token, **sampling):
-                pass
-        else:  # GPU/TPU: a short chunk at a time, no host callback in the compiled loop
-            for part in generate_chunks(model, ids, args.max_new_tokens, chunk=STREAM_CHUNK, **sampling):
-                for t in part[0]:
-                    print_token(np.asarray([t]))
-        sys.stdout.write(decoder.flush() + "\n")
-        return 0
-    # Samples are printed one after the other at the end; meanwhile each one's text is kept in a
-    # spooled file (memory up to 16 MiB, then disk), so memory stays flat for any --max_new_tokens.
-    decoders = [tok.stream_decoder() for _ in range(args.num_samples)]
+    def print_token(t: np.ndarray) -> None:  # called from inside the jitted loop
+        sys.stdout.write(decoder.push(int(t[0])))
+        sys.stdout.flush()
+
+    sys.stdout.write(prompt)
+    if streams_by_callback(backend()):
+        for _ in generate_chunks(model, ids, max_new_tokens, on_token=print_token, **sampling):
+            pass
+    else:  # GPU/TPU: a short chunk at a time, no host callback in the compiled loop
+        for part in generate_chunks(model, ids, max_new_tokens, chunk=STREAM_CHUNK, **sampling):
+            for t in part[0]:
+                print_token(np.asarray([t]))
+    sys.stdout.write(decoder.flush() + "\n")
+
+
+def print_samples(model: Any, tok: Any, ids: np.ndarray, prompt: str, max_new_tokens: int, sampling: dict,
+                  progress: bool) -> None:
+    """Samples printed one after the other at the end; meanwhile each one's text is kept in a spooled file
+    (memory up to 16 MiB, then disk), so memory stays flat for any --max_new_tokens."""
+    decoders = [tok.stream_decoder() for _ in range(len(ids))]
     texts = [tempfile.SpooledTemporaryFile(max_size=1 << 24, mode="w+", encoding="utf-8") for _ in decoders]
     for text in texts:
         text.write(prompt)
-    with tqdm(total=args.max_new_tokens, unit="tok", delay=2, file=sys.stderr, disable=not args.progress,
-              dynamic_ncols=True) as bar:
-        for chunk in generate_chunks(model, ids, args.max_new_tokens, **sampling):
+    with tqdm(total=max_new_tokens, unit="tok", delay=2, file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
+        for chunk in generate_chunks(model, ids, max_new_tokens, **sampling):
             for text, decoder, row in zip(texts, decoders, chunk, strict=True):
                 text.write(decoder.feed(row))
             bar.update(chunk.shape[1])
@@ -110,7 +125,6 @@ def main(argv: list[str]) -> int:
         text.seek(0)
         shutil.copyfileobj(text, sys.stdout)
         print("\n---------------")
-    return 0
 
 
 if __name__ == "__main__":

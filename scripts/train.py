@@ -11,6 +11,7 @@
 """
 import json
 from dataclasses import replace
+from typing import Any
 
 import jax
 from flax import nnx
@@ -28,18 +29,7 @@ from jaxgpt.train import train
 
 
 def main(argv: list[str]) -> int:
-    parser = make_parser(__doc__, GPTConfig, TrainConfig, presets=True)
-    dist = parser.add_argument_group("multi-process (run the same command on every host)")
-    dist.add_argument("--distributed", action="store_true",
-                      help="call jax.distributed.initialize(); auto-detects Cloud TPU and SLURM clusters")
-    dist.add_argument("--coordinator_address", help="host:port of process 0 (implies --distributed)")
-    dist.add_argument("--num_processes", type=int, help="total processes (with --coordinator_address)")
-    dist.add_argument("--process_id", type=int, help="this process's index (with --coordinator_address)")
-    plan = parser.add_argument_group("ahead-of-time plan: the run's programs compiled by the target's own compiler")
-    cli.add_plan_flags(plan, "compile the train step, eval step and generation chunk, print memory per device, FLOPs "
-                             "and a roofline bound, and exit (0: fits, 1: does not); reads no data, writes nothing")
-    cli.add_compile_cache_flag(parser)
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
     batch_auto = args.batch_size == "auto"  # the largest per-device batch that fits, accumulation filling the rest
     if batch_auto:
         args.batch_size = None
@@ -60,7 +50,7 @@ def main(argv: list[str]) -> int:
     if (meta := prepare_if_missing(data_dir, dataset)) is not None and main_process:
         print(f"data: prepared {data_dir}/{dataset} from the Tiny Shakespeare bundled with jaxgpt "
               f"({meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens)")
-    init, tokenizer, init_cfg = None, None, None
+    model, tokenizer, init_cfg = None, None, None
     if train_flags.get("init_from"):  # weights (and tokenizer) from any format the converter reads
         from formats.io import load_any, need_tokenizer
         model, info = load_any(train_flags["init_from"])
@@ -69,42 +59,66 @@ def main(argv: list[str]) -> int:
     paths.check_gcs(train_flags.get("out_dir") or f"out/{dataset}")  # an unreachable bucket: one line, before anything
     model_cfg, tc = resolve_configs(model_flags, train_flags, preset, init_cfg, vocab)
     if batch_auto:  # chosen by compiling on this host's devices, then trained with
-        from jaxgpt.plan.aot import plan_training
-        step = plan_training(model_cfg, tc, batch_auto=True)["programs"]["train_step"]
-        tc = replace(tc, batch_size=step["batch_size"], gradient_accumulation_steps=step["gradient_accumulation_steps"],
-                     remat=step["remat"])  # the very program the plan compiled
-        if main_process:
-            print(f"batch_size=auto: {tc.batch_size} x {tc.gradient_accumulation_steps} micro-steps (remat={step['remat']})")
+        tc = _auto_batch(model_cfg, tc, main_process)
     if train_flags.get("resume") == "auto" and main_process:
         print(f"resume=auto: {'continuing the run in' if tc.resume else 'no committed checkpoint: a new run in'} {tc.out_dir}")
-    if init_cfg is not None:
-        init = nnx.state(crop_block_size(model, model_cfg.block_size), nnx.Param)
+    init = nnx.state(crop_block_size(model, model_cfg.block_size), nnx.Param) if model is not None else None
     if main_process:
         print(f"model: {json.dumps(model_cfg.to_dict())}")
         print(f"train: {json.dumps(tc.to_dict())}")
         print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} in {jax.process_count()} process(es)")
-
-    def announce(plat, memory) -> None:
-        if main_process:
-            need, limit = memory["step_bytes_per_device"], memory["limit_bytes_per_device"]
-            fits = f", step needs {need / 2**20:.0f} MiB of {limit / 2**20:.0f} MiB ({memory['limit_source']})" \
-                if need and limit else ""
-            matmul = " (bfloat16 matmuls)" if plat.matmul == "bfloat16" else ""
-            split = f", batch in {plat.batch_split} parts side by side" if plat.batch_split > 1 else ""
-            print(f"platform: {plat.backend} ({plat.device_kind}), dtype={plat.dtype}{matmul}, remat={plat.remat}, "
-                  f"attention={plat.attention}{split}, "
-                  f"host allocator {plat.host_allocator or 'untouched'}{fits}, compiled in {memory['compile_s']:.1f} s",
-                  flush=True)
-
-    summary = train(model_cfg, tc, on_start=announce, init_params=init, tokenizer=tokenizer)
+    summary = train(model_cfg, tc, on_start=_announce if main_process else None, init_params=init, tokenizer=tokenizer)
     if main_process:
-        print(f"done: {summary['final_step']} steps in {summary['wall_s']:.1f} s "
-              f"({summary['wall_s'] / max(summary['steps'], 1) * 1000:.1f} ms/step incl. eval), "
-              f"val loss {summary.get('val_loss', float('nan')):.4f}, best {summary.get('best_val_loss', float('nan')):.4f}, "
-              f"whole val split {summary.get('val_loss_full', float('nan')):.4f} ({summary.get('val_bpb') or float('nan'):.4f} "
-              f"bits/byte); "
-              f"checkpoints in {tc.out_dir}/checkpoints")
+        _report(summary, tc)
     return 0
+
+
+def _parser() -> Any:
+    parser = make_parser(__doc__, GPTConfig, TrainConfig, presets=True)
+    dist = parser.add_argument_group("multi-process (run the same command on every host)")
+    dist.add_argument("--distributed", action="store_true",
+                      help="call jax.distributed.initialize(); auto-detects Cloud TPU and SLURM clusters")
+    dist.add_argument("--coordinator_address", help="host:port of process 0 (implies --distributed)")
+    dist.add_argument("--num_processes", type=int, help="total processes (with --coordinator_address)")
+    dist.add_argument("--process_id", type=int, help="this process's index (with --coordinator_address)")
+    plan = parser.add_argument_group("ahead-of-time plan: the run's programs compiled by the target's own compiler")
+    cli.add_plan_flags(plan, "compile the train step, eval step and generation chunk, print memory per device, FLOPs "
+                             "and a roofline bound, and exit (0: fits, 1: does not); reads no data, writes nothing")
+    cli.add_compile_cache_flag(parser)
+    return parser
+
+
+def _auto_batch(model_cfg: GPTConfig, tc: TrainConfig, main_process: bool) -> TrainConfig:
+    """--batch_size=auto: the very program the plan compiled on this host's devices."""
+    from jaxgpt.plan.aot import plan_training
+    step = plan_training(model_cfg, tc, batch_auto=True)["programs"]["train_step"]
+    tc = replace(tc, batch_size=step["batch_size"], gradient_accumulation_steps=step["gradient_accumulation_steps"],
+                 remat=step["remat"])
+    if main_process:
+        print(f"batch_size=auto: {tc.batch_size} x {tc.gradient_accumulation_steps} micro-steps (remat={step['remat']})")
+    return tc
+
+
+def _announce(plat: Any, memory: dict) -> None:
+    """The run's platform line, once the step is compiled."""
+    need, limit = memory["step_bytes_per_device"], memory["limit_bytes_per_device"]
+    fits = f", step needs {need / 2**20:.0f} MiB of {limit / 2**20:.0f} MiB ({memory['limit_source']})" \
+        if need and limit else ""
+    matmul = " (bfloat16 matmuls)" if plat.matmul == "bfloat16" else ""
+    split = f", batch in {plat.batch_split} parts side by side" if plat.batch_split > 1 else ""
+    print(f"platform: {plat.backend} ({plat.device_kind}), dtype={plat.dtype}{matmul}, remat={plat.remat}, "
+          f"attention={plat.attention}{split}, "
+          f"host allocator {plat.host_allocator or 'untouched'}{fits}, compiled in {memory['compile_s']:.1f} s",
+          flush=True)
+
+
+def _report(summary: dict, tc: TrainConfig) -> None:
+    nan = float("nan")
+    print(f"done: {summary['final_step']} steps in {summary['wall_s']:.1f} s "
+          f"({summary['wall_s'] / max(summary['steps'], 1) * 1000:.1f} ms/step incl. eval), "
+          f"val loss {summary.get('val_loss', nan):.4f}, best {summary.get('best_val_loss', nan):.4f}, "
+          f"whole val split {summary.get('val_loss_full', nan):.4f} ({summary.get('val_bpb') or nan:.4f} bits/byte); "
+          f"checkpoints in {tc.out_dir}/checkpoints")
 
 
 def plan_only(args, model_flags: dict, train_flags: dict, preset: dict, batch_auto: bool) -> int:
