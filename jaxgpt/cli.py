@@ -148,9 +148,9 @@ def progress_lines(quiet: bool) -> Callable[[str], None]:
 def print_plan(report: dict[str, Any], as_json: bool, extra: str = "") -> int:
     """A plan (jaxgpt.plan.aot) as JSON or as its table (+ `extra`), then one `error:` line when it does
     not fit; returns the exit code (0 fits, 1 does not)."""
-    from jaxgpt.plan.aot import describe, finite, shortfall
+    from jaxgpt.plan.aot import finite, render, shortfall
 
-    print(json.dumps(finite(report)) if as_json else describe(report) + extra, flush=True)
+    print(json.dumps(finite(report)) if as_json else render(report) + extra, flush=True)
     if not report["fits"]:
         print(f"error: {shortfall(report)}", file=sys.stderr)
         return 1

@@ -1,6 +1,6 @@
 """Everything that depends on the backend (CPU, GPU, TPU), decided in one place.
 
-`describe()` turns the user's `--dtype`/`--remat`/`--attention`/`--matmul_precision` (default `auto`)
+`resolve()` turns the user's `--dtype`/`--remat`/`--attention`/`--matmul_precision` (default `auto`)
 and the devices present (a `Site`) into a `Platform` of plain values that train.py uses and config.json
 records. Nothing else in jaxgpt asks "am I on CPU?", and importing this changes no environment variable.
 """
@@ -263,7 +263,7 @@ def check_fits(need: int | None, limit: int | None, where: str, tc: TrainConfig,
                     f"(remat={remat}, batch_size={tc.batch_size}); try " + ", or ".join(remedies))
 
 
-def describe(cfg: GPTConfig, tc: TrainConfig, remat: str, site: Site | None = None) -> Platform:
+def resolve(cfg: GPTConfig, tc: TrainConfig, remat: str, site: Site | None = None) -> Platform:
     """The run's Platform once remat is settled (train.py settles it by memory)."""
     site = site or local_site()
     dtype = resolve_dtype(tc.dtype, site.backend)

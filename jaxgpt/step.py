@@ -131,7 +131,7 @@ def init_state(model_cfg: GPTConfig, tc: TrainConfig, mesh: Mesh | None = None, 
     return graphdef, eval_graphdef, TrainState(params, opt_state)
 
 
-def _sds(tree: Any, shardings: Any) -> Any:
+def abstract_like(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
@@ -142,8 +142,8 @@ def abstract_train_state(model_cfg: GPTConfig, tc: TrainConfig, mesh: Mesh | Abs
     opt_state = jax.eval_shape(make_optimizer(tc).init, params)
     if mesh is None:
         return TrainState(params, opt_state)
-    return TrainState(_sds(params, param_shardings(params, mesh)),
-                      _sds(opt_state, state_shardings(opt_state, params, mesh)))
+    return TrainState(abstract_like(params, param_shardings(params, mesh)),
+                      abstract_like(opt_state, state_shardings(opt_state, params, mesh)))
 
 
 
@@ -214,7 +214,7 @@ def compile_train_step(model_cfg: GPTConfig, tc: TrainConfig, state: TrainState,
     platform.check_fits(fit.need, site.memory, site.memory_source, tc, fit.remat)
     memory = {"step_bytes_per_device": fit.need, "limit_bytes_per_device": site.memory, "limit_source": site.memory_source,
               "compile_s": fit.compile_s}
-    plat = dataclasses.replace(platform.describe(model_cfg, tc, fit.remat, site), attention=attention,
+    plat = dataclasses.replace(platform.resolve(model_cfg, tc, fit.remat, site), attention=attention,
                                batch_split=fit.batch_split)
     return fit.compiled, eval_graphdef, plat, memory
 

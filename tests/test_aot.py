@@ -85,7 +85,7 @@ def test_gpu_usable_memory_follows_jax_allocator_fraction(monkeypatch):
 # --- the planner on this host (CPU) and the CLI's refusals ---
 
 def test_the_plan_on_this_host_compiles_the_runs_three_programs():
-    from jaxgpt.plan.aot import describe, plan_training
+    from jaxgpt.plan.aot import plan_training, render
 
     cfg = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=64, dropout=0.0)
     report = plan_training(cfg, TrainConfig(batch_size=4, gradient_accumulation_steps=2, remat="dots", dtype="float32"))
@@ -95,7 +95,7 @@ def test_the_plan_on_this_host_compiles_the_runs_three_programs():
     assert (train["remat"], train["batch_size"], train["gradient_accumulation_steps"], train["tokens_per_step"]) == \
            ("dots", 4, 2, 4 * 2 * 32)
     clean(report)
-    assert "train step: remat=dots" in describe(report) and "fits: yes" in describe(report)
+    assert "train step: remat=dots" in render(report) and "fits: yes" in render(report)
 
 
 def test_batch_auto_splits_the_global_batch_into_micro_batches_per_device():

@@ -63,7 +63,7 @@ def where(target: str | None) -> Where:
                  chip.bandwidth if chip else None, chip.memory_bytes if chip else None)
 
 
-def _sds(shape: tuple[int, ...], dtype: Any, sharding: Any) -> jax.ShapeDtypeStruct:
+def spec(shape: tuple[int, ...], dtype: Any, sharding: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
 
@@ -144,7 +144,7 @@ def plan_training(model_cfg: GPTConfig, tc: TrainConfig, target: str | None = No
     tries = [cast(TrainConfig, dataclasses.replace(tc, remat=cast(Any, remat))) for remat in
              (platform.remat_candidates(tc.remat, site.backend) if batch_auto else (tc.remat,))]
     for cand in (c for t in tries for c in _train_candidates(t, mesh.size, batch_auto)):
-        x = _sds((cand.gradient_accumulation_steps, cand.batch_size, T), jnp.int32, batch_sharding(mesh))
+        x = spec((cand.gradient_accumulation_steps, cand.batch_size, T), jnp.int32, batch_sharding(mesh))
         log(f"compiling the train step for {w.name} (remat={cand.remat}, batch {cand.batch_size} x "
             f"{cand.gradient_accumulation_steps})")
         fit, eval_graphdef = fit_train_step(model_cfg, cand, state, x, x, 0, attention, site)
@@ -167,7 +167,7 @@ def plan_training(model_cfg: GPTConfig, tc: TrainConfig, target: str | None = No
     # evaluation: the run's eval step over eval batches of batch_size windows
     log(f"compiling the eval step for {w.name}")
     t = time.perf_counter()
-    xb = _sds((chosen.batch_size, T), jnp.int32, NamedSharding(mesh, P(BATCH_AXES)))
+    xb = spec((chosen.batch_size, T), jnp.int32, NamedSharding(mesh, P(BATCH_AXES)))
     compiled = cast(Any, make_eval_step(eval_graphdef, dataclasses.replace(chosen, dtype=cast(Any, dtype)),
                                         site.backend)).lower(state.params, xb, xb).compile()
     programs["eval_step"] = figures(compiled, time.perf_counter() - t)
@@ -186,11 +186,11 @@ def plan_generation(model_cfg: GPTConfig, w: Where, log: Callable[[str], None], 
     model = nnx.eval_shape(lambda: GPT(model_cfg, rngs=nnx.Rngs(0)))
     model.eval()
     graphdef, params = nnx.split(model)
-    params = jax.tree.map(lambda p: _sds(p.shape, p.dtype, one), params)
-    cache = jax.tree.map(lambda a: _sds(a.shape, a.dtype, one), jax.eval_shape(lambda: model.init_cache(batch, jnp.float32)))
-    i32 = _sds((), jnp.int32, one)
-    carry = (_sds((batch, model_cfg.block_size), jnp.int32, one), i32, cache)
-    uniforms = _sds((sample.CHUNK, batch), jnp.float32, one)
+    params = jax.tree.map(lambda p: spec(p.shape, p.dtype, one), params)
+    cache = jax.tree.map(lambda a: spec(a.shape, a.dtype, one), jax.eval_shape(lambda: model.init_cache(batch, jnp.float32)))
+    i32 = spec((), jnp.int32, one)
+    carry = (spec((batch, model_cfg.block_size), jnp.int32, one), i32, cache)
+    uniforms = spec((sample.CHUNK, batch), jnp.float32, one)
     log(f"compiling the generation chunk for {w.name}")
     t = time.perf_counter()
     compiled = sample.chunk_program.lower(graphdef, params, carry, uniforms, i32, i32, temperature=0.8,
@@ -213,17 +213,17 @@ def plan_serving(model: Any, target: str | None, slots: int, chunk: int,
     cfg = model.config
     model.eval()
     graphdef, state = nnx.split(model)
-    params = jax.tree.map(lambda p: _sds(p.shape, p.dtype, one), state)
+    params = jax.tree.map(lambda p: spec(p.shape, p.dtype, one), state)
     dtype = jax.tree.leaves(state)[0].dtype
-    cache = jax.tree.map(lambda a: _sds(a.shape, a.dtype, one), jax.eval_shape(lambda: model.init_cache(slots, dtype)))
-    vec = lambda n, dt: _sds((n,), dt, one)  # noqa: E731
-    carry = (_sds((slots, cfg.block_size), jnp.int32, one), vec(slots, jnp.int32), vec(slots, jnp.int32), cache)
+    cache = jax.tree.map(lambda a: spec(a.shape, a.dtype, one), jax.eval_shape(lambda: model.init_cache(slots, dtype)))
+    vec = lambda n, dt: spec((n,), dt, one)  # noqa: E731
+    carry = (spec((slots, cfg.block_size), jnp.int32, one), vec(slots, jnp.int32), vec(slots, jnp.int32), cache)
     programs: dict[str, dict[str, Any]] = {}
     width = 1
     while True:
         log(f"compiling the decode step for {w.name} ({width} of {slots} slots)")
         t = time.perf_counter()
-        compiled = engine.decode_program.lower(graphdef, params, carry, vec(width, jnp.int32), _sds((width, 2), jnp.uint32, one),
+        compiled = engine.decode_program.lower(graphdef, params, carry, vec(width, jnp.int32), spec((width, 2), jnp.uint32, one),
                                         vec(width, jnp.float32), vec(width, jnp.int32), vec(width, jnp.float32),
                                         vec(width, jnp.bool_), steps=chunk).compile()
         programs[f"decode_{width}"] = figures(compiled, time.perf_counter() - t)
@@ -232,8 +232,8 @@ def plan_serving(model: Any, target: str | None, slots: int, chunk: int,
         width = min(slots, width * 2)
     log(f"compiling the prefill for {w.name} ({cfg.block_size} tokens)")
     t = time.perf_counter()
-    i32 = _sds((), jnp.int32, one)
-    compiled = engine.prefill_program.lower(graphdef, params, carry, i32, _sds((cfg.block_size,), jnp.int32, one), i32,
+    i32 = spec((), jnp.int32, one)
+    compiled = engine.prefill_program.lower(graphdef, params, carry, i32, spec((cfg.block_size,), jnp.int32, one), i32,
                                    bucket=cfg.block_size).compile()
     programs["prefill"] = figures(compiled, time.perf_counter() - t)
     report = _report(w, cfg, programs)
@@ -282,7 +282,7 @@ def _gib(n: float | None) -> str:
     return "?" if n is None else f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def describe(report: dict[str, Any]) -> str:
+def render(report: dict[str, Any]) -> str:
     """The plan as text, a few lines a program."""
     usable = report["device_memory_bytes"]
     peak, bw = report["peak_flops_per_device"], report["bandwidth_bytes_per_s"]
