@@ -139,6 +139,31 @@ def test_data_on_gcs_is_prepared_there_fetched_per_shard_once_and_checked_by_has
     assert [json.loads(l)["train_loss"] for l in a.splitlines()] == [json.loads(l)["train_loss"] for l in b.splitlines()]
 
 
+def test_a_prepare_killed_while_uploading_to_a_bucket_continues_from_the_bucket_to_the_same_objects(gcs, bucket, tmp_path):
+    """The ledger lives in the bucket: a prepare SIGKILLed after some shards were uploaded, run again (from another
+    working folder, as on another machine), uploads the rest, and every object equals an uninterrupted run's."""
+    from benchmarks.data import make_corpus
+    files = [str(f) for f in make_corpus(tmp_path / "corpus", 6, formats=("jsonl", "txt"))]
+    env = env_for(gcs)
+
+    def cmd(name: str) -> list[str]:
+        return [sys.executable, str(ROOT / "scripts" / "prepare.py"), "text", "--input", *files, "--name", name,
+                f"--data_dir={bucket}/prep", "--shard_tokens=400000", "--workers=1", "--progress=false"]
+    whole = subprocess.run(cmd("whole"), env=env, capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    proc = subprocess.Popen(cmd("killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    wait_for(lambda: sum(n.startswith("train_") for n in gcs.names(f"{bucket}/prep/killed")) >= 3, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not gcs.read(f"{bucket}/prep/killed/meta.json")
+    again = subprocess.run(cmd("killed"), env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path / "corpus")
+    assert again.returncode == 0, again.stderr[-2000:]
+    names = [n for n in gcs.names(f"{bucket}/prep/whole") if n.endswith(".bin")]
+    assert len(names) > 6 and names == [n for n in gcs.names(f"{bucket}/prep/killed") if n.endswith(".bin")]
+    for name in names:
+        assert gcs.read(f"{bucket}/prep/whole/{name}") == gcs.read(f"{bucket}/prep/killed/{name}"), name
+
+
 def test_storage_faults_are_retried_stalls_time_out_and_a_failed_save_keeps_the_last_checkpoint(gcs, bucket, tmp_path):
     """Through fault-injecting proxies in front of the emulator (loopback): (1) 6 % of requests answered
     429/500/503 or dropped (~25 faults of every kind over the ~430 requests of an 8-step run; each costs a
