@@ -25,7 +25,7 @@ from jaxgpt.tokenizer import TOKENIZER_FILE, HFTokenizer
 def main(argv: list[str]) -> int:
     parser = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", choices=["shakespeare", "tinystories", "text"])
-    parser.add_argument("--input", nargs="+", help="local source file(s)")
+    parser.add_argument("--input", nargs="+", help="source files; for text also globs, gs:// and hf:// URLs (quote globs)")
     parser.add_argument("--name", help="dataset name for `text` (the folder under --data_dir)")
     parser.add_argument("--data_dir", default="data", help="where datasets live (default: data)")
     parser.add_argument("--download", action="store_true", help="shakespeare: download instead of the bundled copy")
