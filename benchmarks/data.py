@@ -140,10 +140,6 @@ def baseline_cmd(inputs: list[Path], out: Path, tokenizer: Path, workers: int) -
             *map(str, inputs)]
 
 
-def env_without_threads() -> dict:
-    return {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-
-
 # --- bench.py --sections=data --------------------------------------------------------------------------------
 
 GPT2_HOST_BATCH = (8, 16, 1024)  # devices, rows per device, block: GPT-2 124M on one v5e-8 host

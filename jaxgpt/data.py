@@ -23,14 +23,10 @@ from tqdm import tqdm
 from jaxgpt import paths
 from jaxgpt.errors import UserError
 from jaxgpt.loader import SPLITS, read_meta
-from jaxgpt.tokenizer import BYTES_IDENTITY, TOKENIZER_FILE, HFTokenizer
+from jaxgpt.tokenizer import BYTES_IDENTITY, EOT_BYTE, EOT_TEXT, TOKENIZER_FILE, HFTokenizer
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"  # input.txt, 1,115,394 bytes
-# TinyStories: stories are separated by this byte. 0xFF never occurs in UTF-8 text, so it is an
-# unambiguous one-token boundary the model can learn, and the vocabulary stays 256.
-EOT_BYTE = 0xFF
-EOT_TEXT = "<|endoftext|>"
 
 
 def _atomic_write(path: Path, data: bytes | Iterable[bytes]) -> None:

@@ -30,12 +30,10 @@ from tqdm import tqdm
 
 from jaxgpt import corpus, paths, shards
 from jaxgpt.errors import UserError
-from jaxgpt.tokenizer import BYTES_IDENTITY, TOKENIZER_FILE, HFTokenizer, tiktoken_twin
+from jaxgpt.tokenizer import BYTES_IDENTITY, EOT_BYTE, EOT_TEXT, TOKENIZER_FILE, HFTokenizer, tiktoken_twin
 
 DEFAULT_SHARD_TOKENS = 100_000_000  # llm.c's fineweb.py
 AUTO_VAL_TOKENS = 10_000_000  # build-nanogpt evaluates 20 x 0.5 M tokens; nanoGPT's OpenWebText val.bin is ~4 M
-EOT_TEXT = "<|endoftext|>"
-EOT_BYTE = 0xFF  # byte-level data: 0xFF never occurs in UTF-8 text, so it marks a document's end
 PROGRESS = ".progress"
 JOB_CHARS = 1 << 20  # text per job handed to a worker
 ENCODERS = ("auto", "tokenizers", "tiktoken")

@@ -60,12 +60,6 @@ def parse_header(raw: bytes, size: int, name: object) -> tuple[int, np.dtype]:
     return count, dtype
 
 
-def read_header(path: str | Path) -> tuple[int, np.dtype]:
-    """(token count, dtype) of a local llm.c shard."""
-    with open(path, "rb") as f:
-        return parse_header(f.read(HEADER_BYTES), os.path.getsize(path), path)
-
-
 class ShardWriter:
     """The open shard: a temporary file with a placeholder header, the header written when it is finished."""
 

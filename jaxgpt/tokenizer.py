@@ -25,6 +25,10 @@ from jaxgpt.errors import UserError
 VOCAB_SIZE = 256
 TOKENIZER_FILE = "tokenizer.json"  # the file a run, a data folder or a Hugging Face folder carries
 BYTES_IDENTITY = {"kind": "bytes", "vocab_size": VOCAB_SIZE}
+EOT_TEXT = "<|endoftext|>"  # GPT-2-style tokenizers' end-of-text token
+# byte-level data's end of a document: 0xFF never occurs in UTF-8 text, so it is an unambiguous one-token
+# boundary the model can learn, and the vocabulary stays 256
+EOT_BYTE = 0xFF
 
 
 class ByteTokenizer:

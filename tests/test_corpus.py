@@ -13,8 +13,8 @@ import pytest
 from benchmarks.data import train_tokenizer
 from jaxgpt import UserError, corpus, shards
 from jaxgpt.loader import BatchSampler, open_dataset
-from jaxgpt.prepare import EOT_BYTE, CorpusJob, _Out, prepare_corpus
-from jaxgpt.tokenizer import HFTokenizer, tiktoken_twin
+from jaxgpt.prepare import CorpusJob, _Out, prepare_corpus
+from jaxgpt.tokenizer import EOT_BYTE, HFTokenizer, tiktoken_twin
 
 DOCS = [f"Document {i}: " + " ".join(f"word{j * i % 97}" for j in range(5 + 7 * i)) + ("\n\n  tail" if i % 3 else "")
         for i in range(40)]

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from jaxgpt import UserError
-from jaxgpt.data import EOT_BYTE, _stories_from_txt, prepare_shakespeare, prepare_text, prepare_tinystories
+from jaxgpt.data import _stories_from_txt, prepare_shakespeare, prepare_text, prepare_tinystories
 from jaxgpt.loader import BatchSampler, dataset_dir
+from jaxgpt.tokenizer import EOT_BYTE
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 40).encode()
 
