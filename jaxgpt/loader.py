@@ -78,11 +78,7 @@ def _verdict_cache(folder: Path) -> Path:
     """Where a folder's verdicts are kept: in it, or (read-only data) in the user's cache."""
     if os.access(folder, os.W_OK):
         return folder / VERIFIED_FILE
-    return cache_home() / "verified" / (hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16] + ".json")
-
-
-def cache_home() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxgpt"
+    return paths.cache_home() / "verified" / (hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16] + ".json")
 
 
 def _verified(path: Path, want: str) -> bool:
@@ -163,7 +159,7 @@ def open_dataset(data_dir: str, dataset: str, vocab_size: int | None = None) -> 
     remote = paths.is_remote(data_dir)
     if remote:
         paths.check_gcs(root)
-    local = cache_home() / "data" / hashlib.sha256(str(root).encode()).hexdigest()[:16] / dataset if remote else Path(root)
+    local = paths.cache_home() / "data" / hashlib.sha256(str(root).encode()).hexdigest()[:16] / dataset if remote else Path(root)
     if (root / "meta.json").exists():
         meta = read_meta(root)
         if meta.get("format") == "shards":

@@ -99,6 +99,11 @@ def path(p: str | os.PathLike) -> epath.Path:
     return p if isinstance(p, epath.Path) else epath.Path(os.fspath(p) if not isinstance(p, str) else p)
 
 
+def cache_home() -> Path:
+    """jaxgpt's folder in the user's cache ($XDG_CACHE_HOME, else ~/.cache): compiled programs, fetched data."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxgpt"
+
+
 def is_remote(p: Any) -> bool:
     return str(p).startswith(GCS)
 

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxgpt import paths
 from jaxgpt.config import ATTENTION_KERNELS, GPTConfig, TrainConfig
 from jaxgpt.errors import UserError
 
@@ -284,7 +285,7 @@ def streams_by_callback(platform: str) -> bool:
 
 def default_compile_cache() -> Path:
     """Where the CLIs keep JAX's persistent compilation cache: the user's cache directory."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxgpt" / "xla"
+    return paths.cache_home() / "xla"
 
 
 def use_compile_cache(setting: str | None) -> Path | None:

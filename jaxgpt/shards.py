@@ -10,7 +10,6 @@ the same batches on any number of hosts, and each host reads only its rows.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import threading
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxgpt import paths
 from jaxgpt.errors import UserError
 
 MAGIC = 20240520  # llm.c's
@@ -76,19 +76,11 @@ class ShardWriter:
         self.f.seek(0)
         self.f.write(header(self.tokens, self.dtype))
         self.f.close()
-        return self.path, _sha256(self.path)
+        return self.path, paths.sha256(self.path)
 
     def discard(self) -> None:
         self.f.close()
         self.path.unlink(missing_ok=True)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
