@@ -114,9 +114,15 @@ def check_dataset(folder: str | Path, meta: dict) -> None:
             raise UserError(f"{path} holds {path.stat().st_size:,} bytes but meta.json says {tokens:,} tokens "
                             f"({tokens * itemsize:,} bytes): the file is truncated or replaced; {_again(folder)}")
     for name, want in (meta.get("files") or {}).items():
-        if (folder / name).exists() and not _verified(folder / name, want):
-            raise UserError(f"{folder / name} does not match the sha256 in its meta.json (changed since it was prepared); "
-                            f"{_again(folder)}")
+        if (folder / name).exists():
+            _check_hash(folder / name, want, folder)
+
+
+def _check_hash(path: Path, want: str, folder: Any) -> None:
+    """One line when `path` is not the file meta.json lists (hashed once per file version: _verified)."""
+    if not _verified(path, want):
+        raise UserError(f"{path} does not match the sha256 in its meta.json (changed since it was prepared); "
+                        f"{_again(folder)}")
 
 
 # --- a dataset: its splits as shards ------------------------------------------------------------------------
@@ -200,9 +206,8 @@ def _check_local_shards(folder: Path, meta: dict, splits: dict[str, list[Shard]]
             have = f"{path.stat().st_size:,} bytes" if path.exists() else "missing"
             raise UserError(f"{path} is {have}, not the {want:,} bytes meta.json lists: truncated or removed; {_again(folder)}")
         sha = (meta.get("files") or {}).get(path.name)
-        if sha and not _verified(path, sha):
-            raise UserError(f"{path} does not match the sha256 in its meta.json (changed since it was prepared); "
-                            f"{_again(folder)}")
+        if sha:
+            _check_hash(path, sha, folder)
 
 
 def _llmc(root: Any, data_dir: str, dataset: str, vocab_size: int | None) -> tuple[dict, dict, str]:

@@ -257,10 +257,15 @@ def load_tokenizer(folder: str | Path) -> ByteTokenizer | HFTokenizer:
     return HFTokenizer(path) if path.exists() else ByteTokenizer()
 
 
+def same_tokenizer(data_identity: dict, identity: dict) -> bool:
+    """Whether data of `data_identity` is what a model of tokenizer `identity` reads; llm.c shards carry no
+    tokenizer (kind 'unknown'): their vocabulary is the user's word."""
+    return data_identity.get("kind") == "unknown" or data_identity == identity
+
+
 def check_tokenizer(data_meta: dict, tokenizer: dict, what: str, dataset: str) -> None:
-    """UserError when data was tokenized differently from what the model reads (llm.c shards carry no
-    tokenizer: their vocabulary is the user's word)."""
-    if data_meta["tokenizer_identity"].get("kind") != "unknown" and data_meta["tokenizer_identity"] != tokenizer:
+    """UserError when data was tokenized differently from what the model reads."""
+    if not same_tokenizer(data_meta["tokenizer_identity"], tokenizer):
         have = data_meta["tokenizer_identity"]
         raise UserError(f"dataset {dataset} was prepared with a {have['kind']} tokenizer (vocab {have['vocab_size']}) but "
                         f"{what} uses a {tokenizer['kind']} tokenizer (vocab {tokenizer['vocab_size']}"

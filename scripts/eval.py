@@ -82,11 +82,12 @@ def what_to_score(args: argparse.Namespace, info: dict, tok: Any, vocab_size: in
     if args.text:
         return np.asarray(tok.encode(cli.read_text_file(args.text, "--text"))), args.text, None
     from jaxgpt.loader import open_dataset
+    from jaxgpt.tokenizer import same_tokenizer
 
     run = info.get("train") or info.get("config") or {}
     data_dir, dataset = args.data_dir or run.get("data_dir", "data"), args.dataset or run.get("dataset", "shakespeare")
     ds = open_dataset(data_dir, dataset, vocab_size)
-    if ds.meta["tokenizer_identity"].get("kind") != "unknown" and ds.meta["tokenizer_identity"] != tok.identity():
+    if not same_tokenizer(ds.meta["tokenizer_identity"], tok.identity()):
         raise UserError(f"{ds.folder} was prepared with another tokenizer than the checkpoint's; evaluate with --text, "
                         f"or prepare the data with the model's tokenizer")
     stream = ds.stream(args.split)
