@@ -13,6 +13,7 @@ every ledger done writes meta.json.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import multiprocessing
 import os
@@ -186,6 +187,11 @@ class _Run:
         self.open_bytes = 0
         self.last: list[int] | None = None  # the place after the last piece taken while val is open
 
+    @functools.cached_property
+    def twin(self) -> Any:
+        """tiktoken's encoding with this tokenizer's ids, or None (jaxgpt.tokenizer.tiktoken_twin): built once."""
+        return tiktoken_twin(self.tok.raw) if self.tok is not None else None
+
     def go(self) -> None:
         pos = self.ledger.position or [self.files.start if len(self.files) else 0, 0, 0, 0]
         tok = self.tok
@@ -249,7 +255,7 @@ class _Run:
         """tiktoken for this tokenizer: where --encoder allows, it can stand for it, and it agrees on a probe."""
         if self.tok is None or self.job.encoder == "tokenizers":
             return False
-        twin, hf = tiktoken_twin(self.tok.raw), self.tok.tok
+        twin, hf = self.twin, self.tok.tok
         probe = corpus.PROBE + EOT_TEXT + "x"
         if twin is None or twin.encode(probe, allowed_special="all") != hf.encode(probe, add_special_tokens=False).ids:
             if self.job.encoder == "tiktoken":
@@ -316,9 +322,8 @@ class _Run:
         body = ids[ids != self.eot] if self.eot is not None else ids
         if self.tok is None:
             return len(body)
-        twin = tiktoken_twin(self.tok.raw)
-        if twin is not None:
-            return len(twin.decode_bytes(body.tolist()))
+        if self.twin is not None:
+            return len(self.twin.decode_bytes(body.tolist()))
         return len(self.tok.decode(body).encode("utf-8"))
 
     def _train(self, tag: tuple[int, int, int], ids: np.ndarray, base: int, n_bytes: int) -> None:
