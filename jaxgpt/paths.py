@@ -260,14 +260,15 @@ def sha256(p: Any) -> str:
 CHUNK_BYTES = 8 << 20  # one ranged request of a Cloud Storage read or write: each bounded by the storage timeout
 
 
-def _gcs() -> Any:
-    import fsspec
-    return fsspec.filesystem("gcs")
-
-
 def is_url(p: Any) -> bool:
     """gs:// and any other fsspec URL (hf://, s3://, https://): read through fsspec, not the local file system."""
     return "://" in str(p)
+
+
+def _fs(url: Any) -> tuple[Any, str]:
+    """The fsspec file system of a URL (gcsfs for gs://, configured by configure_gcs) and the path inside it."""
+    import fsspec
+    return fsspec.core.url_to_fs(str(url))
 
 
 def glob_urls(pattern: str) -> list[str]:
@@ -275,27 +276,30 @@ def glob_urls(pattern: str) -> list[str]:
     if not is_url(pattern):
         import glob
         return sorted(glob.glob(pattern))
-    import fsspec
-    fs, root = fsspec.core.url_to_fs(pattern)
+    fs, root = _fs(pattern)
     return sorted(fs.unstrip_protocol(m) for m in retrying(f"listing {pattern}", fs.glob, root))
 
 
-def version(p: str) -> tuple[int, str]:
+def version(p: Any) -> tuple[int, str]:
     """(size, what identifies this version of the file): its mtime locally, else the object's generation,
     checksum or etag. FileNotFoundError when it does not exist."""
     if not is_url(p):
-        st = os.stat(p)
-        if not os.path.isfile(p):
+        st = os.stat(str(p))
+        if not os.path.isfile(str(p)):
             raise FileNotFoundError(p)
         return st.st_size, str(st.st_mtime_ns)
-    import fsspec
-    fs, root = fsspec.core.url_to_fs(p)
+    fs, root = _fs(p)
     info = retrying(f"reading {p}", fs.info, root)
     if info.get("type") == "directory":
         raise FileNotFoundError(p)
     tag = next((str(info[k]) for k in ("generation", "crc32c", "md5Hash", "ETag", "etag", "last_commit", "mtime")
                 if info.get(k)), "")
     return int(info.get("size") or 0), tag
+
+
+def size(p: Any) -> int:
+    """A file's or object's size in bytes."""
+    return version(p)[0]
 
 
 def open_read(p: str) -> Any:
@@ -306,17 +310,11 @@ def open_read(p: str) -> Any:
     return fsspec.open(p, "rb", block_size=CHUNK_BYTES).open()
 
 
-def size(p: Any) -> int:
-    """A file's or object's size in bytes."""
-    if is_remote(p):
-        return int(retrying(f"reading {p}", _gcs().info, str(p))["size"])
-    return os.path.getsize(str(p))
-
-
 def read_range(p: Any, start: int, end: int) -> bytes:
-    """Bytes start..end-1 of a file or object (one ranged request on Cloud Storage)."""
-    if is_remote(p):
-        return retrying(f"reading {p}", _gcs().cat_file, str(p), start=start, end=end)
+    """Bytes start..end-1 of a file or object (one ranged request for a URL)."""
+    if is_url(p):
+        fs, root = _fs(p)
+        return retrying(f"reading {p}", fs.cat_file, root, start=start, end=end)
     with open(str(p), "rb") as f:
         f.seek(start)
         return f.read(end - start)
@@ -342,7 +340,8 @@ def upload(local: Path, dst: Any) -> None:
     """Stream a local file to gs:// in CHUNK_BYTES blocks (a resumable upload: never the whole file in memory);
     the object appears whole when the upload is finalized, or not at all."""
     def once() -> None:
-        with open(local, "rb") as r, _gcs().open(str(dst), "wb", block_size=CHUNK_BYTES) as w:
+        fs, root = _fs(dst)
+        with open(local, "rb") as r, fs.open(root, "wb", block_size=CHUNK_BYTES) as w:
             shutil.copyfileobj(r, w, CHUNK_BYTES)
     try:
         retrying(f"uploading {dst}", once)
