@@ -12,6 +12,7 @@ place (file, document, piece), from which a killed prepare starts again.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import gzip
 import io
 import json
@@ -50,13 +51,15 @@ class Input:
 
 @dataclass(frozen=True)
 class Piece:
-    """A piece of a document: its place in the corpus, its text, and whether it ends the document."""
+    """A piece of a document: its place in the corpus, its text, whether it ends the document, and how many
+    bytes of its input file had been read when it was cut (the progress bar's measure: compressed bytes too)."""
 
     file: int
     doc: int
     piece: int
     text: str
     last: bool
+    read: int = 0
 
 
 def _stat(url: str) -> Input:
@@ -143,24 +146,29 @@ def cuts_are_exact(encode: Callable[[str], list[int]]) -> bool:
     return all(encode(probe[:c]) + encode(probe[c:]) == whole for c in cuts)
 
 
-def _open(url: str) -> BinaryIO:
-    """A binary stream of the file's (decompressed) bytes; gs:// objects are read in ranged chunks."""
-    raw: Any = paths.open_read(url)
-    if url.endswith(".gz"):
-        return gzip.GzipFile(fileobj=raw)  # type: ignore[return-value]
-    if url.endswith(".zst"):
-        try:
-            import zstandard
-        except ImportError:
-            raise UserError(f"{url}: .zst files need the zstandard package; pip install zstandard") from None
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
-    return raw
+@contextlib.contextmanager
+def _open(url: str) -> Iterator[tuple[BinaryIO, Any]]:
+    """(a binary stream of the file's decompressed bytes, the file as stored: its tell() is the bytes read);
+    gs:// objects are read in ranged chunks. Both are closed on leaving."""
+    with paths.open_read(url) as raw:
+        if url.endswith(".gz"):
+            with gzip.GzipFile(fileobj=raw) as f:
+                yield f, raw  # type: ignore[misc]
+        elif url.endswith(".zst"):
+            try:
+                import zstandard
+            except ImportError:
+                raise UserError(f"{url}: .zst files need the zstandard package; pip install zstandard") from None
+            with io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=False)) as f:
+                yield f, raw
+        else:
+            yield raw, raw
 
 
 def _txt_pieces(url: str, index: int, first_piece: int, piece_chars: int) -> Iterator[Piece]:
     """A .txt file as one document, read a megabyte at a time and cut as split_document cuts."""
     decoder, text, start, n, done, at = codecs.getincrementaldecoder("utf-8")(), "", 0, 0, False, 0
-    with _open(url) as f:
+    with _open(url) as (f, raw):
         while True:
             while not done and len(text) - start < 2 * piece_chars:
                 chunk = f.read(1 << 20)
@@ -176,12 +184,13 @@ def _txt_pieces(url: str, index: int, first_piece: int, piece_chars: int) -> Ite
                 return
             end = cut_points(text, start, piece_chars)
             if n >= first_piece:
-                yield Piece(index, 0, n, text[start:end], done and end >= len(text))
+                yield Piece(index, 0, n, text[start:end], done and end >= len(text), raw.tell())
             start, n = end, n + 1
 
 
-def _records(url: str, text_field: str, first_doc: int) -> Iterator[tuple[int, Any]]:
-    """(document index, text) of a .jsonl(.gz/.zst) or .parquet file from document first_doc on."""
+def _records(url: str, text_field: str, first_doc: int) -> Iterator[tuple[int, Any, int]]:
+    """(document index, text, bytes of the file read) of a .jsonl(.gz/.zst) or .parquet file from document
+    first_doc on."""
     if url.endswith(".parquet"):
         try:
             import pyarrow.parquet as pq
@@ -201,10 +210,10 @@ def _records(url: str, text_field: str, first_doc: int) -> Iterator[tuple[int, A
                 for batch in pf.iter_batches(batch_size=1024, row_groups=[g], columns=[text_field]):
                     for text in batch.column(0).to_pylist():
                         if row >= first_doc:
-                            yield row, text
+                            yield row, text, f.tell()
                         row += 1
         return
-    with _open(url) as f:
+    with _open(url) as (f, raw):
         for line_no, line in enumerate(f):
             if line_no < first_doc or not line.strip():
                 continue
@@ -215,7 +224,7 @@ def _records(url: str, text_field: str, first_doc: int) -> Iterator[tuple[int, A
             if not isinstance(record, dict) or text_field not in record:
                 raise UserError(f"{url}: line {line_no + 1} has no {text_field!r} field; name the text field with "
                                 f"--text_field")
-            yield line_no, record[text_field]
+            yield line_no, record[text_field], raw.tell()
 
 
 def pieces(inputs: list[Input], files: range, text_field: str, start: tuple[int, int, int] = (0, 0, 0),
@@ -241,7 +250,7 @@ def _file_pieces(url: str, i: int, text_field: str, start: tuple[int, int], char
     if url.endswith(".txt"):
         yield from _txt_pieces(url, i, p0, chars)
         return
-    for doc, text in _records(url, text_field, d0):
+    for doc, text, read in _records(url, text_field, d0):
         if not isinstance(text, str):
             raise UserError(f"{url}: document {doc} has a {type(text).__name__} in {text_field!r}, not text")
         if not text:
@@ -249,7 +258,7 @@ def _file_pieces(url: str, i: int, text_field: str, start: tuple[int, int], char
         parts = list(split_document(text, chars)) if len(text) > chars else [text]
         for n, part in enumerate(parts):
             if doc != d0 or n >= p0:
-                yield Piece(i, doc, n, part, n == len(parts) - 1)
+                yield Piece(i, doc, n, part, n == len(parts) - 1, read)
 
 
 # --- the tokenizing workers (jaxgpt.prepare starts them) -------------------------------------------------

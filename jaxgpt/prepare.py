@@ -204,20 +204,21 @@ class _Run:
                        f"(memory then grows with the longest document)", file=sys.stderr)
         source = corpus.pieces(self.inputs, self.files, self.job.text_field, (pos[0], pos[1], pos[2]),
                                self.job.piece_chars, cut)
-        total = sum(self.inputs[i].size for i in self.files)
-        bar = tqdm(total=total, unit="B", unit_scale=True, disable=not self.job.progress, dynamic_ncols=True, delay=2,
+        sizes = [self.inputs[i].size for i in self.files]
+        before = dict(zip(self.files, np.cumsum([0, *sizes])[:-1].tolist(), strict=True))  # the slice's bytes before each file
+        bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, disable=not self.job.progress, dynamic_ncols=True, delay=2,
                    desc=f"{Path(self.job.out).name}" + (f" task {self.job.task}/{self.job.tasks}" if self.job.tasks > 1 else ""))
         t0, tokens = time.perf_counter(), 0
         skip = pos[3]
         try:
-            for tag, last, ids, n_bytes in self._encoded(source):
+            for tag, last, read, ids, n_bytes in self._encoded(source):
                 if skip and tag == tuple(pos[:3]):
                     ids, base, skip = ids[skip:], skip, 0
                 else:
                     base = 0
                 self._take(tag, last, ids, base, n_bytes)
                 tokens += len(ids)
-                bar.update(n_bytes)
+                bar.update(max(0, before[tag[0]] + read - bar.n))  # input bytes read, compressed ones included
                 bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9) / 1e6:.2f} M tokens/s", refresh=False)
         except BaseException:
             bar.leave = False  # the error line stands alone
@@ -236,15 +237,15 @@ class _Run:
         self.ledger.done = True
         self.out.write_ledger(self.ledger)
 
-    def _encoded(self, source: Iterator[corpus.Piece]) -> Iterator[tuple[tuple[int, int, int], bool, np.ndarray, int]]:
-        """(place, last piece of its document, ids, bytes) of every piece, in order, from `workers` processes, at most 2 jobs each in flight."""
+    def _encoded(self, source: Iterator[corpus.Piece]) -> Iterator[tuple[tuple[int, int, int], bool, int, np.ndarray, int]]:
+        """(place, last piece of its document, its file's bytes read, ids, bytes) of every piece, in order, from `workers` processes, at most 2 jobs each in flight."""
         workers = self.job.workers or os.cpu_count() or 1
         ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads (JAX, gcsfs)
         init = (self.tok.raw if self.tok else None, self.eot, self.dtype.name, self._fast())
         with ctx.Pool(workers, initializer=corpus.init_worker, initargs=init) as pool:
             window: collections.deque = collections.deque()
             for batch in _batches(source):
-                window.append(([((p.file, p.doc, p.piece), p.last) for p in batch],
+                window.append(([((p.file, p.doc, p.piece), p.last, p.read) for p in batch],
                                pool.apply_async(corpus.encode_pieces, ([(p.text, p.last) for p in batch],))))
                 while len(window) >= 2 * workers + 1:
                     yield from _results(window.popleft())
@@ -367,10 +368,10 @@ def _batches(source: Iterator[corpus.Piece]) -> Iterator[list[corpus.Piece]]:
         yield batch
 
 
-def _results(entry: tuple[list, Any]) -> Iterator[tuple[tuple[int, int, int], bool, np.ndarray, int]]:
+def _results(entry: tuple[list, Any]) -> Iterator[tuple[tuple[int, int, int], bool, int, np.ndarray, int]]:
     tags, result = entry
-    for (tag, last), (ids, n_bytes) in zip(tags, result.get(), strict=True):
-        yield tag, last, ids, n_bytes
+    for (tag, last, read), (ids, n_bytes) in zip(tags, result.get(), strict=True):
+        yield tag, last, read, ids, n_bytes
 
 
 def _finalize(job: CorpusJob, out: _Out, fingerprint: dict, identity: dict, dtype: np.dtype,
