@@ -78,18 +78,18 @@ def decode_widths(cfg: Any, slots: int = 16, chunk: int = 8, calls: int = 4, rep
     (as the clients below): `calls` chunks from a context of 1 token (inside) or block_size + 1 (past)."""
     import jax
     import jax.numpy as jnp
+    import numpy as np
     from flax import nnx
 
     from jaxgpt.model import GPT
     from jaxgpt.serve import engine as E
 
     eng = E.Engine(GPT(cfg, rngs=nnx.Rngs(0)), slots=slots, chunk=chunk)
+    eng.temperature[:] = 0.8  # every slot samples (top-k and top-p off)
     figures, width = [], 1
     try:
         while width <= slots:
-            rows = jnp.arange(width, dtype=jnp.int32)
-            sampling = (jnp.zeros((width, 2), jnp.uint32), jnp.full(width, 0.8, jnp.float32),
-                        jnp.full(width, cfg.vocab_size, jnp.int32), jnp.ones(width, jnp.float32), jnp.ones(width, bool))
+            rows = np.arange(width, dtype=np.int32)
             for where, start in (("inside block_size", 1), ("past block_size", cfg.block_size + 1)):
                 times = []
                 for _ in range(repeats + 1):  # the first compiles
@@ -97,7 +97,7 @@ def decode_widths(cfg: Any, slots: int = 16, chunk: int = 8, calls: int = 4, rep
                     eng.carry = (ctx, jnp.full_like(n, start), j, cache)
                     t = time.perf_counter()
                     for _ in range(calls):
-                        eng.carry, tokens = E.decode_program(eng.graphdef, eng.state, eng.carry, rows, *sampling, steps=chunk)
+                        tokens = eng.decode(rows, np.ones(width, bool))
                     jax.block_until_ready(tokens)
                     times.append((time.perf_counter() - t) / (calls * chunk) * 1000)
                 figures.append(figure("serve", f"decode step, width {width}, {where}", times[1:], "ms",

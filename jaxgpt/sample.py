@@ -19,15 +19,41 @@ layer the two agree; with more they differ (tests/test_sample.py shows both), so
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxgpt.config import GPTConfig
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT
+from jaxgpt.sharding import abstract
+
+
+@dataclass(frozen=True)
+class Program:
+    """A jitted function with its arguments (arrays or ShapeDtypeStructs carrying their shardings). The
+    run, the planner (jaxgpt.plan.aot) and the export (jaxgpt.plan.export) take their programs from one
+    builder each (abstract_chunk; jaxgpt.serve.engine.programs), so the program planned is the one run."""
+
+    fn: Any  # a jax.jit-wrapped function
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+
+    def lower(self) -> Any:
+        return self.fn.lower(*self.args, **self.kwargs)
+
+    def compile(self) -> Any:
+        """The compiled executable; call it with the dynamic arguments only (static ones are baked in)."""
+        return self.lower().compile()
+
+    def export(self, platforms: tuple[str, ...], disabled_checks: tuple = ()) -> Any:
+        from jax import export
+        return export.export(self.fn, platforms=platforms, disabled_checks=list(disabled_checks))(*self.args, **self.kwargs)
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float, vocab_size: int, num_samples: int = 1) -> None:
@@ -207,6 +233,26 @@ def _draws(key: jax.Array, j0: jax.Array, batch: int, count: int) -> jax.Array:
     """Uniforms for new tokens j0 .. j0+count-1, token j's from fold_in(key, j): the same draws
     whatever the chunk size."""
     return jax.vmap(lambda j: jax.random.uniform(jax.random.fold_in(key, j), (batch,)))(j0 + jnp.arange(count))
+
+
+def abstract_chunk(model_cfg: GPTConfig, batch: int = 1, *, dtype: Any = jnp.float32, steps: int = CHUNK,
+                   sharding: Any = None, temperature: float = 0.8, top_k: int | None = 200, top_p: float = 1.0,
+                   mode: str = "mixed") -> Program:
+    """generate.py's chunk program (chunk_program) over abstract inputs: `batch` sequences, weights and KV
+    cache in `dtype`, `steps` tokens, the given sampling, no per-token callback (as it runs on GPU/TPU,
+    streams_by_callback), every input on `sharding` (None: unplaced, for jax.export). 'mixed', the chunk
+    that crosses block_size (cached steps, then windowed ones), holds both kinds of step."""
+    model = nnx.eval_shape(lambda: GPT(model_cfg, rngs=nnx.Rngs(0)))
+    model.eval()
+    graphdef, params = nnx.split(model)
+    params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, dtype), params)
+    cache = jax.eval_shape(lambda: model.init_cache(batch, dtype))
+    i32 = jax.ShapeDtypeStruct((), jnp.int32)
+    carry = (jax.ShapeDtypeStruct((batch, model_cfg.block_size), jnp.int32), i32, cache)
+    uniforms = jax.ShapeDtypeStruct((steps, batch), jnp.float32)
+    top_k = None if top_k is None else min(top_k, model_cfg.vocab_size)
+    return Program(chunk_program, (graphdef, *abstract((params, carry, uniforms, i32, i32), sharding)),
+                   dict(temperature=temperature, top_k=top_k, top_p=top_p, on_token=None, return_logits=False, mode=mode))
 
 
 def state_dtype(state: nnx.State) -> jnp.dtype:

@@ -20,6 +20,17 @@ from jaxgpt.errors import UserError
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over every device
 
 
+def abstract(tree: Any, shardings: Any = None) -> Any:
+    """ShapeDtypeStructs of a tree of arrays or ShapeDtypeStructs, laid out by `shardings`: one
+    sharding for every leaf, a tree of them like `tree`, or None (each leaf's own). What programs are
+    lowered over when they are planned or exported without the arrays themselves."""
+    def one(a: Any, s: Any) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s if s is not None else getattr(a, "sharding", None))
+    if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda a: one(a, shardings), tree)
+    return jax.tree.map(one, tree, shardings)
+
+
 def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                      process_id: int | None = None) -> None:
     """Join a multi-process run. With no arguments JAX auto-detects the cluster (Cloud TPU,

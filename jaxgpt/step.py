@@ -27,7 +27,7 @@ from jaxgpt.errors import UserError
 from jaxgpt.model import GPT
 from jaxgpt.optim import make_optimizer
 from jaxgpt.platform import DTYPES, Platform
-from jaxgpt.sharding import param_shardings, state_shardings
+from jaxgpt.sharding import abstract, param_shardings, state_shardings
 
 
 class TrainState(NamedTuple):
@@ -122,17 +122,13 @@ def init_state(model_cfg: GPTConfig, tc: TrainConfig, mesh: Mesh | None = None, 
     attention = attention or platform.resolve_attention(model_cfg, dtype, here, tc.attention)
     make = lambda: GPT(model_cfg, rngs=nnx.Rngs(tc.seed), remat=remat, attention=attention)  # noqa: E731
     graphdef, eval_graphdef = graphdefs(model_cfg, remat, attention, platform.resolve_matmul(tc.matmul_precision, dtype, here))
-    abstract = nnx.state(nnx.eval_shape(make))
-    shardings = param_shardings(abstract, mesh) if mesh is not None else None
+    shapes = nnx.state(nnx.eval_shape(make))
+    shardings = param_shardings(shapes, mesh) if mesh is not None else None
     params = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()
     init = make_optimizer(tc).init
-    opt_shardings = state_shardings(jax.eval_shape(init, abstract), abstract, mesh) if mesh is not None else None
+    opt_shardings = state_shardings(jax.eval_shape(init, shapes), shapes, mesh) if mesh is not None else None
     opt_state = jax.jit(init, out_shardings=opt_shardings)(params)
     return graphdef, eval_graphdef, TrainState(params, opt_state)
-
-
-def abstract_like(tree: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
 def abstract_train_state(model_cfg: GPTConfig, tc: TrainConfig, mesh: Mesh | AbstractMesh | None) -> TrainState:
@@ -142,8 +138,8 @@ def abstract_train_state(model_cfg: GPTConfig, tc: TrainConfig, mesh: Mesh | Abs
     opt_state = jax.eval_shape(make_optimizer(tc).init, params)
     if mesh is None:
         return TrainState(params, opt_state)
-    return TrainState(abstract_like(params, param_shardings(params, mesh)),
-                      abstract_like(opt_state, state_shardings(opt_state, params, mesh)))
+    return TrainState(abstract(params, param_shardings(params, mesh)),
+                      abstract(opt_state, state_shardings(opt_state, params, mesh)))
 
 
 

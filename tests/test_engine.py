@@ -12,14 +12,14 @@ from jaxgpt.serve import engine as eng
 
 def test_a_sequence_in_its_prefill_holds_its_slot_for_submit_and_close(tiny_model, monkeypatch):
     inside, release = threading.Event(), threading.Event()
-    prefill = eng.prefill_program
+    engine = eng.Engine(tiny_model, slots=1, chunk=2, max_queue=1)
+    prefill = engine.prefill
 
     def slow_prefill(*args, **kwargs):  # the engine's thread stops here, between the queue and the slot
         inside.set()
         release.wait(30)
         return prefill(*args, **kwargs)
-    monkeypatch.setattr(eng, "prefill_program", slow_prefill)
-    engine = eng.Engine(tiny_model, slots=1, chunk=2, max_queue=1)
+    monkeypatch.setattr(engine, "prefill", slow_prefill)
     finished: dict[str, list] = {"a": [], "b": []}
 
     def job(name: str) -> eng.Job:

@@ -28,7 +28,7 @@ from jaxgpt.errors import UserError
 from jaxgpt.plan import targets
 from jaxgpt.plan.export import HOST_CALLBACKS
 from jaxgpt.plan.perf import flops_per_token, total_params
-from jaxgpt.sharding import BATCH_AXES, batch_sharding, make_mesh
+from jaxgpt.sharding import BATCH_AXES, abstract, batch_sharding, make_mesh
 from jaxgpt.step import abstract_train_state, fit_train_step, make_eval_step
 
 CUDNN_ATTENTION_MARK = "__cudnn$fmha"
@@ -61,10 +61,6 @@ def where(target: str | None) -> Where:
     chip = targets.chip_for_kind(site.device_kind)
     return Where("local", site, jax.devices(), jax.process_count(), chip.peak_flops if chip else None,
                  chip.bandwidth if chip else None, chip.memory_bytes if chip else None)
-
-
-def spec(shape: tuple[int, ...], dtype: Any, sharding: Any) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
 
 def figures(compiled: Any, compile_s: float) -> dict[str, Any]:
@@ -144,7 +140,7 @@ def plan_training(model_cfg: GPTConfig, tc: TrainConfig, target: str | None = No
     tries = [cast(TrainConfig, dataclasses.replace(tc, remat=cast(Any, remat))) for remat in
              (platform.remat_candidates(tc.remat, site.backend) if batch_auto else (tc.remat,))]
     for cand in (c for t in tries for c in _train_candidates(t, mesh.size, batch_auto)):
-        x = spec((cand.gradient_accumulation_steps, cand.batch_size, T), jnp.int32, batch_sharding(mesh))
+        x = jax.ShapeDtypeStruct((cand.gradient_accumulation_steps, cand.batch_size, T), jnp.int32, sharding=batch_sharding(mesh))
         log(f"compiling the train step for {w.name} (remat={cand.remat}, batch {cand.batch_size} x "
             f"{cand.gradient_accumulation_steps})")
         fit, eval_graphdef = fit_train_step(model_cfg, cand, state, x, x, 0, attention, site)
@@ -167,7 +163,7 @@ def plan_training(model_cfg: GPTConfig, tc: TrainConfig, target: str | None = No
     # evaluation: the run's eval step over eval batches of batch_size windows
     log(f"compiling the eval step for {w.name}")
     t = time.perf_counter()
-    xb = spec((chosen.batch_size, T), jnp.int32, NamedSharding(mesh, P(BATCH_AXES)))
+    xb = jax.ShapeDtypeStruct((chosen.batch_size, T), jnp.int32, sharding=NamedSharding(mesh, P(BATCH_AXES)))
     compiled = cast(Any, make_eval_step(eval_graphdef, dataclasses.replace(chosen, dtype=cast(Any, dtype)),
                                         site.backend)).lower(state.params, xb, xb).compile()
     programs["eval_step"] = figures(compiled, time.perf_counter() - t)
@@ -176,26 +172,13 @@ def plan_training(model_cfg: GPTConfig, tc: TrainConfig, target: str | None = No
 
 
 def plan_generation(model_cfg: GPTConfig, w: Where, log: Callable[[str], None], batch: int = 1) -> dict[str, Any]:
-    """generate.py's largest program on one device: a chunk of sample.CHUNK tokens that crosses
-    block_size (cached steps, then windowed ones), with its float32 weights and default sampling
-    (temperature 0.8, top-k 200), as it runs without a per-token callback (platform.streams_by_callback)."""
+    """generate.py's largest program on one device: the chunk that crosses block_size
+    (sample.abstract_chunk) with float32 weights and default sampling (temperature 0.8, top-k 200)."""
     from jaxgpt import sample
-    from jaxgpt.model import GPT
 
-    one = SingleDeviceSharding(w.devices[0])
-    model = nnx.eval_shape(lambda: GPT(model_cfg, rngs=nnx.Rngs(0)))
-    model.eval()
-    graphdef, params = nnx.split(model)
-    params = jax.tree.map(lambda p: spec(p.shape, p.dtype, one), params)
-    cache = jax.tree.map(lambda a: spec(a.shape, a.dtype, one), jax.eval_shape(lambda: model.init_cache(batch, jnp.float32)))
-    i32 = spec((), jnp.int32, one)
-    carry = (spec((batch, model_cfg.block_size), jnp.int32, one), i32, cache)
-    uniforms = spec((sample.CHUNK, batch), jnp.float32, one)
     log(f"compiling the generation chunk for {w.name}")
     t = time.perf_counter()
-    compiled = sample.chunk_program.lower(graphdef, params, carry, uniforms, i32, i32, temperature=0.8,
-                                   top_k=min(200, model_cfg.vocab_size), top_p=1.0, on_token=None,
-                                   return_logits=False, mode="mixed").compile()
+    compiled = sample.abstract_chunk(model_cfg, batch, sharding=SingleDeviceSharding(w.devices[0])).compile()
     out = figures(compiled, time.perf_counter() - t)
     out.update(tokens=sample.CHUNK, sequences=batch, dtype="float32")
     return out
@@ -203,41 +186,27 @@ def plan_generation(model_cfg: GPTConfig, w: Where, log: Callable[[str], None], 
 
 def plan_serving(model: Any, target: str | None, slots: int, chunk: int,
                  log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    """scripts/serve.py's programs for `target`: the engine's decode step at every width it compiles
-    (1, 2, 4, ... slots; jaxgpt.serve.engine) and its prefill for the longest prompt bucket, over the KV
-    cache of `slots` sequences, with the checkpoint's weights as loaded (their dtype)."""
+    """scripts/serve.py's programs for `target` (jaxgpt.serve.engine.programs): the decode step at every
+    width and the prefill of the longest prompt bucket, over the KV cache of `slots` sequences, with
+    the checkpoint's weights as loaded (their dtype)."""
     from jaxgpt.serve import engine
 
     w = where(target)
     one = SingleDeviceSharding(w.devices[0])
-    cfg = model.config
     model.eval()
     graphdef, state = nnx.split(model)
-    params = jax.tree.map(lambda p: spec(p.shape, p.dtype, one), state)
     dtype = jax.tree.leaves(state)[0].dtype
-    cache = jax.tree.map(lambda a: spec(a.shape, a.dtype, one), jax.eval_shape(lambda: model.init_cache(slots, dtype)))
-    vec = lambda n, dt: spec((n,), dt, one)  # noqa: E731
-    carry = (spec((slots, cfg.block_size), jnp.int32, one), vec(slots, jnp.int32), vec(slots, jnp.int32), cache)
+    carry = abstract(jax.eval_shape(lambda: engine.new_carry(model, slots, dtype)), one)
+    chosen = {name: p for name, p in engine.programs(graphdef, abstract(state, one), carry, chunk).items()
+              if name.startswith("decode_") or name == f"prefill_{model.config.block_size}"}
     programs: dict[str, dict[str, Any]] = {}
-    width = 1
-    while True:
-        log(f"compiling the decode step for {w.name} ({width} of {slots} slots)")
+    for name, program in chosen.items():
+        log(f"compiling the {name.replace('_', ' ')} for {w.name} ({slots} slots)")
         t = time.perf_counter()
-        compiled = engine.decode_program.lower(graphdef, params, carry, vec(width, jnp.int32), spec((width, 2), jnp.uint32, one),
-                                        vec(width, jnp.float32), vec(width, jnp.int32), vec(width, jnp.float32),
-                                        vec(width, jnp.bool_), steps=chunk).compile()
-        programs[f"decode_{width}"] = figures(compiled, time.perf_counter() - t)
-        if width >= slots:
-            break
-        width = min(slots, width * 2)
-    log(f"compiling the prefill for {w.name} ({cfg.block_size} tokens)")
-    t = time.perf_counter()
-    i32 = spec((), jnp.int32, one)
-    compiled = engine.prefill_program.lower(graphdef, params, carry, i32, spec((cfg.block_size,), jnp.int32, one), i32,
-                                   bucket=cfg.block_size).compile()
-    programs["prefill"] = figures(compiled, time.perf_counter() - t)
-    report = _report(w, cfg, programs)
-    report["kv_cache_bytes"] = platform.total_bytes(cache)
+        compiled = program.compile()
+        programs[name.split("_")[0] if name.startswith("prefill") else name] = figures(compiled, time.perf_counter() - t)
+    report = _report(w, model.config, programs)
+    report["kv_cache_bytes"] = platform.total_bytes(carry[3])
     return report
 
 

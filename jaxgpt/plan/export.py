@@ -13,13 +13,11 @@ from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax import export
 from jax.sharding import AbstractMesh, AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxgpt.config import GPTConfig, TrainConfig
-from jaxgpt.model import GPT
 from jaxgpt.optim import make_optimizer
 from jaxgpt.platform import DTYPES, resolve_matmul
 from jaxgpt.sharding import BATCH_AXES, batch_sharding
@@ -70,22 +68,13 @@ def export_eval_step(model_cfg: GPTConfig, tc: TrainConfig, platforms: tuple[str
 
 def export_decode_step(model_cfg: GPTConfig, batch: int, platforms: tuple[str, ...], dtype: str = "float32",
                        chunk: int = 8, mode: str = "mixed") -> export.Exported:
-    """Generation's compiled chunk (sample.chunk_program): `chunk` tokens per sequence through the KV
+    """Generation's compiled chunk (sample.abstract_chunk): `chunk` tokens per sequence through the KV
     cache or, past block_size, the window; top-k/top-p sampling inside. The default 'mixed'
     chunk holds both steps (the one crossing block_size); 'cache' and 'window' are the others."""
     from jaxgpt import sample
 
-    model = nnx.eval_shape(lambda: GPT(model_cfg, rngs=nnx.Rngs(0)))
-    model.eval()
-    graphdef, params = nnx.split(model)
-    params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, DTYPES[dtype]), params)
-    cache = jax.eval_shape(lambda: model.init_cache(batch, DTYPES[dtype]))
-    i32 = jax.ShapeDtypeStruct((), jnp.int32)
-    carry = (jax.ShapeDtypeStruct((batch, model_cfg.block_size), jnp.int32), i32, cache)
-    uniforms = jax.ShapeDtypeStruct((chunk, batch), jnp.float32)
-    return export.export(sample.chunk_program, platforms=platforms)(
-        graphdef, params, carry, uniforms, i32, i32, temperature=0.8, top_k=40, top_p=0.95, on_token=None,
-        return_logits=False, mode=mode)
+    return sample.abstract_chunk(model_cfg, batch, dtype=DTYPES[dtype], steps=chunk, top_k=40, top_p=0.95,
+                                 mode=mode).export(platforms)
 
 
 def custom_calls(exported: export.Exported) -> set[str]:

@@ -27,7 +27,8 @@ from flax import nnx
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT
 from jaxgpt.paths import describe
-from jaxgpt.sample import check_sampling, pick_rows, prompt_bucket, state_dtype
+from jaxgpt.sample import Program, check_sampling, pick_rows, prompt_bucket, state_dtype
+from jaxgpt.sharding import abstract
 
 
 class QueueFull(Exception):
@@ -126,6 +127,38 @@ def _steps(graphdef: nnx.GraphDef, state: nnx.State, carry: Carry, keys: jax.Arr
     return jax.lax.scan(step, carry, None, length=steps)
 
 
+def new_carry(model: GPT, slots: int, dtype: Any) -> Carry:
+    """The state of `slots` empty slots: windows, lengths (1), token counters and the KV cache in `dtype`."""
+    cfg = model.config
+    return (jnp.zeros((slots, cfg.block_size), jnp.int32), jnp.ones((slots,), jnp.int32),
+            jnp.zeros((slots,), jnp.int32), model.init_cache(slots, dtype))
+
+
+def decode_width(busy: int, slots: int) -> int:
+    """The batch the decode step runs for `busy` requests: the next power of two, at most `slots`."""
+    return min(slots, 1 << (busy - 1).bit_length())
+
+
+def programs(graphdef: nnx.GraphDef, state: Any, carry: Any, chunk: int) -> dict[str, Program]:
+    """Every program the engine runs, over abstract inputs laid out like `state` and `carry` (arrays or
+    ShapeDtypeStructs): 'decode_W' for each width W = decode_width(1 .. slots), and 'prefill_B' for each
+    prompt bucket B (0: a prompt longer than the context, its window only). The engine compiles and runs
+    these; jaxgpt.plan.aot compiles them for a target."""
+    ctx, n = carry[0], carry[1]
+    slots, block = ctx.shape
+    like = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=getattr(n, "sharding", None))  # noqa: E731
+    state, carry = abstract(state), abstract(carry)
+    out = {}
+    for w in sorted({decode_width(b, slots) for b in range(1, slots + 1)}):
+        out[f"decode_{w}"] = Program(decode_program, (graphdef, state, carry, like((w,), jnp.int32), like((w, 2), jnp.uint32),
+                                                      like((w,), jnp.float32), like((w,), jnp.int32), like((w,), jnp.float32),
+                                                      like((w,), jnp.bool_)), dict(steps=chunk))
+    for bucket in sorted({prompt_bucket(n, block) for n in range(block + 2)}):
+        out[f"prefill_{bucket}"] = Program(prefill_program, (graphdef, state, carry, like((), jnp.int32),
+                                                             like((block,), jnp.int32), like((), jnp.int32)), dict(bucket=bucket))
+    return out
+
+
 class Engine:
     """Continuous batching for one model. submit() from any thread; the work happens on the engine's."""
 
@@ -135,10 +168,10 @@ class Engine:
         model.eval()
         self.slots, self.chunk, self.max_queue = slots, chunk, max_queue
         self.graphdef, self.state = nnx.split(model)
-        cfg = model.config
-        self.vocab, self.block = cfg.vocab_size, cfg.block_size
-        self.carry: Carry = (jnp.zeros((slots, cfg.block_size), jnp.int32), jnp.ones((slots,), jnp.int32),
-                             jnp.zeros((slots,), jnp.int32), model.init_cache(slots, state_dtype(self.state)))
+        self.vocab, self.block = model.config.vocab_size, model.config.block_size
+        self.carry: Carry = new_carry(model, slots, state_dtype(self.state))
+        self.programs = programs(self.graphdef, self.state, self.carry, chunk)
+        self.compiled: dict[str, Any] = {}  # name -> executable, compiled on first use or by warm_up
         self.keys = np.zeros((slots, 2), np.uint32)
         self.temperature = np.ones(slots, np.float32)
         self.top_k = np.full(slots, self.vocab, np.int32)
@@ -181,25 +214,28 @@ class Engine:
                     "slots_in_use": len(self.jobs), "queue": len(self.waiting)}
 
     def warm_up(self) -> None:
-        """Compile before the first request, on this thread while the engine's is idle: the decode
-        program at every width (1, 2, 4, ... slots) and the prefill of every prompt bucket (with the
-        persistent compilation cache, once per machine). Only free slots' state is touched."""
-        with self.cv:
-            assert not self.jobs and not self.waiting, "warm_up() before serving requests"
-            width = 1
-            while True:
-                rows = np.arange(width, dtype=np.int32)
-                self.carry, tokens = decode_program(self.graphdef, self.state, self.carry, jnp.asarray(rows),
-                                             jnp.asarray(self.keys[rows]), jnp.asarray(self.temperature[rows]),
-                                             jnp.asarray(self.top_k[rows]), jnp.asarray(self.top_p[rows]),
-                                             jnp.zeros(width, bool), steps=self.chunk)
-                if width >= self.slots:
-                    break
-                width = min(self.slots, width * 2)
-            for bucket in sorted({prompt_bucket(n, self.block) for n in range(self.block + 2)}):
-                self.carry = prefill_program(self.graphdef, self.state, self.carry, jnp.int32(0),
-                                    jnp.zeros(self.block, jnp.int32), jnp.int32(1), bucket=bucket)
-            jax.block_until_ready(tokens)
+        """Compile every program (programs(): the decode step at each width and the prefill of each
+        prompt bucket) before the first request; with the persistent compilation cache, once per machine."""
+        for name in self.programs:
+            self._program(name)
+
+    def _program(self, name: str) -> Any:
+        if name not in self.compiled:
+            self.compiled[name] = self.programs[name].compile()
+        return self.compiled[name]
+
+    def prefill(self, slot: int, window: np.ndarray, length: int, bucket: int) -> None:
+        """Slot `slot` starts a sequence: its window, its length and the KV cache of its first `bucket` positions."""
+        self.carry = self._program(f"prefill_{bucket}")(self.state, self.carry, jnp.int32(slot), jnp.asarray(window),
+                                                         jnp.int32(length))
+
+    def decode(self, rows: np.ndarray, active: np.ndarray) -> jax.Array:
+        """`chunk` tokens for the slots `rows` (decode_width of them; `active` marks the requests) -> (chunk, width)."""
+        self.carry, tokens = self._program(f"decode_{len(rows)}")(
+            self.state, self.carry, jnp.asarray(rows, jnp.int32), jnp.asarray(self.keys[rows]),
+            jnp.asarray(self.temperature[rows]), jnp.asarray(self.top_k[rows]), jnp.asarray(self.top_p[rows]),
+            jnp.asarray(active, bool))
+        return tokens
 
     def close(self, grace_s: float = 0.0) -> None:
         """Stop: wait up to grace_s for the running requests, then cancel what is left."""
@@ -220,8 +256,7 @@ class Engine:
         window = np.zeros(self.block, np.int32)
         window[:min(P, self.block)] = job.prompt[-self.block:]
         bucket = prompt_bucket(P - 1, self.block) if P <= self.block else 0
-        self.carry = prefill_program(self.graphdef, self.state, self.carry, jnp.int32(slot), jnp.asarray(window), jnp.int32(P),
-                            bucket=bucket)
+        self.prefill(slot, window, P, bucket)
         self.keys[slot] = np.asarray(jax.random.key_data(jax.random.key(job.seed)))
         self.temperature[slot] = job.temperature
         self.top_k[slot] = self.vocab if job.top_k is None else job.top_k
@@ -267,14 +302,9 @@ class Engine:
             if not self.jobs:
                 continue
             busy = sorted(self.jobs)
-            width = min(self.slots, 1 << (len(busy) - 1).bit_length())
+            width = decode_width(len(busy), self.slots)
             rows = np.array(busy + [s for s in range(self.slots) if s not in self.jobs][:width - len(busy)], np.int32)
-            active = np.arange(width) < len(busy)
-            self.carry, tokens = decode_program(self.graphdef, self.state, self.carry, jnp.asarray(rows),
-                                         jnp.asarray(self.keys[rows]), jnp.asarray(self.temperature[rows]),
-                                         jnp.asarray(self.top_k[rows]), jnp.asarray(self.top_p[rows]), jnp.asarray(active),
-                                         steps=self.chunk)
-            tokens = np.asarray(tokens)
+            tokens = np.asarray(self.decode(rows, np.arange(width) < len(busy)))
             column = {slot: i for i, slot in enumerate(busy)}
             with self.cv:
                 for slot, job in list(self.jobs.items()):
