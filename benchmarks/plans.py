@@ -45,14 +45,15 @@ def cell(flags: list[str], target: str, python: str) -> dict:
 
 
 def row_text(name: str, target: str, r: dict) -> str:
+    from jaxgpt.platform import gib
+
     if "programs" not in r:
         return f"| {name} | {target} | error | {r['error']} | | | | |"
     t = r["programs"]["train_step"]
     if not r["fits"]:
         return f"| {name} | {target} | **no** | {r['error'].removeprefix('error: ')} | | | | |"
-    gib = t["per_device_bytes"]["total"] / 2**30
     bound = t.get("step_time_lower_bound_s")
-    return (f"| {name} | {target} | yes | {gib:.2f} of {r['device_memory_bytes'] / 2**30:.2f} GiB | "
+    return (f"| {name} | {target} | yes | {gib(t['per_device_bytes']['total'])} of {gib(r['device_memory_bytes'])} | "
             f"remat={t['remat']}, {t['per_device_batch']}/chip x {t['gradient_accumulation_steps']} | "
             f"{r['compile_s']:.0f} s | {t['flops_per_step'] / 1e12:.2f} ({t['flops_source'].split(' ')[0]}) | "
             + (f"{_ms(bound)}, {t['tokens_per_s_upper_bound'] / 1e6:.3g} M tok/s |" if bound else "|"))

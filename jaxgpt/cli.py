@@ -88,8 +88,8 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
         if debug:
             raise
         if "RESOURCE_EXHAUSTED" in str(e):
-            print(f"error: the device ran out of memory ({describe(e, 200)}); use a smaller model or batch, --remat=full, "
-                  f"or shard with --mesh_fsdp", file=sys.stderr)
+            from jaxgpt.platform import advice
+            print(f"error: the device ran out of memory ({describe(e, 200)}); {advice()}", file=sys.stderr)
         elif is_transient(e):
             print(f"error: the storage did not answer ({describe(e, 200)}); committed checkpoints are kept: run "
                   f"the same command with --resume=auto once it answers", file=sys.stderr)

@@ -31,17 +31,34 @@ REMAT_BY_MEMORY = ("none", "dots", "full")  # remat=auto: the first whose compil
 GLIBC_MALLOPT = {"M_ARENA_MAX": (-8, 1), "M_MMAP_MAX": (-4, 0), "M_TRIM_THRESHOLD": (-1, -1)}
 _host_allocator: list[str] = []  # what tune_host_allocator changed in this process
 MEMORY_MARGIN = 0.85  # remat=auto keeps this fraction of device memory for the train step
+GIB = 2 ** 30
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclass(frozen=True)
-class Platform:
-    """The resolved per-platform choices of one run (recorded in config.json)."""
+class Site:
+    """Where programs will run: this process's devices (local_site), or a target they are compiled
+    for ahead of time (jaxgpt.plan.aot.where, from a jaxgpt.plan.targets.Target). Every choice below
+    that depends on the backend takes one, so a plan made on this host decides exactly as the run will
+    on the target."""
 
     backend: str  # 'cpu' | 'gpu' | 'tpu'
     device_kind: str
     devices: int
     processes: int
+    memory: int | None  # bytes one device may use (None: unknown)
+    memory_source: str
+    name: str = "local"  # a target's name (jaxgpt.plan.targets), or 'local'
+    peak_flops: float | None = None  # the chip's datasheet, where jaxgpt.plan.targets knows it
+    bandwidth: float | None = None
+    memory_total: int | None = None
+
+
+@dataclass(frozen=True)
+class Platform:
+    """The resolved per-platform choices of one run on its Site (recorded in config.json)."""
+
+    site: Site
     dtype: str  # compute dtype; parameters and optimizer state stay float32
     remat: str  # 'none' | 'dots' | 'full'
     attention: str  # the kernel for dropout-free attention: 'xla' | 'cudnn'
@@ -50,21 +67,10 @@ class Platform:
     batch_split: int = 1  # parts of each batch whose gradients the step computes side by side (resolve_batch_split)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class Site:
-    """Where programs will run: this process's devices (local_site), or a target they are compiled
-    for ahead of time (jaxgpt.plan.aot). Every choice below that depends on the backend takes one, so a
-    plan made on this host decides exactly as the run will on the target."""
-
-    backend: str  # 'cpu' | 'gpu' | 'tpu'
-    device_kind: str
-    devices: int
-    processes: int
-    memory: int | None  # bytes one device may use (None: unknown)
-    memory_source: str
+        site = self.site
+        choices = {k: v for k, v in asdict(self).items() if k != "site"}
+        return {"backend": site.backend, "device_kind": site.device_kind, "devices": site.devices,
+                "processes": site.processes, **choices}
 
 
 def backend() -> str:
@@ -231,13 +237,59 @@ def total_bytes(tree: Any) -> int:
     return sum(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree))
 
 
-def check_state_fits(state_bytes: int, what: str, remedies: str, device: jax.Device | None = None) -> None:
-    """Stop before anything is allocated when `what` alone (state_bytes per device) cannot fit."""
-    limit, where = memory_limit(device)
-    if limit is not None and state_bytes > MEMORY_MARGIN * limit:
-        gib = 2 ** 30
-        raise UserError(f"{what} need {state_bytes / gib:.2f} GiB per device but {where} is {limit / gib:.2f} GiB "
-                        f"({MEMORY_MARGIN:.0%} of it usable); {remedies}")
+def gib(n: float | None) -> str:
+    """Bytes as the project writes them in every memory message: GiB, or MiB below one GiB."""
+    return "?" if n is None else f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / (GIB // 1024):.1f} MiB"
+
+
+@dataclass(frozen=True)
+class Memory:
+    """"Does it fit?", answered in one place for the run, the planner and the loaders: the bytes `what`
+    needs per device, the bytes a device has (`limit`, None: unknown) and where that figure comes from,
+    the share of it `what` may take, or the compiler's own out-of-memory refusal."""
+
+    what: str  # the subject of the message: 'the train step', 'the train state (parameters and optimizer state)'
+    need: int | None
+    limit: int | None
+    source: str  # 'available host memory', 'TPU v5 lite memory', 'v5e-8 usable memory'
+    margin: float = 1.0
+    refused: str = ""  # XLA:TPU's RESOURCE_EXHAUSTED line ('' when it compiled)
+
+    def fits(self) -> bool:
+        return not self.refused and (self.need is None or self.limit is None or self.need <= self.margin * self.limit)
+
+    def shortfall(self, advice: str) -> str:
+        """The one error line for what does not fit: how far over, then `advice` (platform.advice)."""
+        if self.refused:
+            why = self.refused.removeprefix("RESOURCE_EXHAUSTED: ").rstrip(".")
+            return f"{self.what} does not fit {self.source}: XLA says: {why}; {advice}"
+        assert self.need is not None and self.limit is not None
+        usable = self.margin * self.limit
+        share = f", {self.margin:.0%} of it usable" if self.margin < 1 else ""
+        return (f"{self.what} needs {gib(self.need)} per device but {self.source} is {gib(self.limit)} "
+                f"({gib(self.need - usable)} short{share}); {advice}")
+
+
+def advice(*, remat: str | None = None, batch_size: int = 0, accumulation: int = 1, fsdp: int | None = None,
+           step: bool = True) -> str:
+    """The one advice for memory that runs out: the flags that shrink the train step (step=False:
+    only what shrinks the train state), with the values to try where they are known."""
+    out = []
+    if step:
+        out.append(f"--batch_size={batch_size // 2} --gradient_accumulation_steps={accumulation * 2} (or --batch_size=auto)"
+                   if batch_size > 1 else "a smaller --batch_size (or --batch_size=auto)")
+        if remat != "full":
+            out.append("--remat=full")
+    out.append(f"--mesh_fsdp={fsdp * 2 if fsdp else 'N'} (shards weights and optimizer state over more devices)")
+    return "try " + ", or ".join(out) + ("" if step else ", or a smaller model")
+
+
+def check_state_fits(state_bytes: int, what: str, device: jax.Device | None = None, remedy: str = "") -> None:
+    """Stop before anything is allocated when `what` alone (state_bytes per device) cannot fit in
+    MEMORY_MARGIN of the device."""
+    m = Memory(what, state_bytes, *memory_limit(device), margin=MEMORY_MARGIN)
+    if not m.fits():
+        raise UserError(m.shortfall(remedy or "it cannot be loaded on this machine"))
 
 
 def check_model_fits(cfg: GPTConfig, what: str) -> None:
@@ -245,31 +297,14 @@ def check_model_fits(cfg: GPTConfig, what: str) -> None:
     or header can claim any size) must describe float32 weights that fit in memory."""
     from jaxgpt.plan.perf import total_params
 
-    check_state_fits(4 * total_params(cfg), f"{what}'s float32 weights", "it cannot be loaded on this machine")
-
-
-def check_fits(need: int | None, limit: int | None, where: str, tc: TrainConfig, remat: str) -> None:
-    """Stop before the first step when the compiled step cannot fit, naming the remedies."""
-    if need is None or limit is None or need <= limit:
-        return
-    gib = 2 ** 30
-    remedies = []
-    if remat != "full":
-        remedies.append("--remat=full" if tc.remat != "auto" else "--remat=full (auto stopped at " + remat + ")")
-    if tc.batch_size > 1:
-        remedies.append(f"--batch_size={max(1, tc.batch_size // 2)} "
-                        f"--gradient_accumulation_steps={tc.gradient_accumulation_steps * 2}")
-    remedies.append(f"--mesh_fsdp={tc.mesh_fsdp * 2} (shards weights and optimizer state; needs more devices)")
-    raise UserError(f"the train step needs {need / gib:.2f} GiB per device but {where} is {limit / gib:.2f} GiB "
-                    f"(remat={remat}, batch_size={tc.batch_size}); try " + ", or ".join(remedies))
+    check_state_fits(4 * total_params(cfg), f"{what} (its float32 weights)")
 
 
 def resolve(cfg: GPTConfig, tc: TrainConfig, remat: str, site: Site | None = None) -> Platform:
     """The run's Platform once remat is settled (train.py settles it by memory)."""
     site = site or local_site()
     dtype = resolve_dtype(tc.dtype, site.backend)
-    return Platform(backend=site.backend, device_kind=site.device_kind, devices=site.devices,
-                    processes=site.processes, dtype=dtype, remat=remat,
+    return Platform(site=site, dtype=dtype, remat=remat,
                     attention=resolve_attention(cfg, dtype, site.backend, tc.attention),
                     host_allocator="".join(_host_allocator) if site.backend == "cpu" else "",
                     matmul=resolve_matmul(tc.matmul_precision, dtype, site.backend))

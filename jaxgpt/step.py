@@ -153,64 +153,82 @@ def with_batch_split(tc: TrainConfig, x: Any, backend: str) -> TrainConfig:
 
 
 class Fit(NamedTuple):
-    """One compile of the train step for a remat policy: the program, or None when the compiler
-    itself refused it for memory (XLA:TPU checks HBM while compiling); its bytes per device."""
+    """One compile of the train step for one candidate: the program (None when the compiler itself
+    refused it for memory: XLA:TPU checks HBM while compiling) and its memory against the device's."""
 
     compiled: Any
-    remat: str
-    need: int | None
+    tc: TrainConfig  # the candidate: remat, batch_size, accumulation, and batch_split resolved
+    memory: platform.Memory
     compile_s: float
-    refused: str  # the compiler's out-of-memory message ('' when it compiled)
-    batch_split: int = 1  # the resolved --batch_split it was compiled with
-
-    def fits(self, memory: int | None, margin: float = 1.0) -> bool:
-        """Compiled, and within `margin` of `memory` bytes per device (unknown sizes fit)."""
-        return not self.refused and (self.need is None or memory is None or self.need <= margin * memory)
 
 
-def fit_train_step(model_cfg: GPTConfig, tc: TrainConfig, state: TrainState, x: Any, y: Any, step: Any, attention: str,
-                   site: platform.Site) -> tuple[Fit, nnx.GraphDef]:
-    """The train step a run compiles, and the planner (jaxgpt.plan.aot) too: under remat=auto the first
-    policy of none -> dots -> full whose program fits `site`'s memory with a margin. `state`, x and
-    y may be arrays or ShapeDtypeStructs carrying their shardings. Returns the last Fit tried and
-    its eval-mode graphdef; raises nothing for memory (the caller decides)."""
+def train_candidates(tc: TrainConfig, backend: str, devices: int, batch_auto: bool = False) -> list[TrainConfig]:
+    """The train steps to try, in order; the first that fits is the run's. Each remat policy of
+    --remat (auto: none, dots, full); with batch_auto, under each policy, the global batch
+    (batch_size x accumulation) split into the fewest micro-steps, largest micro-batch first, each a
+    multiple of the devices (remat first: recomputing costs FLOPs, accumulation does not)."""
+    total = tc.batch_size * tc.gradient_accumulation_steps
+    splits = [(b, total // b) for b in range(total, 0, -1) if total % b == 0 and b % devices == 0] if batch_auto \
+        else [(tc.batch_size, tc.gradient_accumulation_steps)]
+    if not splits:
+        raise UserError(f"--batch_size=auto: the global batch of {total} sequences cannot be split over {devices} "
+                        f"devices; give --batch_size and --gradient_accumulation_steps whose product is a multiple of it")
+    return [dataclasses.replace(tc, remat=cast(Any, remat), batch_size=b, gradient_accumulation_steps=n)
+            for remat in platform.remat_candidates(tc.remat, backend) for b, n in splits]
+
+
+def search_train_step(model_cfg: GPTConfig, candidates: list[TrainConfig], state: TrainState,
+                      batch: Callable[[TrainConfig], tuple[Any, Any]], step: Any, attention: str,
+                      site: platform.Site) -> tuple[list[Fit], nnx.GraphDef]:
+    """The train step a run compiles, and the planner (jaxgpt.plan.aot) too: each candidate in order
+    until one fits `site`'s memory with platform.MEMORY_MARGIN. `state` and batch(candidate) -> (x, y)
+    may be arrays or ShapeDtypeStructs carrying their shardings. Returns every Fit tried (the
+    last is the choice, fitting or not) and its eval-mode graphdef; raises nothing for memory."""
     shardings = jax.tree.map(lambda a: a.sharding, state)
-    tc = with_batch_split(tc, x, site.backend)
-    matmul = platform.resolve_matmul(tc.matmul_precision, platform.resolve_dtype(tc.dtype, site.backend), site.backend)
-    for remat in platform.remat_candidates(tc.remat, site.backend):
-        graphdef, eval_graphdef = graphdefs(model_cfg, remat, attention, matmul)
+    tried: list[Fit] = []
+    for cand in candidates:
+        x, y = batch(cand)
+        cand = with_batch_split(cand, x, site.backend)
+        matmul = platform.resolve_matmul(cand.matmul_precision, platform.resolve_dtype(cand.dtype, site.backend),
+                                         site.backend)
+        graphdef, eval_graphdef = graphdefs(model_cfg, cand.remat, attention, matmul)
         t = time.perf_counter()
-        lowered = cast(Any, make_train_step(graphdef, make_optimizer(tc), tc, shardings, site.backend)).lower(state, x, y, step)
+        lowered = cast(Any, make_train_step(graphdef, make_optimizer(cand), cand, shardings, site.backend)).lower(
+            state, x, y, step)
         try:
             compiled, refused = lowered.compile(), ""
-            need = platform.step_memory(compiled)
         except Exception as e:  # XLA:TPU: "RESOURCE_EXHAUSTED: Ran out of memory ... exceeds available HBM"
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
-            compiled, need, refused = None, None, str(e).split("\n")[0]
-        fit = Fit(compiled, remat, need, round(time.perf_counter() - t, 3), refused, tc.batch_split)
-        if fit.fits(site.memory, platform.MEMORY_MARGIN):
+            compiled, refused = None, str(e).split("\n")[0]
+        what = f"the train step (remat={cand.remat}, batch_size={cand.batch_size} x {cand.gradient_accumulation_steps})"
+        memory = platform.Memory(what, compiled and platform.step_memory(compiled), site.memory,
+                                 site.memory_source, platform.MEMORY_MARGIN, refused)
+        tried.append(Fit(compiled, cand, memory, round(time.perf_counter() - t, 3)))
+        if memory.fits():
             break
-    return fit, eval_graphdef
+    return tried, eval_graphdef
 
 
 def compile_train_step(model_cfg: GPTConfig, tc: TrainConfig, state: TrainState, x: jax.Array, y: jax.Array,
                        step: int, attention: str | None = None) -> tuple[Callable, nnx.GraphDef, Platform, dict[str, Any]]:
-    """Compile the train step ahead of time for this process's devices (fit_train_step). Stops with
-    UserError, before any step runs, when even the chosen program cannot fit. Returns (compiled
+    """Compile the train step ahead of time for this process's devices (search_train_step). Stops with
+    UserError, before any step runs, when even the last candidate cannot fit. Returns (compiled
     step, eval graphdef, Platform, memory figures). `attention` overrides the platform's kernel
     choice (benchmarks)."""
     site = platform.local_site()
     attention = attention or platform.resolve_attention(model_cfg, platform.resolve_dtype(tc.dtype, site.backend),
                                                          site.backend, tc.attention)
-    fit, eval_graphdef = fit_train_step(model_cfg, tc, state, x, y, step, attention, site)
-    if fit.refused:
-        raise UserError(f"the train step does not fit on {site.device_kind} (remat={fit.remat}, batch_size={tc.batch_size}): "
-                        f"{fit.refused}; try --batch_size=auto, --remat=full, or --mesh_fsdp")
-    platform.check_fits(fit.need, site.memory, site.memory_source, tc, fit.remat)
-    memory = {"step_bytes_per_device": fit.need, "limit_bytes_per_device": site.memory, "limit_source": site.memory_source,
-              "compile_s": fit.compile_s}
-    plat = dataclasses.replace(platform.resolve(model_cfg, tc, fit.remat, site), attention=attention,
-                               batch_split=fit.batch_split)
+    tried, eval_graphdef = search_train_step(model_cfg, train_candidates(tc, site.backend, site.devices), state,
+                                             lambda _: (x, y), step, attention, site)
+    fit = tried[-1]
+    whole = dataclasses.replace(fit.memory, margin=1.0)  # the search keeps a margin; the run needs none
+    if not whole.fits():
+        raise UserError(whole.shortfall(platform.advice(remat=fit.tc.remat, batch_size=tc.batch_size,
+                                                             accumulation=tc.gradient_accumulation_steps,
+                                                             fsdp=tc.mesh_fsdp)))
+    memory = {"step_bytes_per_device": fit.memory.need, "limit_bytes_per_device": site.memory,
+              "limit_source": site.memory_source, "compile_s": fit.compile_s}
+    plat = dataclasses.replace(platform.resolve(model_cfg, tc, fit.tc.remat, site), attention=attention,
+                               batch_split=fit.tc.batch_split)
     return fit.compiled, eval_graphdef, plat, memory
-

@@ -190,8 +190,8 @@ def _set_up(model_cfg: GPTConfig, tc: TrainConfig, out_dir: Any, tokenizer: Toke
     # Sizes first, allocation after: the parameters and optimizer state (abstract, as laid out on the
     # mesh), then the compiled step (its arguments are that state) must fit, or nothing is allocated.
     abstract = abstract_train_state(model_cfg, tc, mesh)
-    platform.check_state_fits(platform.bytes_per_device(abstract), "the parameters and optimizer state",
-                              f"a smaller model, or shard them with --mesh_fsdp=N (N devices; now {tc.mesh_fsdp})")
+    platform.check_state_fits(platform.bytes_per_device(abstract), "the train state (parameters and optimizer state)",
+                              remedy=platform.advice(fsdp=tc.mesh_fsdp, step=False))
     # the run folder before the compile (minutes for a large model): writable, room for two
     # checkpoints, and on many hosts the same folder for all of them
     rundir.preflight(out_dir, platform.total_bytes(abstract))

@@ -114,10 +114,11 @@ def plan_only(sc: ServeConfig, args: argparse.Namespace) -> int:
     cli.apply_compile_cache(args.compile_cache)
     from formats.io import load_any
     from jaxgpt.plan.aot import plan_serving
+    from jaxgpt.platform import gib
 
     model, _ = load_any(sc.checkpoint, sc.meta, sc.which)
     report = plan_serving(model, args.target, sc.slots, sc.chunk, cli.progress_lines(args.json))
-    return cli.print_plan(report, args.json, f"\nKV cache: {report['kv_cache_bytes'] / 2**20:.1f} MiB for {sc.slots} slots")
+    return cli.print_plan(report, args.json, f"\nKV cache: {gib(report['kv_cache_bytes'])} for {sc.slots} slots")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from jaxgpt.data import prepare_if_missing
 from jaxgpt.loader import data_vocab
 from jaxgpt.model import crop_block_size
 from jaxgpt.plan.targets import compile_here
-from jaxgpt.platform import tune_host_allocator
+from jaxgpt.platform import gib, tune_host_allocator
 from jaxgpt.rundir import resolve_configs
 from jaxgpt.sharding import init_distributed
 from jaxgpt.train import train
@@ -102,11 +102,10 @@ def _auto_batch(model_cfg: GPTConfig, tc: TrainConfig, main_process: bool) -> Tr
 def _announce(plat: Any, memory: dict) -> None:
     """The run's platform line, once the step is compiled."""
     need, limit = memory["step_bytes_per_device"], memory["limit_bytes_per_device"]
-    fits = f", step needs {need / 2**20:.0f} MiB of {limit / 2**20:.0f} MiB ({memory['limit_source']})" \
-        if need and limit else ""
+    fits = f", step needs {gib(need)} of {gib(limit)} ({memory['limit_source']})" if need and limit else ""
     matmul = " (bfloat16 matmuls)" if plat.matmul == "bfloat16" else ""
     split = f", batch in {plat.batch_split} parts side by side" if plat.batch_split > 1 else ""
-    print(f"platform: {plat.backend} ({plat.device_kind}), dtype={plat.dtype}{matmul}, remat={plat.remat}, "
+    print(f"platform: {plat.site.backend} ({plat.site.device_kind}), dtype={plat.dtype}{matmul}, remat={plat.remat}, "
           f"attention={plat.attention}{split}, "
           f"host allocator {plat.host_allocator or 'untouched'}{fits}, compiled in {memory['compile_s']:.1f} s",
           flush=True)

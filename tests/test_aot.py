@@ -99,12 +99,17 @@ def test_the_plan_on_this_host_compiles_the_runs_three_programs():
 
 
 def test_batch_auto_splits_the_global_batch_into_micro_batches_per_device():
-    from jaxgpt.plan.aot import _train_candidates
+    """The one search's candidates, in order: under each remat policy (auto: none, dots, full) the global
+    batch split into the fewest micro-steps, each micro-batch a multiple of the devices."""
+    from jaxgpt.step import train_candidates
 
-    got = [(c.batch_size, c.gradient_accumulation_steps) for c in _train_candidates(TrainConfig(batch_size=64), 8, True)]
-    assert got == [(64, 1), (32, 2), (16, 4), (8, 8)]
+    got = [(c.remat, c.batch_size, c.gradient_accumulation_steps)
+           for c in train_candidates(TrainConfig(batch_size=32, remat="auto"), "tpu", 8, batch_auto=True)]
+    assert got == [(r, b, 32 // b) for r in ("none", "dots", "full") for b in (32, 16, 8)]
+    assert [(c.remat, c.batch_size) for c in train_candidates(TrainConfig(batch_size=64, remat="dots"), "tpu", 8)] == \
+           [("dots", 64)]
     with pytest.raises(UserError, match="cannot be split over 8 devices"):
-        _train_candidates(TrainConfig(batch_size=4), 8, True)
+        train_candidates(TrainConfig(batch_size=4), "tpu", 8, batch_auto=True)
 
 
 @pytest.mark.slow
@@ -260,7 +265,7 @@ def test_batch_auto_and_remat_auto_fit_a_small_allocator_and_a_big_model_is_refu
     big = ["--n_layer=8", "--n_head=32", "--n_embd=4096", "--block_size=128", "--dropout=0", "--batch_size=8"]
     report, proc = plan("train", "--target=h100x8", *big, cwd=tmp_path, env={"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.15"})
     line = proc.stderr.strip().splitlines()[-1]
-    assert not report["fits"] and line.startswith("error: the train step needs") and "short" in line, proc.stderr[-2000:]
+    assert not report["fits"] and line.startswith("error: the train step (remat=") and "short" in line, proc.stderr[-2000:]
     report, _ = plan("train", "--target=h100x8", *big, "--mesh_fsdp=8", cwd=tmp_path, env={"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.15"})
     assert report["fits"]
 

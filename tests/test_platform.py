@@ -106,7 +106,7 @@ def test_a_step_that_cannot_fit_stops_before_training_with_the_remedies(data_dir
     with pytest.raises(UserError) as e:
         train(MODEL, _tc(data_dir, out, remat="auto"))
     msg = str(e.value)
-    assert "GiB per device but test limit is" in msg and "--batch_size=4 --gradient_accumulation_steps=2" in msg
+    assert "iB per device but test limit is" in msg and "--batch_size=4 --gradient_accumulation_steps=2" in msg
     assert "--mesh_fsdp=2" in msg
     assert not out.exists(), "nothing is written when the step cannot fit"
 

@@ -98,8 +98,8 @@ def test_a_model_whose_state_cannot_fit_is_refused_before_anything_is_allocated(
     huge = GPTConfig(block_size=64, n_layer=48, n_head=16, n_embd=16384, dropout=0.0)
     tc = TrainConfig(dataset="synth", data_dir=str(data.parent), out_dir=str(tmp_path / "out"), batch_size=2, max_iters=2)
     t = time.perf_counter()
-    with pytest.raises(UserError, match=r"the parameters and optimizer state need [0-9.]+ GiB per device but available "
-                                        r"host memory is [0-9.]+ GiB .*--mesh_fsdp"):
+    with pytest.raises(UserError, match=r"the train state \(parameters and optimizer state\) needs [0-9.]+ GiB per device "
+                                        r"but available host memory is [0-9.]+ GiB .*--mesh_fsdp"):
         train(huge, tc)
     assert time.perf_counter() - t < 60
     assert not (tmp_path / "out" / "checkpoints").exists() and not (tmp_path / "out" / LOCK_FILE).exists()

@@ -63,7 +63,7 @@ def test_a_truncated_data_file_and_an_oversized_model_each_end_in_one_line(work)
     train.write_bytes(good)
     t = time.time()
     line = one_error_line(start(work, "--out_dir=out/big", "--n_embd=16384", "--n_layer=48", "--n_head=16"))
-    assert "the parameters and optimizer state need" in line and "GiB per device" in line, line
+    assert "the train state (parameters and optimizer state) needs" in line and "GiB per device" in line, line
     assert time.time() - t < 120 and not (work / "out" / "big" / "checkpoints").exists()
 
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from jaxgpt.errors import UserError
+from jaxgpt.platform import GIB
 
-GIB = 2 ** 30
 # JAX's GPU client takes this fraction of device memory for its allocator unless
 # XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise: it is what one GPU process may use.
 GPU_MEMORY_FRACTION = 0.75
@@ -44,7 +44,7 @@ class Chip:
         return int(self.memory_bytes * fraction)
 
 
-MIB = 2 ** 20
+MIB = GIB // 1024
 # TPU usable bytes: the "available HBM" XLA:TPU (libtpu 0.0.42) stated for programs too big to fit.
 # GPU memory: what the driver reports.
 CHIPS: dict[str, Chip] = {c.name: c for c in (
