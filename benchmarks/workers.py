@@ -159,7 +159,7 @@ def run(spec: dict) -> dict:
     if threads:  # both frameworks size their pools from the affinity mask
         os.sched_setaffinity(0, range(threads))
     if spec["side"] == "jax" and spec["section"] == "train":
-        from jaxgpt.platform import tune_host_allocator
+        from jaxgpt.cli import tune_host_allocator
         spec["host_allocator"] = tune_host_allocator()  # as scripts/train.py does, before JAX starts
     if spec["side"].startswith("torch") and threads:
         import torch

@@ -3,16 +3,26 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import ctypes
 import functools
 import gc
 import json
 import logging
+import os
 import sys
 import threading
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from jaxgpt.errors import Interrupted, UserError
+
+log = logging.getLogger("jaxgpt")
+
+# glibc malloc settings for CPU training processes (mallopt parameter, value); see tune_host_allocator
+GLIBC_MALLOPT = {"M_ARENA_MAX": (-8, 1), "M_MMAP_MAX": (-4, 0), "M_TRIM_THRESHOLD": (-1, -1)}
+_host_allocator: list[str] = []  # what tune_host_allocator changed in this process
 
 
 def _show_notices() -> None:
@@ -125,7 +135,6 @@ def check_plan_flags(args: argparse.Namespace) -> None:
 
 
 def apply_compile_cache(setting: str) -> None:
-    from jaxgpt.platform import use_compile_cache
     use_compile_cache(setting)
 
 
@@ -155,3 +164,85 @@ def print_plan(report: dict[str, Any], as_json: bool, extra: str = "") -> int:
         print(f"error: {shortfall(report)}", file=sys.stderr)
         return 1
     return 0
+
+
+# --- process-level settings: only the CLIs (and tests, benchmarks) apply them; importing jaxgpt never does ---
+def _runs_on_cpu() -> bool:
+    """Whether JAX will pick the CPU backend, decided without starting it: JAX_PLATFORMS says so,
+    or no accelerator plugin (CUDA/ROCm/TPU) is installed."""
+    from importlib import metadata, util
+
+    chosen = os.environ.get("JAX_PLATFORMS", "").split(",")[0].strip().lower()
+    if chosen:
+        return chosen == "cpu"
+    return not (list(metadata.entry_points(group="jax_plugins")) or util.find_spec("libtpu"))
+
+
+def tune_host_allocator() -> str:
+    """For CPU training processes, before JAX starts (the CLIs call it; importing jaxgpt never does): glibc
+    keeps freed memory (one arena, no mmap, no trimming), so a step's large temporaries are not page-faulted
+    back in every step (BENCHMARKS.md, "Why storing activations was slower"). Linux/glibc on CPU only; returns
+    what it changed ('' when nothing)."""
+    if _host_allocator or not sys.platform.startswith("linux") or not _runs_on_cpu():
+        return "".join(_host_allocator)
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        _ = libc.gnu_get_libc_version  # glibc only (musl has no mallopt parameters like these)
+    except (OSError, AttributeError):
+        return ""
+    done = [f"{name}={value}" for name, (param, value) in GLIBC_MALLOPT.items() if libc.mallopt(param, value) == 1]
+    _host_allocator.append("glibc malloc " + ", ".join(done) if done else "")
+    return _host_allocator[0]
+
+
+def host_allocator() -> str:
+    """What tune_host_allocator changed in this process ('' when it did not run or changed nothing)."""
+    return "".join(_host_allocator)
+
+
+def default_compile_cache() -> Path:
+    """Where the CLIs keep JAX's persistent compilation cache: the user's cache directory."""
+    from jaxgpt import paths
+    return paths.cache_home() / "xla"
+
+
+def use_compile_cache(setting: str | None) -> Path | None:
+    """Turn on JAX's persistent compilation cache for this process (the CLIs call this; importing
+    jaxgpt never does). setting: a folder, '' or None for default_compile_cache(), or 'off'.
+    Every program is cached, however fast it compiled, so warm starts skip XLA entirely. A
+    folder that cannot be written, or an unreadable entry, costs one notice, not the run."""
+    import jax
+
+    if setting == "off":
+        return None
+    path = Path(setting) if setting else default_compile_cache()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        log.warning("compilation cache %s cannot be written (%s); compiling without it", path, e.strerror or e)
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    _quiet_cache_warnings(path)
+    return path
+
+
+def _quiet_cache_warnings(path: Path) -> None:
+    """JAX warns (two lines with a source excerpt) per unreadable cache entry and recompiles it;
+    report the first as one notice and drop the rest."""
+    show = warnings.showwarning
+    seen: list[Any] = []
+
+    def showwarning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if "persistent compilation cache" not in str(message):
+            return show(message, category, filename, lineno, file, line)
+        if not seen:
+            seen.append(message)
+            log.warning("compilation cache %s has unreadable entries; recompiling them (%s)", path,
+                        str(message).split(": ", 1)[-1][:120])
+
+    warnings.showwarning = showwarning

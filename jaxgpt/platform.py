@@ -6,30 +6,19 @@ records. Nothing else in jaxgpt asks "am I on CPU?", and importing this changes 
 """
 from __future__ import annotations
 
-import ctypes
 import functools
-import logging
 import math
 import os
-import sys
-import warnings
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jaxgpt import paths
 from jaxgpt.config import ATTENTION_KERNELS, GPTConfig, TrainConfig
 from jaxgpt.errors import UserError
 
-log = logging.getLogger("jaxgpt")
-
 REMAT_BY_MEMORY = ("none", "dots", "full")  # remat=auto: the first whose compiled step fits in memory
-# glibc malloc settings for CPU training processes (mallopt parameter, value); see tune_host_allocator
-GLIBC_MALLOPT = {"M_ARENA_MAX": (-8, 1), "M_MMAP_MAX": (-4, 0), "M_TRIM_THRESHOLD": (-1, -1)}
-_host_allocator: list[str] = []  # what tune_host_allocator changed in this process
 MEMORY_MARGIN = 0.85  # remat=auto keeps this fraction of device memory for the train step
 GIB = 2 ** 30
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -62,7 +51,7 @@ class Platform:
     dtype: str  # compute dtype; parameters and optimizer state stay float32
     remat: str  # 'none' | 'dots' | 'full'
     attention: str  # the kernel for dropout-free attention: 'xla' | 'cudnn'
-    host_allocator: str  # what tune_host_allocator did ('' = untouched)
+    host_allocator: str  # what jaxgpt.cli.tune_host_allocator did ('' = untouched)
     matmul: str = "float32"  # the linear layers' products in float32 compute: 'float32' | 'bfloat16' (layers.bf16_matmul)
     batch_split: int = 1  # parts of each batch whose gradients the step computes side by side (resolve_batch_split)
 
@@ -157,36 +146,8 @@ def resolve_matmul(requested: str, dtype: str, platform: str) -> str:
 def remat_candidates(requested: str, platform: str) -> tuple[str, ...]:
     """Policies train.py compiles in order, keeping the first whose step fits in memory. Storing
     activations (none) is the fastest policy on every platform once the host allocator keeps
-    the CPU step's buffers (tune_host_allocator; BENCHMARKS.md)."""
+    the CPU step's buffers (jaxgpt.cli.tune_host_allocator; BENCHMARKS.md)."""
     return (requested,) if requested != "auto" else REMAT_BY_MEMORY
-
-
-def _runs_on_cpu() -> bool:
-    """Whether JAX will pick the CPU backend, decided without starting it: JAX_PLATFORMS says so,
-    or no accelerator plugin (CUDA/ROCm/TPU) is installed."""
-    from importlib import metadata, util
-
-    chosen = os.environ.get("JAX_PLATFORMS", "").split(",")[0].strip().lower()
-    if chosen:
-        return chosen == "cpu"
-    return not (list(metadata.entry_points(group="jax_plugins")) or util.find_spec("libtpu"))
-
-
-def tune_host_allocator() -> str:
-    """For CPU training processes, before JAX starts (the CLIs call it; importing jaxgpt never does): glibc
-    keeps freed memory (one arena, no mmap, no trimming), so a step's large temporaries are not page-faulted
-    back in every step (BENCHMARKS.md, "Why storing activations was slower"). Linux/glibc on CPU only; returns
-    what it changed ('' when nothing)."""
-    if _host_allocator or not sys.platform.startswith("linux") or not _runs_on_cpu():
-        return "".join(_host_allocator)
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        _ = libc.gnu_get_libc_version  # glibc only (musl has no mallopt parameters like these)
-    except (OSError, AttributeError):
-        return ""
-    done = [f"{name}={value}" for name, (param, value) in GLIBC_MALLOPT.items() if libc.mallopt(param, value) == 1]
-    _host_allocator.append("glibc malloc " + ", ".join(done) if done else "")
-    return _host_allocator[0]
 
 
 def memory_limit(device: jax.Device | None = None) -> tuple[int | None, str]:
@@ -302,11 +263,12 @@ def check_model_fits(cfg: GPTConfig, what: str) -> None:
 
 def resolve(cfg: GPTConfig, tc: TrainConfig, remat: str, site: Site | None = None) -> Platform:
     """The run's Platform once remat is settled (train.py settles it by memory)."""
+    from jaxgpt.cli import host_allocator  # what the CLI did to this process's allocator, if anything
     site = site or local_site()
     dtype = resolve_dtype(tc.dtype, site.backend)
     return Platform(site=site, dtype=dtype, remat=remat,
                     attention=resolve_attention(cfg, dtype, site.backend, tc.attention),
-                    host_allocator="".join(_host_allocator) if site.backend == "cpu" else "",
+                    host_allocator=host_allocator() if site.backend == "cpu" else "",
                     matmul=resolve_matmul(tc.matmul_precision, dtype, site.backend))
 
 
@@ -316,48 +278,3 @@ def streams_by_callback(platform: str) -> bool:
     stop the device every token, so it streams a short chunk at a time instead (no callback in the
     program: jaxgpt.plan.aot checks every accelerator program for them)."""
     return platform == "cpu"
-
-
-def default_compile_cache() -> Path:
-    """Where the CLIs keep JAX's persistent compilation cache: the user's cache directory."""
-    return paths.cache_home() / "xla"
-
-
-def use_compile_cache(setting: str | None) -> Path | None:
-    """Turn on JAX's persistent compilation cache for this process (the CLIs call this; importing
-    jaxgpt never does). setting: a folder, '' or None for default_compile_cache(), or 'off'.
-    Every program is cached, however fast it compiled, so warm starts skip XLA entirely. A
-    folder that cannot be written, or an unreadable entry, costs one notice, not the run."""
-    if setting == "off":
-        return None
-    path = Path(setting) if setting else default_compile_cache()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        log.warning("compilation cache %s cannot be written (%s); compiling without it", path, e.strerror or e)
-        return None
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    _quiet_cache_warnings(path)
-    return path
-
-
-def _quiet_cache_warnings(path: Path) -> None:
-    """JAX warns (two lines with a source excerpt) per unreadable cache entry and recompiles it;
-    report the first as one notice and drop the rest."""
-    show = warnings.showwarning
-    seen: list[Any] = []
-
-    def showwarning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-        if "persistent compilation cache" not in str(message):
-            return show(message, category, filename, lineno, file, line)
-        if not seen:
-            seen.append(message)
-            log.warning("compilation cache %s has unreadable entries; recompiling them (%s)", path,
-                        str(message).split(": ", 1)[-1][:120])
-
-    warnings.showwarning = showwarning

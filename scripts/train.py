@@ -22,7 +22,7 @@ from jaxgpt.data import prepare_if_missing
 from jaxgpt.loader import data_vocab
 from jaxgpt.model import crop_block_size
 from jaxgpt.plan.targets import compile_here
-from jaxgpt.platform import gib, tune_host_allocator
+from jaxgpt.platform import gib
 from jaxgpt.rundir import resolve_configs
 from jaxgpt.sharding import init_distributed
 from jaxgpt.train import train
@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
     if args.target:  # compile for the target's chips from this host: JAX itself stays on the CPU
         compile_here(args.target)
     else:
-        tune_host_allocator()  # before JAX starts its threads (CPU hosts only)
+        cli.tune_host_allocator()  # before JAX starts its threads (CPU hosts only)
     cli.apply_compile_cache(args.compile_cache)
     if args.distributed or args.coordinator_address:
         init_distributed(args.coordinator_address, args.num_processes, args.process_id)

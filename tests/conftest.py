@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from jaxgpt import GPT, GPTConfig
-from jaxgpt.platform import use_compile_cache
+from jaxgpt.cli import use_compile_cache
 
 # Every test process, and every CLI, worker and subprocess it starts (they inherit XLA_FLAGS), compiles
 # XLA:CPU programs for compile speed, not run speed: the suite is mostly compiling tiny programs once each.

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from formats.table import flat_params  # noqa: E402
 from jaxgpt import GPTConfig, TrainConfig  # noqa: E402
 from jaxgpt.checkpoint import load_model  # noqa: E402
-from jaxgpt.platform import use_compile_cache  # noqa: E402
+from jaxgpt.cli import use_compile_cache  # noqa: E402
 from jaxgpt.sharding import init_distributed  # noqa: E402
 from jaxgpt.train import train  # noqa: E402
 

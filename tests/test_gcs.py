@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.gcs_emulator import Emulator, available
-from jaxgpt.platform import default_compile_cache
+from jaxgpt.cli import default_compile_cache
 from tests import launch, tiny
 from tests.fault_proxy import FaultProxy
 

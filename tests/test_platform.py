@@ -113,12 +113,12 @@ def test_a_step_that_cannot_fit_stops_before_training_with_the_remedies(data_dir
 
 FAULTS = """
 import resource, sys, numpy as np
-from jaxgpt import platform
+from jaxgpt import cli
 if sys.argv[1] == "tuned":
-    assert platform.tune_host_allocator().startswith("glibc malloc")
+    assert cli.tune_host_allocator().startswith("glibc malloc")
 from jaxgpt import GPTConfig, TrainConfig
 from jaxgpt.step import compile_train_step, init_state
-platform.use_compile_cache(None)  # the test session's cache: the second process skips XLA
+cli.use_compile_cache(None)  # the test session's cache: the second process skips XLA
 cfg = GPTConfig(block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0)
 tc = TrainConfig(batch_size=12, remat="none")
 _, _, state = init_state(cfg, tc)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from jaxgpt.cli import default_compile_cache
 from jaxgpt.data import SHAKESPEARE_SHA256
-from jaxgpt.platform import default_compile_cache
 from tests.test_repo import quick_start
 
 pytestmark = pytest.mark.slow  # subprocesses / emulators / transformers: the full suite only
