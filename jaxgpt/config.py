@@ -106,6 +106,17 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    def num_params(self, non_embedding: bool = True) -> int:
+        """GPT.num_params in closed form, for a model not built (FLOPs, memory): nanoGPT's get_num_params(),
+        everything except wpe unless non_embedding=False; a tied wte/lm_head counted once, an untied head
+        twice. Per layer: 4 matrices (12 C^2), their biases (9 C), two norms (scale, + bias for a LayerNorm
+        with bias=True), and q/k norms over head_dim with qk_norm."""
+        C, L = self.n_embd, self.n_layer
+        norm = 2 * C if self.bias and self.norm == "layernorm" else C
+        per_layer = 12 * C * C + 2 * norm + (9 * C if self.bias else 0) + (2 * self.head_dim if self.qk_norm else 0)
+        n = L * per_layer + norm + self.vocab_size * C * (1 if self.tie_embeddings else 2)
+        return n + (self.block_size * C if not non_embedding and self.pos_embedding == "learned" else 0)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -51,9 +51,9 @@ class Platform:
     dtype: str  # compute dtype; parameters and optimizer state stay float32
     remat: str  # 'none' | 'dots' | 'full'
     attention: str  # the kernel for dropout-free attention: 'xla' | 'cudnn'
-    host_allocator: str  # what jaxgpt.cli.tune_host_allocator did ('' = untouched)
     matmul: str = "float32"  # the linear layers' products in float32 compute: 'float32' | 'bfloat16' (layers.bf16_matmul)
     batch_split: int = 1  # parts of each batch whose gradients the step computes side by side (resolve_batch_split)
+    host_allocator: str = ""  # what jaxgpt.cli.tune_host_allocator did to this process ('' = untouched; train.py fills it)
 
     def to_dict(self) -> dict[str, Any]:
         site = self.site
@@ -256,19 +256,15 @@ def check_state_fits(state_bytes: int, what: str, device: jax.Device | None = No
 def check_model_fits(cfg: GPTConfig, what: str) -> None:
     """Before a checkpoint's weights are built or restored: its config alone (a crafted config.json
     or header can claim any size) must describe float32 weights that fit in memory."""
-    from jaxgpt.plan.perf import total_params
-
-    check_state_fits(4 * total_params(cfg), f"{what} (its float32 weights)")
+    check_state_fits(4 * cfg.num_params(non_embedding=False), f"{what} (its float32 weights)")
 
 
 def resolve(cfg: GPTConfig, tc: TrainConfig, remat: str, site: Site | None = None) -> Platform:
     """The run's Platform once remat is settled (train.py settles it by memory)."""
-    from jaxgpt.cli import host_allocator  # what the CLI did to this process's allocator, if anything
     site = site or local_site()
     dtype = resolve_dtype(tc.dtype, site.backend)
     return Platform(site=site, dtype=dtype, remat=remat,
                     attention=resolve_attention(cfg, dtype, site.backend, tc.attention),
-                    host_allocator=host_allocator() if site.backend == "cpu" else "",
                     matmul=resolve_matmul(tc.matmul_precision, dtype, site.backend))
 
 

@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
-from jaxgpt import paths, platform, rundir, tracking
+from jaxgpt import cli, paths, platform, rundir, tracking
 from jaxgpt.checkpoint import Checkpointer, restore_latest
 from jaxgpt.config import GPTConfig, TrainConfig
 from jaxgpt.errors import Interrupted, UserError
@@ -198,6 +198,8 @@ def _set_up(model_cfg: GPTConfig, tc: TrainConfig, out_dir: Any, tokenizer: Toke
     check_shared_folder(out_dir)
     x0, y0 = (_to_global(a, bsh, tc.batch_size) for a in samplers["train"].get(0))
     train_step, eval_graphdef, plat, memory = compile_train_step(model_cfg, tc, abstract, x0, y0, 0)
+    if plat.site.backend == "cpu":  # what the CLI did to this process's allocator, recorded with the run
+        plat = dataclasses.replace(plat, host_allocator=cli.host_allocator())
     _, _, state = init_state(model_cfg, tc, mesh, remat=plat.remat, attention=plat.attention)
     if init_params is not None and not tc.resume:  # fine-tuning: these weights, laid out like the fresh ones
         copy = lambda new, old: jax.device_put(np.asarray(new), old.sharding)  # noqa: E731  (the step donates it)

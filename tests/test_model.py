@@ -111,6 +111,11 @@ def test_num_params_matches_the_closed_form(bias):
     expected = L * per_layer + (2 * C if bias else C) + V * C  # + ln_f + tied wte
     assert model.num_params() == expected
     assert model.num_params(non_embedding=False) == expected + T * C
+    modern = GPTConfig(block_size=T, vocab_size=V, n_layer=2, n_head=6, n_embd=C, bias=bias, norm="rmsnorm",
+                       pos_embedding="rope", qk_norm=True, tie_embeddings=False)
+    for c in (cfg, modern):  # the config's closed form (FLOPs, memory checks) counts what the model holds
+        built = nnx.eval_shape(lambda c=c: GPT(c, rngs=nnx.Rngs(0)))
+        assert [c.num_params(ne) for ne in (True, False)] == [built.num_params(ne) for ne in (True, False)], c
 
 
 def test_num_params_equals_nanogpt_printout_for_shakespeare_char():

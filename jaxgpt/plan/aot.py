@@ -27,7 +27,7 @@ from jaxgpt.config import GPTConfig, TrainConfig
 from jaxgpt.errors import UserError
 from jaxgpt.plan import targets
 from jaxgpt.plan.export import HOST_CALLBACKS
-from jaxgpt.plan.perf import flops_per_token, total_params
+from jaxgpt.plan.perf import flops_per_token
 from jaxgpt.platform import gib
 from jaxgpt.sharding import BATCH_AXES, abstract, batch_sharding, make_mesh
 from jaxgpt.step import abstract_train_state, make_eval_step, search_train_step, train_candidates
@@ -199,7 +199,7 @@ def _report(site: platform.Site, model_cfg: GPTConfig, programs: dict[str, dict[
             "per_device_bytes": first.get("per_device_bytes"), "flops_per_step": train.get("flops_per_step"),
             "compile_s": round(sum(p.get("compile_s", 0.0) for p in programs.values()), 2),
             "step_time_lower_bound_s": train.get("step_time_lower_bound_s"),
-            "model": model_cfg.to_dict(), "parameters": total_params(model_cfg), "programs": programs}
+            "model": model_cfg.to_dict(), "parameters": model_cfg.num_params(non_embedding=False), "programs": programs}
 
 
 def _memory(name: str, program: dict[str, Any], usable: int | None, source: str) -> platform.Memory:

@@ -1,7 +1,7 @@
 """Performance accounting, defined once: the FLOP formula (peak FLOP/s: the chip table, jaxgpt.plan.targets).
 
 FLOPs per token follow nanoGPT's estimate_mfu (PaLM appendix B): 6 N for the matmuls of
-the forward and backward pass (N = non-embedding parameters, the tied head included)
+the forward and backward pass (N = GPTConfig.num_params(): non-embedding, the tied head included)
 plus 12 L T C for attention scores and mixing (C = n_head * head_dim).
 """
 from __future__ import annotations
@@ -14,24 +14,9 @@ import jax.numpy as jnp
 from jaxgpt.config import GPTConfig
 
 
-def non_embedding_params(cfg: GPTConfig) -> int:
-    """nanoGPT's get_num_params(): everything except wpe; a tied wte/lm_head counted once, an untied
-    head twice. Per layer: 4 matrices (12 C^2), their biases (9 C), two norms (scale, + bias for a
-    LayerNorm with bias=True), and q/k norms over head_dim with qk_norm."""
-    C, L = cfg.n_embd, cfg.n_layer
-    norm = 2 * C if cfg.bias and cfg.norm == "layernorm" else C
-    per_layer = 12 * C * C + 2 * norm + (9 * C if cfg.bias else 0) + (2 * cfg.head_dim if cfg.qk_norm else 0)
-    return L * per_layer + norm + cfg.vocab_size * C * (1 if cfg.tie_embeddings else 2)
-
-
-def total_params(cfg: GPTConfig) -> int:
-    """Every parameter, learned position embeddings included."""
-    return non_embedding_params(cfg) + (cfg.block_size * cfg.n_embd if cfg.pos_embedding == "learned" else 0)
-
-
 def flops_per_token(cfg: GPTConfig) -> float:
     """Training FLOPs (forward + backward) per token at full context length."""
-    return 6 * non_embedding_params(cfg) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    return 6 * cfg.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
 
 def device_peak_flops(device: jax.Device | None = None, measure_cpu: bool = True) -> tuple[float | None, str]:
