@@ -186,9 +186,73 @@ def check_finetune(steps: int = 30) -> list[Result]:
                    after / before, tol.FINETUNE_LOSS_RATIO)]
 
 
+def hellaswag_examples(tokenizer: object, n: int = 24, seed: int = 0) -> list:
+    """HellaSwag-shaped examples (a context, 4 endings, a label) from the synthetic corpus's words, tokenized."""
+    from jaxgpt.hellaswag import encode
+
+    words = corpus_text(4000, seed).split()
+    rng = np.random.default_rng(seed)
+    def phrase(k: int) -> str:
+        start = int(rng.integers(0, len(words) - k))
+        return " ".join(words[start:start + k])
+    raw = [{"ctx": phrase(int(rng.integers(3, 12))), "endings": [phrase(int(rng.integers(1, 8))) for _ in range(4)],
+            "label": int(rng.integers(0, 4))} for _ in range(n)]
+    return encode(raw, tokenizer)
+
+
+def torch_hellaswag(logits_of: Callable, examples: list) -> list[tuple[int, int]]:
+    """The PyTorch twin of jaxgpt.hellaswag.score, build-nanogpt's way: one example at a time, its 4 rows padded
+    to the longest, losses of the ending tokens -> (acc's pick, acc_norm's pick) per example."""
+    import torch
+    import torch.nn.functional as F
+
+    picks = []
+    for ex in examples:
+        rows = [ex.context + e for e in ex.endings]
+        width = max(len(r) for r in rows)
+        tokens = torch.zeros((4, width), dtype=torch.long)
+        mask = torch.zeros((4, width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            tokens[i, :len(r)] = torch.tensor(r)
+            mask[i, len(ex.context):len(r)] = 1
+        with torch.no_grad():
+            logits = logits_of(tokens)
+        losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none").view(4, -1)
+        shifted = mask[:, 1:]
+        total = (losses * shifted).sum(dim=1)
+        picks.append((int(total.argmin()), int((total / shifted.sum(dim=1)).argmin())))
+    return picks
+
+
+def check_hellaswag() -> list[Result]:
+    """HellaSwag's per-example choices (acc and acc_norm): jaxgpt (batched, bucketed, jitted) vs the PyTorch
+    twin and vs transformers, on the same weights."""
+    import torch
+
+    from formats.io import load_any
+    from jaxgpt import hellaswag
+    from parity.twins import jax_to_torch_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = make_hf_model(Path(tmp) / "bpe", "bpe")
+        model, info = load_any(Path(tmp) / "bpe")
+    examples = hellaswag_examples(info["tokenizer"])
+    ours = hellaswag.score(model, examples, batch_size=5)
+    twin = jax_to_torch_model(model)
+    out = []
+    for name, logits_of in (("torchref", twin), ("transformers", lambda t: hf(t).logits)):
+        with torch.no_grad():
+            picks = torch_hellaswag(logits_of, examples)
+        out.append(Result(f"HellaSwag choices vs {name}, mismatches (acc, acc_norm)", f"{len(examples)} examples",
+                          float(sum(a != b for pa, pb in zip(ours.choices, picks, strict=True) for a, b in zip(pa, pb, strict=True))),
+                          0.0))
+    return out
+
+
 def hf_checks() -> Iterator[Callable[[], list[Result]]]:
     yield check_logits
     yield check_greedy
     yield check_roundtrip
     yield check_export
     yield check_finetune
+    yield check_hellaswag

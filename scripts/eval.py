@@ -3,11 +3,15 @@
   python scripts/eval.py out/shakespeare                                  # the run's val split
   python scripts/eval.py ckpt.pt --data_dir=data --dataset=shakespeare --split=train
   python scripts/eval.py HF_DIR --text=input.txt --json                   # any text, the model's own tokenizer
+  python scripts/eval.py HF_DIR --hellaswag                               # HellaSwag (downloaded once), acc, acc_norm
+  python scripts/eval.py out/gpt2 --hellaswag=hellaswag_val.jsonl --data_dir=data --dataset=fineweb   # both
 
 The checkpoint may be a jaxgpt run folder, nanoGPT ckpt.pt, .safetensors, a Hugging Face GPT-2 folder,
 local or gs://. Every token but the first is scored exactly once, in consecutive non-overlapping
 windows of block_size (jaxgpt/evaluate.py); bits per byte = total nats / ln 2 / UTF-8 bytes scored,
-comparable between a byte-level model and a BPE model.
+comparable between a byte-level model and a BPE model. --hellaswag scores HellaSwag as build-nanogpt and
+llm.c do (jaxgpt/hellaswag.py); with it, a split or text is scored only when --text, --data_dir or --dataset
+names one.
 """
 import argparse
 import json
@@ -32,7 +36,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--dataset", help="the dataset name (default: the run's own, else shakespeare)")
     p.add_argument("--split", choices=["val", "train"], default="val")
     p.add_argument("--max_tokens", type=int, default=0, help="score only the split's first this many tokens (0: all)")
-    p.add_argument("--batch_size", type=int, default=0, help="windows per forward (default: chosen by memory)")
+    p.add_argument("--batch_size", type=int, default=0, help="windows per forward (default: chosen by memory); "
+                   "with --hellaswag, examples per forward (default 8)")
+    p.add_argument("--hellaswag", nargs="?", const="download", metavar="FILE",
+                   help="score HellaSwag: its hellaswag_val.jsonl (local, gs:// or a URL); no FILE: downloaded once "
+                        "from its canonical address into the cache folder")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--progress", type=parse_bool, nargs="?", const=True, default=True, metavar="BOOL")
     cli.add_compile_cache_flag(p)
@@ -45,14 +53,30 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--batch_size must be >= 1 (or 0 = by memory), got {args.batch_size}")
     cli.apply_compile_cache(args.compile_cache)
 
-    from flax import nnx
-
     from formats.io import load_any, need_tokenizer
-    from jaxgpt.evaluate import EvalResult, batch_size_for, make_nll, score, text_bytes
-    from jaxgpt.loader import num_windows
 
     model, info = load_any(args.checkpoint, args.meta, args.which)
     tok = need_tokenizer(model, info, args.checkpoint)
+    out: dict[str, Any] = {"checkpoint": str(args.checkpoint), "step": info.get("step")}
+    lines = []
+    if not args.hellaswag or args.text or args.data_dir or args.dataset:
+        split, line = score_split(args, model, info, tok)
+        out.update(split)
+        lines.append(line)
+    if args.hellaswag:
+        out["hellaswag"], line = score_hellaswag(args, model, tok)
+        lines.append(line)
+    print(json.dumps(out) if args.json else "\n".join(lines))
+    return 0
+
+
+def score_split(args: argparse.Namespace, model: Any, info: dict, tok: Any) -> tuple[dict[str, Any], str]:
+    """Loss, perplexity and bits per byte over --text or a prepared split: (JSON fields, the printed line)."""
+    from flax import nnx
+
+    from jaxgpt.evaluate import EvalResult, batch_size_for, make_nll, score, text_bytes
+    from jaxgpt.loader import num_windows
+
     cfg = model.config
     tokens, source, n_bytes = what_to_score(args, info, tok, cfg.vocab_size)
     if len(tokens) < 2:
@@ -65,15 +89,24 @@ def main(argv: list[str]) -> int:
     with tqdm(total=windows, unit="window", delay=2, file=sys.stderr, disable=not args.progress, dynamic_ncols=True) as bar:
         total, count = score(make_nll(graphdef), params, tokens, cfg.block_size, batch, progress=bar.update)
     result = EvalResult(total / count, count, n_bytes if n_bytes is not None else text_bytes(tokens, tok))
-    out = {"checkpoint": str(args.checkpoint), "step": info.get("step"), "source": source, **result.to_dict(),
-           "block_size": cfg.block_size, "windows": windows, "batch_size": batch}
-    if args.json:
-        print(json.dumps(out))
-    else:
-        print(f"{source}: {count:,} tokens ({result.bytes:,} bytes) in {windows:,} windows of {cfg.block_size}\n"
-              f"loss {result.loss:.4f} nats/token, perplexity {result.perplexity:.3f}, "
-              f"{result.bits_per_byte:.4f} bits per byte")
-    return 0
+    line = (f"{source}: {count:,} tokens ({result.bytes:,} bytes) in {windows:,} windows of {cfg.block_size}\n"
+            f"loss {result.loss:.4f} nats/token, perplexity {result.perplexity:.3f}, "
+            f"{result.bits_per_byte:.4f} bits per byte")
+    return {"source": source, **result.to_dict(), "block_size": cfg.block_size, "windows": windows,
+            "batch_size": batch}, line
+
+
+def score_hellaswag(args: argparse.Namespace, model: Any, tok: Any) -> tuple[dict[str, Any], str]:
+    """HellaSwag's acc and acc_norm with the checkpoint's tokenizer: (JSON fields, the printed line)."""
+    from jaxgpt import hellaswag
+
+    source = str(hellaswag.fetch()) if args.hellaswag == "download" else args.hellaswag
+    examples = hellaswag.encode(hellaswag.read(source), tok)
+    with tqdm(total=len(examples), unit="example", delay=2, file=sys.stderr, disable=not args.progress,
+              dynamic_ncols=True) as bar:
+        r = hellaswag.score(model, examples, max(1, args.batch_size or 8), progress=bar.update)
+    refused = f"; {r.refused:,} longer than block_size {model.config.block_size} refused" if r.refused else ""
+    return r.to_dict(), f"HellaSwag ({source}): {r.examples:,} examples, acc {r.acc:.4f}, acc_norm {r.acc_norm:.4f}{refused}"
 
 
 def what_to_score(args: argparse.Namespace, info: dict, tok: Any, vocab_size: int) -> tuple[np.ndarray, str, int | None]:
