@@ -21,7 +21,11 @@ ROWS.update({f"GPT-2 {name} (FSDP, batch 512 x 1024)": [f"--n_layer={L}", f"--n_
                                                         "--mesh_fsdp={devices}", "--batch_size=auto",
                                                         "--gradient_accumulation_steps=8"]  # 64 x 8 sequences
              for name, (L, H, C) in GPT2.items()})
+# --preset=gpt2 as a user runs it (jaxgpt.config.PRESETS): 524,288 tokens a step split by the compiler,
+# FSDP over every chip of the machine; `--rows=preset` with the GPUs people own as --targets
+ROWS["GPT-2 124M, --preset=gpt2"] = ["--preset=gpt2", "--mesh_fsdp={devices}"]
 TARGETS = ("v5e-8", "v6e-8", "h100x8")
+TOKENS = 10e9  # the last column: the preset's 10 B tokens at the roofline bound
 
 
 def python_for(target: str, tpu_python: str, gpu_python: str) -> str:
@@ -48,15 +52,16 @@ def row_text(name: str, target: str, r: dict) -> str:
     from jaxgpt.platform import gib
 
     if "programs" not in r:
-        return f"| {name} | {target} | error | {r['error']} | | | | |"
+        return f"| {name} | {target} | error | {r['error']} | | | | | |"
     t = r["programs"]["train_step"]
     if not r["fits"]:
-        return f"| {name} | {target} | **no** | {r['error'].removeprefix('error: ')} | | | | |"
+        return f"| {name} | {target} | **no** | {r['error'].removeprefix('error: ')} | | | | | |"
     bound = t.get("step_time_lower_bound_s")
     return (f"| {name} | {target} | yes | {gib(t['per_device_bytes']['total'])} of {gib(r['device_memory_bytes'])} | "
             f"remat={t['remat']}, {t['per_device_batch']}/chip x {t['gradient_accumulation_steps']} | "
             f"{r['compile_s']:.0f} s | {t['flops_per_step'] / 1e12:.2f} ({t['flops_source'].split(' ')[0]}) | "
-            + (f"{_ms(bound)}, {t['tokens_per_s_upper_bound'] / 1e6:.3g} M tok/s |" if bound else "|"))
+            + (f"{_ms(bound)}, {t['tokens_per_s_upper_bound'] / 1e6:.3g} M tok/s | "
+               f"{TOKENS / t['tokens_per_s_upper_bound'] / 3600:.3g} h |" if bound else "| |"))
 
 
 def _ms(seconds: float) -> str:
@@ -67,7 +72,7 @@ def _ms(seconds: float) -> str:
 def table(tpu_python: str, gpu_python: str, targets: tuple[str, ...] = TARGETS,
           rows: dict[str, list[str]] | None = None, log: Callable[[str], None] = print) -> str:
     lines = ["| model | target | fits | memory per chip (train step) | remat, batch chosen | compile (chosen programs) | TFLOP per step | "
-             "roofline bound (estimate) |", "|---|---|---|---|---|---|---|---|"]
+             "roofline bound (estimate) | 10 B tokens at the bound |", "|---|---|---|---|---|---|---|---|---|"]
     for name, flags in (rows or ROWS).items():
         for target in targets:
             log(f"plan: {name} on {target}")

@@ -286,7 +286,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     # give the weights with --init_from
     "finetune": dict(eval_interval=5, eval_iters=40, batch_size=1, gradient_accumulation_steps=32, max_iters=20,
                      learning_rate=3e-5, min_lr=3e-5, warmup_iters=0, dropout=0.0),
+    # GPT-2 124M on FineWeb-edu 10B, llm.c's and build-nanogpt's recipe (README "GPT-2 124M, the whole way" lists
+    # each value's source): 512 x 1024 = 524,288 tokens a step, split by the compiler into micro-batches and
+    # accumulation (batch_auto), 19,073 steps = 10 B tokens; val loss over the val split's first 20 x 0.5 M tokens
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, dropout=0.0, bias=True,
+                 dataset="fineweb-edu-10B", batch_size=512, gradient_accumulation_steps=1, batch_auto=True,
+                 max_iters=19073, learning_rate=6e-4, min_lr=6e-5, warmup_iters=715, beta1=0.9, beta2=0.95,
+                 weight_decay=0.1, grad_clip=1.0, data_order="epoch", eval_interval=250, eval_full=True,
+                 val_tokens=20 * 524288, log_interval=10),
 }
+# GPT-2 medium (350M): the same data, steps and schedule; GPT-3's learning rate for its 350M model (Brown et al.
+# 2020, table 2.1), as llm.c's 350M run
+PRESETS["gpt2-medium"] = {**PRESETS["gpt2"], "n_layer": 24, "n_head": 16, "n_embd": 1024, "learning_rate": 3e-4,
+                          "min_lr": 3e-5}
 
 # --recipe: how to train, on top of a size preset (--preset=cpu --recipe=modern). `nanogpt` changes nothing;
 # `modern` is the speedrun's architecture and optimizer (KellerJordan/modded-nanogpt) at the learning

@@ -165,7 +165,9 @@ def resolve_configs(model_flags: dict[str, Any], train_flags: dict[str, Any], pr
         dropout = model_flags.get("dropout", pick(GPTConfig).get("dropout", GPTConfig.dropout))
         return replace(init_cfg, dropout=dropout, block_size=model_flags.get("block_size", init_cfg.block_size)), tc
     if not tc.resume or not saved_path.exists():
-        vocab = {"vocab_size": data_vocab} if data_vocab and "vocab_size" not in model_flags else {}
+        # the data's vocabulary, unless a flag gives one or the preset's pads it (GPT-2's 50257 -> 50304)
+        padded = pick(GPTConfig).get("vocab_size", 0) >= (data_vocab or 0)
+        vocab = {"vocab_size": data_vocab} if data_vocab and "vocab_size" not in model_flags and not padded else {}
         model_cfg = GPTConfig(**{**pick(GPTConfig), **vocab, **model_flags})
         if auto:  # a new run: but not over another run's config.json
             resolve_resume(tc.out_dir, "auto", model_cfg, tc)

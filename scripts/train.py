@@ -43,6 +43,9 @@ def main(argv: list[str]) -> int:
         init_distributed(args.coordinator_address, args.num_processes, args.process_id)
     model_flags, train_flags = explicit_flags(args, GPTConfig), explicit_flags(args, TrainConfig)
     preset = base_values(args.preset, train_flags.get("recipe", "nanogpt"))  # the size preset, then the recipe
+    # a preset that gives tokens a step (--preset=gpt2) lets the compiler split them unless a batch flag is given
+    batch_auto = batch_auto or (preset.get("batch_auto", False) and "batch_size" not in train_flags
+                                and "gradient_accumulation_steps" not in train_flags)
     main_process = jax.process_index() == 0
     data_dir, dataset = train_flags.get("data_dir", "data"), train_flags.get("dataset", preset.get("dataset", "shakespeare"))
     if args.compile_only:

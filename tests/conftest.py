@@ -161,7 +161,7 @@ def tiny_model() -> GPT:
 # that no worker starts a long file when the others are finishing (longest-first scheduling). Seconds per
 # file on 2 cores, measured with JAXGPT_TEST_CPU_REPORT (2026-12-06; parity ~100, gcs ~60, ... convert ~4);
 # a file not listed runs after these, in collection order.
-_HEAVY_FIRST = ["test_parity", "test_gcs", "test_data_scale", "test_sharding", "test_gcs_hosts", "test_notebook", "test_serve_limits",
+_HEAVY_FIRST = ["test_parity", "test_gcs", "test_gpt2_rehearsal", "test_data_scale", "test_sharding", "test_gcs_hosts", "test_notebook", "test_serve_limits",
                 "test_platform", "test_train", "test_bench", "test_cli", "test_hf", "test_quickstart", "test_report",
                 "test_tracking", "test_reliability", "test_serve", "test_unattended_cli", "test_playground", "test_sample",
                 "test_model", "test_export", "test_corpus", "test_fuzz", "test_aot", "test_optim", "test_convert"]

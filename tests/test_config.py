@@ -89,3 +89,28 @@ def test_invalid_optimizer_settings_name_the_flag():
                          (dict(eval_below=-1.0), "--eval_below"), (dict(muon_beta2=1.0), "--muon_beta2")]:
         with pytest.raises(UserError, match=flag):
             TrainConfig(**kwargs)
+
+
+def test_the_gpt2_preset_is_llm_c_and_build_nanogpt_recipe(tmp_path):
+    """--preset=gpt2: the 124M model and FineWeb-edu 10B recipe the issue specifies (llm.c, build-nanogpt), every
+    value reaching the configs unless a flag overrides it; the GPT-2 vocabulary padded to 50304."""
+    from jaxgpt.rundir import resolve_configs
+
+    p = PRESETS["gpt2"]
+    model, tc = resolve_configs({}, {"out_dir": str(tmp_path / "run")}, p, data_vocab=50257)
+    assert (model.n_layer, model.n_head, model.n_embd, model.block_size, model.vocab_size, model.dropout, model.bias) == \
+           (12, 12, 768, 1024, 50304, 0.0, True)
+    assert round(model.num_params() / 1e6) == 124, model.num_params()
+    tokens_per_step = tc.batch_size * tc.gradient_accumulation_steps * model.block_size
+    assert tokens_per_step == 524288 and p["batch_auto"] and tc.max_iters == 19073
+    assert abs(tokens_per_step * tc.max_iters - 10e9) < 0.001 * 10e9  # 10 B tokens
+    assert (tc.learning_rate, tc.min_lr, tc.warmup_iters, tc.lr_decay_iters) == (6e-4, 6e-5, 715, 0)  # 0: to max_iters
+    assert (tc.beta1, tc.beta2, tc.weight_decay, tc.grad_clip, tc.data_order) == (0.9, 0.95, 0.1, 1.0, "epoch")
+    assert tc.dtype == "auto" and tc.eval_full and tc.val_tokens == 20 * 524288
+    medium, _ = resolve_configs({}, {"out_dir": str(tmp_path / "m")}, PRESETS["gpt2-medium"], data_vocab=50257)
+    assert (medium.n_layer, medium.n_head, medium.n_embd) == (24, 16, 1024) and round(medium.num_params(False) / 1e6) == 355
+    small, tc = resolve_configs({"n_embd": 64, "n_head": 2, "vocab_size": 512}, {"out_dir": str(tmp_path / "s"),
+                                "learning_rate": 1e-3}, p, data_vocab=400)
+    assert (small.n_embd, small.vocab_size, tc.learning_rate, small.n_layer) == (64, 512, 1e-3, 12)  # flags win
+    bigger, _ = resolve_configs({}, {"out_dir": str(tmp_path / "b")}, p, data_vocab=60000)
+    assert bigger.vocab_size == 60000, "a vocabulary larger than the preset's is the data's"

@@ -56,9 +56,21 @@ CHIPS: dict[str, Chip] = {c.name: c for c in (
     Chip("h100", "gpu", ("h100",), 81559 * MIB, 0, 989e12, 3350e9, (132, 1.98, 50 * MIB, 233472, 232448, (9, 0))),
     Chip("h200", "gpu", ("h200",), 143771 * MIB, 0, 989e12, 4800e9, (132, 1.98, 50 * MIB, 233472, 232448, (9, 0))),
     Chip("b200", "gpu", ("b200",), 183359 * MIB, 0, 2250e12, 8000e9, (148, 1.965, 126 * MIB, 233472, 232448, (10, 0))),
+    # the GPUs people own: GeForce peaks are dense bf16 with float32 accumulation (half the float16-accumulate
+    # figure on the box); the A10G's are NVIDIA A10's datasheet (AWS's variant of it); the T4 (Turing) has no
+    # bf16 tensor cores, so its peak is float32's (XLA:GPU computes bf16 there in float32)
+    Chip("a100-40gb", "gpu", ("a100-sxm4-40gb", "a100-pcie-40gb"), 40960 * MIB, 0, 312e12, 1555e9,
+         (108, 1.41, 40 * MIB, 167936, 166912, (8, 0))),
+    Chip("rtx4090", "gpu", ("rtx 4090",), 24564 * MIB, 0, 165.2e12, 1008e9, (128, 2.52, 72 * MIB, 102400, 101376, (8, 9))),
+    Chip("rtx3090", "gpu", ("rtx 3090",), 24576 * MIB, 0, 71e12, 936e9, (82, 1.695, 6 * MIB, 102400, 101376, (8, 6))),
+    Chip("l4", "gpu", ("nvidia l4",), 23034 * MIB, 0, 121e12, 300e9, (58, 2.04, 48 * MIB, 102400, 101376, (8, 9))),
+    Chip("a10g", "gpu", ("a10g",), 23028 * MIB, 0, 125e12, 600e9, (80, 1.71, 6 * MIB, 102400, 101376, (8, 6))),
+    Chip("t4", "gpu", ("tesla t4", "nvidia t4"), 15360 * MIB, 0, 8.1e12, 320e9, (40, 1.59, 4 * MIB, 65536, 65536, (7, 5))),
 )}
 GPU_DESCRIPTIONS = {"a100": "NVIDIA A100-SXM4-80GB", "h100": "NVIDIA H100 80GB HBM3", "h200": "NVIDIA H200",
-                    "b200": "NVIDIA B200"}
+                    "b200": "NVIDIA B200", "a100-40gb": "NVIDIA A100-SXM4-40GB", "rtx4090": "NVIDIA GeForce RTX 4090",
+                    "rtx3090": "NVIDIA GeForce RTX 3090", "l4": "NVIDIA L4", "a10g": "NVIDIA A10G", "t4": "Tesla T4"}
+THREADS_PER_SM = {(7, 5): 1024, (8, 6): 1536, (8, 9): 1536}  # else 2048 (A100, H100 and later)
 GPUS_PER_HOST = 8
 TPU_CHIPS_PER_HOST = 4  # multi-host slices: 4 chips per VM; v5e-8 / v6e-8 are one VM of 8
 
@@ -121,19 +133,22 @@ def _tpu(name: str, gen: str, count: int) -> Target:
 
 
 def parse(name: str) -> Target:
-    """'v4-8', 'v5e-16' (= 'v5litepod-16'), 'v5p-8', 'v6e-8', 'h100', 'h100x8', 'h100x16' (2 hosts of 8), ..."""
+    """'v4-8', 'v5e-16' (= 'v5litepod-16'), 'v5p-8', 'v6e-8', 'h100', 'h100x8', 'h100x16' (2 hosts of 8), 'rtx4090',
+    'a100-40gbx8', 't4', ..."""
     low = name.strip().lower().replace("v5litepod", "v5e")
     if m := re.fullmatch(r"(v4|v5e|v5p|v6e)-(\d+)", low):
         return _tpu(name, m.group(1), int(m.group(2)))
-    if m := re.fullmatch(r"([a-z]\d{3})(?:x(\d+))?", low):
-        if m.group(1) in CHIPS and CHIPS[m.group(1)].platform == "gpu":
-            n = int(m.group(2) or 1)
+    m = re.fullmatch(r"(.+)x(\d+)", low)
+    if low in CHIPS or m:
+        chip, count = (low, "1") if low in CHIPS or m is None else m.groups()
+        if chip in CHIPS and CHIPS[chip].platform == "gpu":
+            n = int(count)
             if n < 1 or (n > GPUS_PER_HOST and n % GPUS_PER_HOST):
                 raise UserError(f"--target={name}: up to {GPUS_PER_HOST} GPUs on one host, or a multiple of "
                                 f"{GPUS_PER_HOST} (whole hosts)")
             hosts = max(1, n // GPUS_PER_HOST)
-            return Target(name, CHIPS[m.group(1)], n, hosts, f"1x{hosts}x{n // hosts}")
-    gpus = ", ".join(f"{c}, {c}x8" for c, chip in CHIPS.items() if chip.platform == "gpu")
+            return Target(name, CHIPS[chip], n, hosts, f"1x{hosts}x{n // hosts}")
+    gpus = ", ".join(f"{c}, {c}x8" for c, spec in CHIPS.items() if spec.platform == "gpu")
     raise UserError(f"unknown --target={name!r}; Cloud TPU types (v4-8, v4-32, v5e-8 = v5litepod-8, v5e-16, v5p-8, "
                     f"v6e-8, any slice size) or GPUs ({gpus}, h100x16 = 2 hosts of 8)")
 
@@ -176,8 +191,9 @@ def gpu_target_config(chip: Chip) -> str:
         dnn = [9, 8, 0]  # no cuDNN wheel (a system CUDA): the oldest cuDNN jax[cuda12] accepts
     return f"""gpu_device_info {{
   threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
-  shared_memory_per_core: {smem_core} shared_memory_per_block_optin: {smem_optin} threads_per_core_limit: 2048
-  core_count: {sms} fpus_per_core: {64 if major == 8 else 128} clock_rate_ghz: {ghz}
+  shared_memory_per_core: {smem_core} shared_memory_per_block_optin: {smem_optin}
+  threads_per_core_limit: {THREADS_PER_SM.get((major, minor), 2048)}
+  core_count: {sms} fpus_per_core: {64 if (major, minor) in ((7, 5), (8, 0)) else 128} clock_rate_ghz: {ghz}
   block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
   memory_bandwidth: {int(chip.bandwidth)} l2_cache_size: {l2} device_memory_size: {chip.memory_bytes}
   registers_per_core_limit: 65536 registers_per_block_limit: 65536
