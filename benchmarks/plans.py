@@ -21,7 +21,7 @@ ROWS.update({f"GPT-2 {name} (FSDP, batch 512 x 1024)": [f"--n_layer={L}", f"--n_
                                                         "--mesh_fsdp={devices}", "--batch_size=auto",
                                                         "--gradient_accumulation_steps=8"]  # 64 x 8 sequences
              for name, (L, H, C) in GPT2.items()})
-# --preset=gpt2 as a user runs it (jaxgpt.config.PRESETS): 524,288 tokens a step split by the compiler,
+# --preset=gpt2 as a user runs it (jaxgpt.presets.PRESETS): 524,288 tokens a step split by the compiler,
 # FSDP over every chip of the machine; `--rows=preset` with the GPUs people own as --targets
 ROWS["GPT-2 124M, --preset=gpt2"] = ["--preset=gpt2", "--mesh_fsdp={devices}"]
 TARGETS = ("v5e-8", "v6e-8", "h100x8")

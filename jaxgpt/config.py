@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args, get_type_hints
 
 from jaxgpt.errors import UserError
+from jaxgpt.presets import PRESETS, RECIPE_FOR_PRESET, RECIPES
 
 REMAT_CHOICES = ("auto", "none", "full", "dots")  # auto: jaxgpt.platform decides per backend
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
@@ -194,6 +195,11 @@ class TrainConfig:
     # once per epoch in a seeded order (shards.EpochOrder); both a function of (seed, step) alone
     data_order: Literal["random", "epoch"] = "random"
     val_tokens: int = 0  # > 0: evaluations read only the val split's first val_tokens tokens; 0 = all of it
+    # shown while training (jaxgpt/probes.py): HellaSwag's acc / acc_norm and a short sample every N steps; 0 = off
+    hellaswag_interval: int = 0
+    hellaswag_file: str = ""  # hellaswag_val.jsonl (local, gs:// or a URL); "" = downloaded once into the cache
+    sample_interval: int = 0
+    sample_prompt: str = "\n"
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_iters", "gradient_accumulation_steps", "eval_interval",
@@ -225,6 +231,8 @@ class TrainConfig:
         _require(0.0 <= self.muon_beta2 < 1.0, f"--muon_beta2 must be in [0, 1) (0 = plain Muon), got {self.muon_beta2!r}")
         _require(self.stop_loss >= 0, f"--stop_loss must be >= 0 (0 = off), got {self.stop_loss!r}")
         _require(self.eval_below >= 0, f"--eval_below must be >= 0 (0 = off), got {self.eval_below!r}")
+        for name in ("hellaswag_interval", "sample_interval"):
+            _require(getattr(self, name) >= 0, f"--{name} must be >= 0 (0 = off), got {getattr(self, name)!r}")
         _require(bool(self.dataset) and "/" not in self.dataset and self.dataset not in (".", ".."),
                  f"--dataset must be a plain name like 'shakespeare', got {self.dataset!r}")
         if not self.out_dir:
@@ -274,60 +282,6 @@ class ServeConfig:
             _require(getattr(self, name) > 0, f"--{name} must be > 0 seconds, got {getattr(self, name)}")
         _require(self.shutdown_grace >= 0, f"--shutdown_grace must be >= 0 seconds, got {self.shutdown_grace}")
         _require(0 < self.port < 65536, f"--port must be in [1, 65535], got {self.port}")
-
-
-# nanoGPT's CPU recipe from its README (train_shakespeare_char on a MacBook / CPU); dtype and
-# remat stay `auto`, which jaxgpt.platform resolves for the backend the run lands on.
-PRESETS: dict[str, dict[str, Any]] = {
-    "gpu": {},  # the defaults above
-    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, max_iters=2000,
-                lr_decay_iters=2000, dropout=0.0, eval_iters=20, log_interval=1),
-    # nanoGPT's finetune_shakespeare recipe (constant lr 3e-5, 20 iterations of 32 x 1 sequences);
-    # give the weights with --init_from
-    "finetune": dict(eval_interval=5, eval_iters=40, batch_size=1, gradient_accumulation_steps=32, max_iters=20,
-                     learning_rate=3e-5, min_lr=3e-5, warmup_iters=0, dropout=0.0),
-    # GPT-2 124M on FineWeb-edu 10B, llm.c's and build-nanogpt's recipe (README "GPT-2 124M, the whole way" lists
-    # each value's source): 512 x 1024 = 524,288 tokens a step, split by the compiler into micro-batches and
-    # accumulation (batch_auto), 19,073 steps = 10 B tokens; val loss over the val split's first 20 x 0.5 M tokens
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, dropout=0.0, bias=True,
-                 dataset="fineweb-edu-10B", batch_size=512, gradient_accumulation_steps=1, batch_auto=True,
-                 max_iters=19073, learning_rate=6e-4, min_lr=6e-5, warmup_iters=715, beta1=0.9, beta2=0.95,
-                 weight_decay=0.1, grad_clip=1.0, data_order="epoch", eval_interval=250, eval_full=True,
-                 val_tokens=20 * 524288, log_interval=10),
-}
-# GPT-2 medium (350M): the same data, steps and schedule; GPT-3's learning rate for its 350M model (Brown et al.
-# 2020, table 2.1), as llm.c's 350M run
-PRESETS["gpt2-medium"] = {**PRESETS["gpt2"], "n_layer": 24, "n_head": 16, "n_embd": 1024, "learning_rate": 3e-4,
-                          "min_lr": 3e-5}
-
-# --recipe: how to train, on top of a size preset (--preset=cpu --recipe=modern). `nanogpt` changes nothing;
-# `modern` is the speedrun's architecture and optimizer (KellerJordan/modded-nanogpt) at the learning
-# rates and schedule measured best at the CPU preset's scale (BENCHMARKS.md, "Time to quality").
-RECIPES: dict[str, dict[str, Any]] = {
-    "nanogpt": {},
-    "modern": dict(pos_embedding="rope", norm="rmsnorm", qk_norm=True, activation="relu2", tie_embeddings=False,
-                   zero_init_proj=True, logit_softcap=15.0, value_embeds=2, optimizer="muon", muon_lr=0.03, muon_momentum=0.95,
-                   muon_beta2=0.95, learning_rate=0.03, min_lr=0.003, beta1=0.8, beta2=0.95, weight_decay=0.0,
-                   matmul_precision="auto", attention="fast", batch_split=0),
-}
-# what a recipe changes for one preset: its model depth, batch, iteration count and schedule, each measured at
-# that preset's budget (BENCHMARKS.md: "thirteenth lap" for cpu, "The modern recipe for the seed config" for gpu,
-# which is unmeasured at full size).
-RECIPE_FOR_PRESET: dict[tuple[str, str], dict[str, Any]] = {
-    ("modern", "cpu"): dict(n_layer=2, batch_size=32, max_iters=95, lr_decay_iters=95, warmup_iters=5,
-                            muon_momentum=0.85, muon_lr=0.07, eval_iters=8),
-    ("modern", "gpu"): dict(max_iters=2000, lr_decay_iters=2000, warmup_iters=200),
-}
-
-
-def base_values(preset: str = "gpu", recipe: str = "nanogpt") -> dict[str, Any]:
-    """The values a run starts from before explicit flags: the size preset, then the recipe."""
-    if preset not in PRESETS:
-        raise UserError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    if recipe not in RECIPES:
-        raise UserError(f"--recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
-    extra = {"recipe": recipe} if recipe != "nanogpt" else {}
-    return {**PRESETS[preset], **RECIPES[recipe], **RECIPE_FOR_PRESET.get((recipe, preset), {}), **extra}
 
 
 def parse_bool(text: str) -> bool:

@@ -91,7 +91,8 @@ def derived(record: dict[str, Any], tokens_per_step: int, flops_per_token: float
 SCALARS = {"train_loss": "train/loss", "eval_train_loss": "train/loss_eval", "val_loss": "val/loss",
            "val_loss_full": "val/loss_whole_split", "val_bpb": "val/bits_per_byte", "lr": "train/learning_rate",
            "tokens_per_sec": "perf/tokens_per_sec", "step_time_ms": "perf/step_time_ms", "mfu": "perf/mfu",
-           "grad_norm": "train/grad_norm", "param_norm": "train/param_norm"}
+           "grad_norm": "train/grad_norm", "param_norm": "train/param_norm", "hellaswag_acc": "eval/hellaswag_acc",
+           "hellaswag_acc_norm": "eval/hellaswag_acc_norm"}
 
 
 def _flat_config(config: dict[str, Any]) -> dict[str, bool | str | float | int]:
@@ -127,6 +128,8 @@ class TensorBoard:
             for key, value in {**r, **self.derive(r)}.items():
                 if key in SCALARS and value is not None:
                     self.writer.add_scalar(SCALARS[key], value, r["step"])
+            if "sample" in r:
+                self.writer.add_text("sample", r["sample"], r["step"])
         if any("val_loss" in r for r in records):
             self.flush()
 

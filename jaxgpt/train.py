@@ -33,6 +33,7 @@ from jaxgpt.loader import SPLITS, BatchSampler, Dataset, open_dataset
 from jaxgpt.lock import run_lock
 from jaxgpt.optim import lr_schedule
 from jaxgpt.platform import DTYPES, Platform
+from jaxgpt.probes import Probes
 from jaxgpt.sharding import (
     batch_sharding,
     check_shared_folder,
@@ -44,7 +45,7 @@ from jaxgpt.sharding import (
     whole_batch,
 )
 from jaxgpt.step import TrainState, abstract_train_state, compile_train_step, init_state, make_eval_step
-from jaxgpt.tokenizer import TOKENIZER_FILE, HFTokenizer, Tokenizer, check_tokenizer
+from jaxgpt.tokenizer import TOKENIZER_FILE, ByteTokenizer, HFTokenizer, Tokenizer, check_tokenizer
 
 
 def estimate_loss(eval_step: Callable, params: nnx.State, samplers: dict[str, BatchSampler], iters: int,
@@ -261,6 +262,7 @@ class _Loop:
         self.t_begin = time.perf_counter()
         self.last_loss = math.nan
         self.recent: collections.deque[float] = collections.deque(maxlen=20)  # for --eval_below
+        self.probes = Probes(tc, run.eval_graphdef, run.tokenizer or ByteTokenizer(), jax.process_count())
 
     def run_steps(self) -> None:
         run = self.run
@@ -294,10 +296,11 @@ class _Loop:
             caught.append(asked[0] if asked else signal.SIGTERM)
         gated = 0 < tc.eval_below and not (len(self.recent) == self.recent.maxlen and np.mean(self.recent) <= tc.eval_below)
         is_eval = done % tc.eval_interval == 0 and not gated or done == tc.max_iters
-        if done % tc.log_interval == 0 or is_eval or step == run.start or caught:
+        probe = self.probes.due(done)  # HellaSwag or a sample (--hellaswag_interval, --sample_interval)
+        if done % tc.log_interval == 0 or is_eval or probe or step == run.start or caught:
             self.log.add(done, metrics)
-        if self.log.pending and (self.log.due() or is_eval or step == run.start or caught):
-            self.write(done, is_eval, gated)
+        if self.log.pending and (self.log.due() or is_eval or probe or step == run.start or caught):
+            self.write(done, is_eval, gated, probe)
         self.bar.update(1)
         if self.reached == done and done < tc.max_iters:  # --stop_loss reached
             return True
@@ -305,7 +308,7 @@ class _Loop:
             self.stop(done, caught[0], is_eval)
         return False
 
-    def write(self, done: int, is_eval: bool, gated: bool) -> None:
+    def write(self, done: int, is_eval: bool, gated: bool, probe: bool = False) -> None:
         """Fetch the logged steps' metrics (stopping on a non-finite loss), evaluate and save when
         due, and hand the records to the sinks, the bar and the plot."""
         run = self.run
@@ -322,6 +325,8 @@ class _Loop:
             self.recent.extend(r["train_loss"] for r in records)
         if is_eval and records[-1]["step"] == done:
             self.evaluate_and_save(done, records[-1])
+        if probe and records[-1]["step"] == done and (text := self.probes(done, run.state.params, records[-1])) and run.main:
+            self.bar.write(f"step {done} sample: {text!r}")
         for sink in self.sinks:
             sink.write(records)
         r = records[-1]

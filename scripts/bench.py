@@ -24,8 +24,9 @@ import sys
 from typing import Any
 
 from jaxgpt import GPTConfig, TrainConfig, cli
-from jaxgpt.config import base_values, build, explicit_flags, make_parser
+from jaxgpt.config import build, explicit_flags, make_parser
 from jaxgpt.errors import UserError
+from jaxgpt.presets import base_values
 
 SECTIONS = ("train", "memory", "generate", "serve", "data")
 

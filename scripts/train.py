@@ -17,12 +17,13 @@ import jax
 from flax import nnx
 
 from jaxgpt import GPTConfig, TrainConfig, cli, paths
-from jaxgpt.config import base_values, explicit_flags, make_parser
+from jaxgpt.config import explicit_flags, make_parser
 from jaxgpt.data import prepare_if_missing
 from jaxgpt.loader import data_vocab
 from jaxgpt.model import crop_block_size
 from jaxgpt.plan.targets import compile_here
 from jaxgpt.platform import gib
+from jaxgpt.presets import base_values
 from jaxgpt.rundir import resolve_configs
 from jaxgpt.sharding import init_distributed
 from jaxgpt.train import train

@@ -1,7 +1,8 @@
 import pytest
 
 from jaxgpt import GPTConfig, TrainConfig, UserError
-from jaxgpt.config import PRESETS, RECIPES, build, make_parser
+from jaxgpt.config import build, make_parser
+from jaxgpt.presets import PRESETS, RECIPES
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -48,7 +49,7 @@ def test_cli_bad_values_raise_user_error(flag):
 def test_recipe_composes_with_the_preset_and_explicit_flags_win():
     """Each value comes from the first of: an explicit flag, the recipe's values for this preset, the recipe's,
     the preset's, the default -- checked against the tables themselves, not copies of their numbers."""
-    from jaxgpt.config import RECIPE_FOR_PRESET, base_values
+    from jaxgpt.presets import RECIPE_FOR_PRESET, base_values
 
     parser = make_parser("t", GPTConfig, TrainConfig, presets=True)
     explicit = {"muon_lr": 0.05, "qk_norm": False, "n_layer": 3}

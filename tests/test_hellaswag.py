@@ -81,3 +81,30 @@ def test_eval_prints_hellaswag_alone_or_beside_the_split(tiny_model, tmp_path):
     both = json.loads(cli("eval", str(tmp_path / "hf"), "--hellaswag=val.jsonl", "--text=text.txt", "--json",
                           cwd=tmp_path).stdout)
     assert both["hellaswag"] == alone["hellaswag"] and both["loss"] > 0
+
+
+def test_a_run_shows_hellaswag_and_a_sample_at_their_intervals_as_eval_scores_its_checkpoint(tiny_cfg, tmp_path):
+    """--hellaswag_interval / --sample_interval: the scores land in the step's metrics record (the last one equals
+    scoring the saved checkpoint afterwards) and the sample is text; a bad file stops the run before step 1."""
+    from formats.io import load_any
+    from jaxgpt import TrainConfig
+    from jaxgpt.data import prepare_text
+    from jaxgpt.train import train
+    from parity.rows import synthetic_corpus
+
+    prepare_text(synthetic_corpus(20_000).astype(np.uint8).tobytes(), tmp_path / "data" / "synth", "synthetic")
+    (tmp_path / "val.jsonl").write_text("\n".join(json.dumps(d) for d in RAW) + "\n")
+    tc = TrainConfig(dataset="synth", data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "run"), batch_size=4,
+                     max_iters=4, eval_interval=4, eval_iters=1, progress=False, plot=False, hellaswag_interval=2,
+                     hellaswag_file=str(tmp_path / "val.jsonl"), sample_interval=3, sample_prompt="the ")
+    train(tiny_cfg, tc)
+    rows = {r["step"]: r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())}
+    assert [s for s in rows if "hellaswag_acc" in rows[s]] == [2, 4] and [s for s in rows if "sample" in rows[s]] == [3]
+    assert isinstance(rows[3]["sample"], str) and rows[3]["sample"]
+    model, _ = load_any(str(tmp_path / "run"), which="latest")
+    again = hellaswag.score(model, hellaswag.encode(RAW, ByteTokenizer()))
+    assert (rows[4]["hellaswag_acc"], rows[4]["hellaswag_acc_norm"]) == (again.acc, again.acc_norm)
+    with pytest.raises(UserError, match="cannot read HellaSwag file"):
+        train(tiny_cfg, TrainConfig(**{**tc.to_dict(), "out_dir": str(tmp_path / "bad"),
+                                       "hellaswag_file": str(tmp_path / "absent.jsonl")}))
+    assert not list((tmp_path / "bad").glob("checkpoints/[0-9]*")), "no step was trained or saved"

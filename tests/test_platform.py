@@ -152,7 +152,7 @@ def test_tuned_host_allocator_stops_the_step_from_faulting_its_buffers_back_in()
 
 
 def test_bf16_matmuls_are_auto_only_on_a_cpu_with_amx_and_never_by_default(tmp_path, monkeypatch):
-    from jaxgpt.config import base_values
+    from jaxgpt.presets import base_values
     amx, avx = tmp_path / "amx", tmp_path / "avx"
     amx.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n\n")
     avx.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n\n")
@@ -175,7 +175,7 @@ def test_bf16_matmuls_are_auto_only_on_a_cpu_with_amx_and_never_by_default(tmp_p
 def test_batch_split_is_two_only_on_cpu_and_never_by_default():
     """--batch_split=0 (the modern recipe's): 2 on CPU when the rows divide evenly, 1 on an accelerator;
     an explicit split must divide a device's rows (one error line)."""
-    from jaxgpt.config import base_values
+    from jaxgpt.presets import base_values
 
     assert platform.resolve_batch_split(0, "cpu", 24) == 2 and platform.resolve_batch_split(0, "cpu", 7) == 1
     assert platform.resolve_batch_split(0, "gpu", 64) == platform.resolve_batch_split(0, "tpu", 64) == 1
@@ -191,7 +191,7 @@ def test_fast_attention_is_explicit_only_on_cpu_and_never_by_default():
     spells the softmax out on CPU only; cudnn where cuDNN cannot run is one error line."""
     from flax import nnx
 
-    from jaxgpt.config import base_values
+    from jaxgpt.presets import base_values
     from jaxgpt.step import init_state
 
     cfg = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64)

@@ -39,7 +39,8 @@ def test_the_gate_is_passed_on_and_a_first_evaluation_already_under_the_target_i
 
 
 def _parsed(flags: list[str]) -> tuple:
-    from jaxgpt.config import GPTConfig, TrainConfig, base_values, build, make_parser
+    from jaxgpt.config import GPTConfig, TrainConfig, build, make_parser
+    from jaxgpt.presets import base_values
 
     args = make_parser("t", GPTConfig, TrainConfig, presets=True).parse_args(["--preset=cpu", "--recipe=modern", *flags])
     base = base_values(args.preset, args.recipe)
@@ -49,7 +50,8 @@ def _parsed(flags: list[str]) -> tuple:
 def test_each_leave_one_out_row_sets_exactly_one_part_of_the_recipe_back_and_every_part_has_a_row():
     import dataclasses
 
-    from jaxgpt.config import PRESETS, RECIPE_FOR_PRESET, RECIPES, GPTConfig, TrainConfig
+    from jaxgpt.config import GPTConfig, TrainConfig
+    from jaxgpt.presets import PRESETS, RECIPE_FOR_PRESET, RECIPES
 
     recipe_model, recipe_train = _parsed([])
     nanogpt = {**dataclasses.asdict(GPTConfig()), **dataclasses.asdict(TrainConfig()), **PRESETS["cpu"]}

@@ -183,7 +183,7 @@ def test_bfloat16_compute_keeps_float32_master_weights(data_dir, tmp_path):
 def test_a_fresh_state_of_every_recipe_is_strongly_typed_so_the_step_compiles_once():
     """A weakly typed leaf in the fresh state (jnp.full(.., 0.5) gives one) differs from the strongly
     typed state the step returns: jit traced and compiled the step again on its second call."""
-    from jaxgpt.config import RECIPES
+    from jaxgpt.presets import RECIPES
 
     small = {k: getattr(MODEL, k) for k in ("block_size", "n_head", "n_embd", "dropout", "bias")}
     for name, recipe in RECIPES.items():  # the recipe's values split into the two configs as train.py does

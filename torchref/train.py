@@ -72,8 +72,9 @@ def full_split_loss(model: GPT, tokens: np.ndarray, block_size: int, batch_size:
 def main(argv: list[str]) -> int:
     import json
 
-    from jaxgpt.config import GPTConfig, base_values, explicit_flags, make_parser
+    from jaxgpt.config import GPTConfig, explicit_flags, make_parser
     from jaxgpt.loader import BatchSampler, dataset_dir
+    from jaxgpt.presets import base_values
 
     p = make_parser(__doc__, GPTConfig, TrainConfig, presets=True)
     args = p.parse_args(argv)
