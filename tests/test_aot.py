@@ -52,12 +52,14 @@ def test_cloud_tpu_and_gpu_names_resolve_to_their_real_layouts():
     cases = {"v4-8": (4, 1, "v4:2x2x1"), "v4-32": (16, 4, "v4:2x2x4"), "v5e-8": (8, 1, "v5e:2x4"),
              "v5litepod-16": (16, 4, "v5e:4x4"), "v5e-256": (256, 64, "v5e:16x16"), "v5p-8": (4, 1, "v5:2x2x1"),
              "v5p-128": (64, 16, "v5:4x4x4"), "v6e-8": (8, 1, "v6e:2x4"), "h100": (1, 1, "1x1x1"),
-             "h200x8": (8, 1, "1x1x8"), "h100x16": (16, 2, "1x2x8"), "b200x8": (8, 1, "1x1x8")}
+             "h200x8": (8, 1, "1x1x8"), "h100x16": (16, 2, "1x2x8"), "b200x8": (8, 1, "1x1x8"), "rtx4090": (1, 1, "1x1x1"),
+             "rtx3090x2": (2, 1, "1x1x2"), "l4x4": (4, 1, "1x1x4"), "a10g": (1, 1, "1x1x1"), "a100-40gbx8": (8, 1, "1x1x8"),
+             "t4": (1, 1, "1x1x1")}
     got = {n: (t.devices, t.hosts, t.topology) for n in cases for t in [targets.parse(n)]}
     assert got == cases
     assert targets.parse("v5e-8").host_bounds == (2, 4, 1) and targets.parse("v5e-16").host_bounds == (2, 2, 1)
     assert targets.parse("v5p-128").wrap == (True, True, True) and targets.parse("v5e-128").wrap == (False, True, False)
-    for bad in ("v5e-12", "v4-6", "h100x12", "tpu", "a100x0"):
+    for bad in ("v5e-12", "v4-6", "h100x12", "tpu", "a100x0", "rtx5090", "t4x12"):
         with pytest.raises(UserError, match="--target"):
             targets.parse(bad)
 
@@ -65,9 +67,11 @@ def test_cloud_tpu_and_gpu_names_resolve_to_their_real_layouts():
 def test_every_chip_has_memory_peak_and_bandwidth_and_perf_reads_them():
     from jaxgpt.plan.perf import device_peak_flops
 
-    for chip in targets.CHIPS.values():
-        assert 0 < chip.usable() <= chip.memory_bytes and chip.peak_flops > 1e14 and chip.bandwidth > 5e11, chip
-    kinds = {"TPU v5 lite": "v5e", "TPU v5": "v5p", "TPU v6 lite": "v6e", "NVIDIA H100 80GB HBM3": "h100", "NVIDIA H200": "h200"}
+    for chip in targets.CHIPS.values():  # from a T4 (8 TFLOP/s, 320 GB/s) to a B200
+        assert 0 < chip.usable() <= chip.memory_bytes and chip.peak_flops > 5e12 and chip.bandwidth > 2e11, chip
+    kinds = {"TPU v5 lite": "v5e", "TPU v5": "v5p", "TPU v6 lite": "v6e", "NVIDIA H100 80GB HBM3": "h100", "NVIDIA H200": "h200",
+             "NVIDIA A100-SXM4-40GB": "a100-40gb", "NVIDIA A100-SXM4-80GB": "a100", "NVIDIA GeForce RTX 4090": "rtx4090",
+             "NVIDIA GeForce RTX 3090": "rtx3090", "NVIDIA L4": "l4", "NVIDIA A10G": "a10g", "Tesla T4": "t4"}
     assert {k: getattr(targets.chip_for_kind(k), "name", None) for k in kinds} == kinds
 
     class Device:
@@ -283,4 +287,20 @@ def test_serve_plan_compiles_every_decode_width_over_the_kv_cache(tmp_path):
     report, _ = plan("serve", "--checkpoint=m.safetensors", "--target=h100", "--slots=4", cwd=tmp_path)
     assert set(report["programs"]) == {"decode_1", "decode_2", "decode_4", "prefill"}
     assert report["kv_cache_bytes"] == 2 * 2 * 4 * 128 * 128 * 4  # k and v, layers, slots, positions, width, float32
+    clean(report)
+
+
+@pytest.mark.aot
+@needs_gpu
+@pytest.mark.parametrize("target, kind, capability", [("rtx4090", "NVIDIA GeForce RTX 4090", "8.9"),
+                                                      ("a10g", "NVIDIA A10G", "8.6"), ("t4", "Tesla T4", "7.5")])
+def test_the_gpus_people_own_compile_for_their_compute_capability(target, kind, capability, tmp_path):
+    """XLA:GPU compiles the run's programs for each generation of the GPUs people own (Ada, Ampere, Turing),
+    against the chip's usable memory and datasheet peak."""
+    report, _ = plan("train", f"--target={target}", "--n_layer=2", "--n_head=4", "--n_embd=128", "--block_size=128",
+                     "--batch_size=8", cwd=tmp_path)
+    chip = targets.CHIPS[target]
+    assert (report["device_kind"], report["device_memory_bytes"], report["peak_flops_per_device"]) == \
+           (kind, chip.usable(), chip.peak_flops)
+    assert f"{chip.gpu[-1][0]}.{chip.gpu[-1][1]}" == capability
     clean(report)
