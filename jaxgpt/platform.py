@@ -78,12 +78,18 @@ def eval_batch_limit(platform: str | None = None) -> int:
     return 32 if (platform or backend()) == "cpu" else 256
 
 
-def resolve_dtype(requested: str, platform: str) -> str:
-    """auto: bfloat16 compute on GPU/TPU (float32 master weights), float32 on CPU, where bf16
-    matmuls are emulated and slower."""
+# GPUs before Ampere (compute capability < 8.0) have no bf16 tensor cores, and cuDNN's flash attention needs 8.0
+NO_BF16_GPUS = ("tesla t4", "nvidia t4", "v100", "p100", "tesla p", "titan v", "titan rtx", "quadro rtx", "rtx 20", "gtx")
+
+
+def resolve_dtype(requested: str, platform: str, device_kind: str = "") -> str:
+    """auto: bfloat16 compute on TPUs and on GPUs from Ampere on (float32 master weights); float32 on CPU,
+    where bf16 matmuls are emulated and slower, and on older GPUs (NO_BF16_GPUS: a T4), which would compute
+    bf16 in float32 anyway."""
     if requested != "auto":
         return requested
-    return "float32" if platform == "cpu" else "bfloat16"
+    old_gpu = platform == "gpu" and any(k in device_kind.lower() for k in NO_BF16_GPUS)
+    return "float32" if platform == "cpu" or old_gpu else "bfloat16"
 
 
 def resolve_attention(cfg: GPTConfig, dtype: str, platform: str, requested: str = "auto") -> str:
@@ -262,7 +268,7 @@ def check_model_fits(cfg: GPTConfig, what: str) -> None:
 def resolve(cfg: GPTConfig, tc: TrainConfig, remat: str, site: Site | None = None) -> Platform:
     """The run's Platform once remat is settled (train.py settles it by memory)."""
     site = site or local_site()
-    dtype = resolve_dtype(tc.dtype, site.backend)
+    dtype = resolve_dtype(tc.dtype, site.backend, site.device_kind)
     return Platform(site=site, dtype=dtype, remat=remat,
                     attention=resolve_attention(cfg, dtype, site.backend, tc.attention),
                     matmul=resolve_matmul(tc.matmul_precision, dtype, site.backend))

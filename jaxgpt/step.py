@@ -162,18 +162,21 @@ class Fit(NamedTuple):
     compile_s: float
 
 
-def train_candidates(tc: TrainConfig, backend: str, devices: int, batch_auto: bool = False) -> list[TrainConfig]:
+def train_candidates(tc: TrainConfig, backend: str, devices: int, batch_auto: bool = False,
+                     device_kind: str = "") -> list[TrainConfig]:
     """The train steps to try, in order; the first that fits is the run's. Each remat policy of
     --remat (auto: none, dots, full); with batch_auto, under each policy, the global batch
     (batch_size x accumulation) split into the fewest micro-steps, largest micro-batch first, each a
-    multiple of the devices (remat first: recomputing costs FLOPs, accumulation does not)."""
+    multiple of the devices (remat first: recomputing costs FLOPs, accumulation does not). Each with the
+    dtype resolved for the devices (platform.resolve_dtype)."""
     total = tc.batch_size * tc.gradient_accumulation_steps
     splits = [(b, total // b) for b in range(total, 0, -1) if total % b == 0 and b % devices == 0] if batch_auto \
         else [(tc.batch_size, tc.gradient_accumulation_steps)]
     if not splits:
         raise UserError(f"--batch_size=auto: the global batch of {total} sequences cannot be split over {devices} "
                         f"devices; give --batch_size and --gradient_accumulation_steps whose product is a multiple of it")
-    return [dataclasses.replace(tc, remat=cast(Any, remat), batch_size=b, gradient_accumulation_steps=n)
+    dtype = cast(Any, platform.resolve_dtype(tc.dtype, backend, device_kind))
+    return [dataclasses.replace(tc, remat=cast(Any, remat), batch_size=b, gradient_accumulation_steps=n, dtype=dtype)
             for remat in platform.remat_candidates(tc.remat, backend) for b, n in splits]
 
 
@@ -217,9 +220,10 @@ def compile_train_step(model_cfg: GPTConfig, tc: TrainConfig, state: TrainState,
     step, eval graphdef, Platform, memory figures). `attention` overrides the platform's kernel
     choice (benchmarks)."""
     site = platform.local_site()
-    attention = attention or platform.resolve_attention(model_cfg, platform.resolve_dtype(tc.dtype, site.backend),
-                                                         site.backend, tc.attention)
-    tried, eval_graphdef = search_train_step(model_cfg, train_candidates(tc, site.backend, site.devices), state,
+    dtype = platform.resolve_dtype(tc.dtype, site.backend, site.device_kind)
+    attention = attention or platform.resolve_attention(model_cfg, dtype, site.backend, tc.attention)
+    tried, eval_graphdef = search_train_step(model_cfg, train_candidates(tc, site.backend, site.devices,
+                                                                         device_kind=site.device_kind), state,
                                              lambda _: (x, y), step, attention, site)
     fit = tried[-1]
     whole = dataclasses.replace(fit.memory, margin=1.0)  # the search keeps a margin; the run needs none

@@ -303,4 +303,7 @@ def test_the_gpus_people_own_compile_for_their_compute_capability(target, kind, 
     assert (report["device_kind"], report["device_memory_bytes"], report["peak_flops_per_device"]) == \
            (kind, chip.usable(), chip.peak_flops)
     assert f"{chip.gpu[-1][0]}.{chip.gpu[-1][1]}" == capability
+    bf16 = capability >= "8.0"  # Turing has no bf16 tensor cores and no cuDNN flash attention: float32, XLA's kernel
+    assert report["programs"]["train_step"]["dtype"] == ("bfloat16" if bf16 else "float32")
+    assert report["programs"]["eval_step"]["attention"] == ("cudnn" if bf16 else "xla")
     clean(report)

@@ -210,3 +210,11 @@ def test_fast_attention_is_explicit_only_on_cpu_and_never_by_default():
     for requested, kernel in (("fast", "explicit"), ("auto", "xla")):  # what a run on this CPU builds
         graphdef, _, state = init_state(cfg, TrainConfig(attention=requested))
         assert nnx.merge(graphdef, state.params).h.attn.attention == kernel
+
+
+def test_auto_dtype_is_bf16_on_tpus_and_ampere_or_newer_gpus_and_float32_elsewhere():
+    cases = {("cpu", "cpu"): "float32", ("tpu", "TPU v5 lite"): "bfloat16", ("gpu", "NVIDIA H100 80GB HBM3"): "bfloat16",
+             ("gpu", "NVIDIA GeForce RTX 4090"): "bfloat16", ("gpu", "Tesla T4"): "float32",
+             ("gpu", "Tesla V100-SXM2-16GB"): "float32"}
+    assert {k: platform.resolve_dtype("auto", *k) for k in cases} == cases
+    assert platform.resolve_dtype("bfloat16", "gpu", "Tesla T4") == "bfloat16"  # asked for: given

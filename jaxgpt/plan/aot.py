@@ -104,7 +104,7 @@ def plan_training(model_cfg: GPTConfig, tc: TrainConfig, target: str | None = No
     A choice keeps platform.MEMORY_MARGIN of the memory, as the run's does; `fits` is against all of it."""
     site, devices = where(target)
     mesh = make_mesh(tc.mesh_data, tc.mesh_fsdp, devices)
-    dtype = platform.resolve_dtype(tc.dtype, site.backend)
+    dtype = platform.resolve_dtype(tc.dtype, site.backend, site.device_kind)
     attention = platform.resolve_attention(model_cfg, dtype, site.backend, tc.attention)
     T = model_cfg.block_size
     if tc.batch_size % mesh.size and not batch_auto:
@@ -117,7 +117,7 @@ def plan_training(model_cfg: GPTConfig, tc: TrainConfig, target: str | None = No
         x = jax.ShapeDtypeStruct((cand.gradient_accumulation_steps, cand.batch_size, T), jnp.int32,
                                  sharding=batch_sharding(mesh))
         return x, x
-    fits, eval_graphdef = search_train_step(model_cfg, train_candidates(tc, site.backend, mesh.size, batch_auto),
+    fits, eval_graphdef = search_train_step(model_cfg, train_candidates(tc, site.backend, mesh.size, batch_auto, site.device_kind),
                                             state, batch, 0, attention, site)
     fit, chosen = fits[-1], fits[-1].tc
     tokens = chosen.batch_size * chosen.gradient_accumulation_steps * T
