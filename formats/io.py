@@ -119,15 +119,17 @@ def load_safetensors(path: Path) -> tuple[GPT, dict[str, Any]]:
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"cannot read {path} as safetensors ({str(e)[:160]})") from None
     sd = read_safetensors(path)
-    if "model_args" in header:
-        model_args = json.loads(header["model_args"])
-    elif (sidecar := path.with_suffix(".json")).is_file():
-        model_args = json.loads(sidecar.read_text())
-    else:
-        raise UserError(f"{path} carries no model_args metadata and {path.with_suffix('.json')} does not exist; "
+    sidecar = path.with_suffix(".json")
+    if "model_args" not in header and not sidecar.is_file():
+        raise UserError(f"{path} carries no model_args metadata and {sidecar} does not exist; "
                         f"put the model config JSON there (a Hugging Face folder: pass the folder instead)")
-    model = from_state_dict(sd, config_from_model_args(model_args))
-    return model, {"step": int(header.get("step", 0)), "val_loss": json.loads(header.get("val_loss", "null"))}
+    try:  # metadata is text anyone can edit (or damage): it is checked before it is trusted
+        model_args = json.loads(header["model_args"] if "model_args" in header else sidecar.read_text())
+        info = {"step": int(header.get("step", 0)), "val_loss": json.loads(header.get("val_loss", "null"))}
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{path}'s metadata (model_args, step, val_loss) cannot be read ({str(e)[:120]}); the file "
+                        f"is damaged: convert the checkpoint again") from None
+    return from_state_dict(sd, config_from_model_args(model_args)), info
 
 
 def save_safetensors(model: GPT, path: Path, info: dict[str, Any]) -> None:
