@@ -176,16 +176,19 @@ def memory_limit(device: jax.Device | None = None) -> tuple[int | None, str]:
     return available // jax.local_device_count(), "available host memory"
 
 
-def step_memory(compiled: Any) -> int | None:
-    """Peak bytes per device of a compiled program: its arguments, its outputs that do not
-    reuse a donated argument, and its temporaries (XLA's memory analysis)."""
+def program_bytes(compiled: Any) -> dict[str, int] | None:
+    """Bytes per device of a compiled program (XLA's memory analysis): its arguments, temporaries, outputs,
+    the outputs that reuse a donated argument (alias), and their peak `total` (arguments + outputs - alias +
+    temporaries). None where the backend gives no analysis."""
     try:
         m = compiled.memory_analysis()
     except Exception:  # not every backend implements it
         return None
     if m is None:
         return None
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
+    sizes = {"arguments": int(m.argument_size_in_bytes), "temp": int(m.temp_size_in_bytes),
+             "output": int(m.output_size_in_bytes), "alias": int(m.alias_size_in_bytes)}
+    return {**sizes, "total": sizes["arguments"] + sizes["output"] - sizes["alias"] + sizes["temp"]}
 
 
 def bytes_per_device(tree: Any) -> int:

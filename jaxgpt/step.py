@@ -205,7 +205,8 @@ def search_train_step(model_cfg: GPTConfig, candidates: list[TrainConfig], state
                 raise
             compiled, refused = None, str(e).split("\n")[0]
         what = f"the train step (remat={cand.remat}, batch_size={cand.batch_size} x {cand.gradient_accumulation_steps})"
-        memory = platform.Memory(what, compiled and platform.step_memory(compiled), site.memory,
+        sizes = platform.program_bytes(compiled) if compiled is not None else None
+        memory = platform.Memory(what, sizes["total"] if sizes else None, site.memory,
                                  site.memory_source, platform.MEMORY_MARGIN, refused)
         tried.append(Fit(compiled, cand, memory, round(time.perf_counter() - t, 3)))
         if memory.fits():

@@ -56,10 +56,9 @@ def where(target: str | None) -> tuple[platform.Site, list[Any]]:
 def figures(compiled: Any, compile_s: float) -> dict[str, Any]:
     """Bytes per device (XLA's memory analysis), the compiler's FLOPs and bytes accessed per device
     where it gives them, the attention kernel and host callbacks found in the compiled program."""
-    m = compiled.memory_analysis()
-    sizes = {"arguments": int(m.argument_size_in_bytes), "temp": int(m.temp_size_in_bytes),
-             "output": int(m.output_size_in_bytes), "alias": int(m.alias_size_in_bytes)}
-    sizes["total"] = sizes["arguments"] + sizes["output"] - sizes["alias"] + sizes["temp"]
+    sizes = platform.program_bytes(compiled)
+    if sizes is None:
+        raise UserError("the compiler gave no memory analysis for this program; the plan cannot say whether it fits")
     try:
         cost = compiled.cost_analysis() or {}
     except Exception:  # not every backend implements it (XLA:GPU over deviceless devices returns None)
